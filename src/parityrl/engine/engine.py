@@ -1,0 +1,151 @@
+"""The rollout engine: vLLM V1 `AsyncLLM`, streaming, with in-place weight updates.
+
+    engine = await RolloutEngine.start(EngineSettings(model="runs/tiny"))
+    rollouts = await engine.generate(prompt_ids, sampling, n=4)   # behaviour logprobs + versions
+    report = await engine.update_weights(model.state_dict())      # pause(keep) → load → resume
+
+Behaviour logprobs are produced here: vLLM returns the logprob of each sampled token (in the mode
+`EngineSettings.logprobs_mode` says), and every token is tagged with the policy version vLLM's
+engine core had when it produced it (`CompletionOutput.weight_versions`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from parityrl.engine.settings import EngineSettings, resolved_engine_settings
+from parityrl.rollouts.types import Rollout
+from parityrl.sampling import SamplingConfig
+from parityrl.weights.digest import DigestCheck
+from parityrl.weights.transfer import checkpoint_tensor_names, write_update
+
+
+@dataclass
+class UpdateReport:
+    version: int
+    check: DigestCheck
+    pause_seconds: float  # generation paused: write + load + resume
+    load_seconds: float  # inside the worker: vLLM's in-place reload
+
+
+class WeightSyncError(RuntimeError):
+    """The engine does not hold what the trainer sent."""
+
+
+class RolloutEngine:
+    def __init__(self, settings: EngineSettings, llm) -> None:
+        self.settings = settings
+        self.llm = llm
+        self.version = 0
+        self._request_ids = itertools.count()
+        self._expected_names = checkpoint_tensor_names(settings.model)
+        self._update_dir = Path(tempfile.mkdtemp(prefix="parityrl-weights-", dir=_shm_dir()))
+
+    @classmethod
+    async def start(cls, settings: EngineSettings) -> "RolloutEngine":
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        llm = AsyncLLM.from_engine_args(settings.to_engine_args())
+        engine = cls(settings, llm)
+        await llm.update_weight_version(str(engine.version))
+        return engine
+
+    def resolved_settings(self) -> dict:
+        return resolved_engine_settings(self.llm.vllm_config)
+
+    async def generate(
+        self, prompt_ids: list[int], sampling: SamplingConfig, *, n: int = 1,
+        seed: int | None = None, group_id: int = 0,
+    ) -> list[Rollout]:
+        """Sample `n` completions of one prompt; returns them when all are finished."""
+        from vllm.inputs import TokensPrompt
+
+        request_id = f"r{next(self._request_ids)}"
+        params = sampling.to_vllm(seed=seed, n=n)
+        final = None
+        async for output in self.llm.generate(
+            TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id=request_id
+        ):
+            final = output
+        assert final is not None and final.finished
+        return [self._to_rollout(prompt_ids, c, group_id) for c in final.outputs]
+
+    async def generate_many(
+        self, prompts: list[list[int]], sampling: SamplingConfig, *, n: int = 1,
+        seed: int | None = None,
+    ) -> list[Rollout]:
+        """All prompts in flight at once (the engine batches them); rollouts in prompt order.
+
+        With a seed, prompt i uses seeds seed + i*n … seed + i*n + n-1 (vLLM gives the j-th of n
+        samples seed + j), so no two samples share a random stream.
+        """
+        groups = await asyncio.gather(*[
+            self.generate(p, sampling, n=n, group_id=i, seed=None if seed is None else seed + i * n)
+            for i, p in enumerate(prompts)
+        ])
+        return [r for group in groups for r in group]
+
+    def _to_rollout(self, prompt_ids, completion, group_id: int) -> Rollout:
+        token_ids = list(completion.token_ids)
+        logprobs = [step[token].logprob for step, token in zip(completion.logprobs, token_ids)]
+        versions = [self.version] * len(token_ids)
+        for span in completion.weight_versions or []:
+            versions[span.start:span.end] = [int(span.version)] * (span.end - span.start)
+        return Rollout(
+            prompt_ids=list(prompt_ids), completion_ids=token_ids, logprobs=logprobs,
+            versions=versions, finish_reason=completion.finish_reason, group_id=group_id,
+        )
+
+    async def update_weights(
+        self, state_dict: dict[str, torch.Tensor], *, verify: bool = True,
+        skip: set[str] = frozenset(),
+    ) -> UpdateReport:
+        """Push `state_dict` into the running engine without aborting requests in flight.
+
+        Requests are frozen with their KV cache (`mode="keep", clear_cache=False`), the weights are
+        reloaded in place, the prefix cache is reset (cached prefixes were computed by the old
+        weights, and vLLM does not drop them on a reload), the version increments, and generation
+        resumes. `skip` leaves tensors out on purpose: tests use it to prove that a broken update
+        is caught.
+        """
+        start = time.perf_counter()
+        await self.llm.pause_generation(mode="keep", clear_cache=False)
+        try:
+            path, sent = write_update(state_dict, self.settings.dtype, self._update_dir, skip=skip)
+            (result,) = await self.llm.collective_rpc("parityrl_load_weights", args=(str(path),))
+            path.unlink(missing_ok=True)
+            await self.llm.reset_prefix_cache()
+            self.version += 1
+            await self.llm.update_weight_version(str(self.version))
+        finally:
+            await self.llm.resume_generation()
+        from parityrl.weights.digest import compare_digests
+
+        check = compare_digests(sent, result["digests"], self._expected_names)
+        report = UpdateReport(self.version, check, time.perf_counter() - start,
+                              result["load_seconds"])
+        if verify and not check.ok:
+            raise WeightSyncError(check.summary())
+        return report
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+        self.llm = None
+        gc.collect()  # AsyncLLM sits in reference cycles; collect it while its modules still exist
+        for leftover in self._update_dir.glob("*"):
+            leftover.unlink(missing_ok=True)
+        self._update_dir.rmdir()
+
+
+def _shm_dir() -> str | None:
+    # Shared memory keeps the weight hand-over off the disk when the OS offers it.
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None

@@ -1,0 +1,122 @@
+"""Every numerically relevant knob of the rollout engine, explicit and recorded.
+
+The seed's bug lived in defaults nobody had written down (raw logprobs, prefix caching, a model-dtype
+lm_head). Here each knob is a field with a documented value; `to_engine_args` is the only place that
+translates them into vLLM arguments, and `resolved_engine_settings` reads back what vLLM made of
+them, for the run directory.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class EngineSettings(BaseModel):
+    """Settings of one vLLM V1 engine. Defaults are the parity settings (the doctor's last rung)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Path of a Hugging Face model folder.")
+    dtype: Dtype = Field("float32", description="Weights and activations dtype.")
+    lm_head_dtype: Literal["model", "float32"] = Field(
+        "float32", description="Dtype of the final projection (vLLM hf_overrides head_dtype)."
+    )
+    logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = Field(
+        "processed_logprobs",
+        description="vLLM's default is raw_logprobs: logprobs of the unprocessed distribution.",
+    )
+    enable_prefix_caching: bool = Field(
+        False, description="vLLM default on; cached prefixes survive weight updates."
+    )
+    async_scheduling: bool = Field(False, description="Recent vLLM default on; not batch invariant.")
+    enable_chunked_prefill: bool = Field(False, description="Split long prefills across steps.")
+    enforce_eager: bool = Field(True, description="No torch.compile / CUDA graphs.")
+    seed: int = Field(0, description="Engine seed (requests may carry their own).")
+    max_model_len: int = Field(512, ge=16, description="Prompt + completion token limit.")
+    max_num_seqs: int = Field(64, ge=1, description="Sequences decoded concurrently.")
+    max_num_batched_tokens: int = Field(4096, ge=16, description="Tokens per engine step.")
+    kv_cache_gib: float = Field(0.25, gt=0, description="KV cache space (CPU: RAM, GPU: VRAM).")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU only.")
+    generation_config: Literal["vllm", "auto"] = Field(
+        "vllm",
+        description="'auto' lets the model folder's generation_config.json change sampling defaults.",
+    )
+    worker_extension: str = Field(
+        "parityrl.engine.worker_extension.WeightSyncExtension",
+        description="Worker mixin that loads pushed weights in place.",
+    )
+
+    @classmethod
+    def vllm_defaults(cls, model: str, **overrides) -> "EngineSettings":
+        """What a user gets from vLLM V1 without saying anything (the doctor's first rung)."""
+        base = dict(
+            model=model,
+            lm_head_dtype="model",
+            logprobs_mode="raw_logprobs",
+            enable_prefix_caching=True,
+            enable_chunked_prefill=True,
+        )
+        return cls(**{**base, **overrides})
+
+    def to_engine_args(self):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        return AsyncEngineArgs(
+            model=self.model,
+            tokenizer=self.model,
+            dtype=self.dtype,
+            hf_overrides={"head_dtype": self.lm_head_dtype},
+            logprobs_mode=self.logprobs_mode,
+            enable_prefix_caching=self.enable_prefix_caching,
+            async_scheduling=self.async_scheduling,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+            enforce_eager=self.enforce_eager,
+            seed=self.seed,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            kv_cache_memory_bytes=int(self.kv_cache_gib * (1 << 30)),
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            generation_config=self.generation_config,
+            worker_extension_cls=self.worker_extension,
+            tensor_parallel_size=1,
+            disable_log_stats=True,
+        )
+
+
+def resolved_engine_settings(vllm_config) -> dict:
+    """What vLLM actually resolved, read back from its VllmConfig (not what we asked for)."""
+    model = vllm_config.model_config
+    cache = vllm_config.cache_config
+    sched = vllm_config.scheduler_config
+    return {
+        "vllm_version": _vllm_version(),
+        "device": str(vllm_config.device_config.device),
+        "model": model.model,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "head_dtype": str(model.head_dtype).removeprefix("torch."),
+        "logprobs_mode": model.logprobs_mode,
+        "enforce_eager": model.enforce_eager,
+        "seed": model.seed,
+        "max_model_len": model.max_model_len,
+        "generation_config": model.generation_config,
+        "enable_prefix_caching": cache.enable_prefix_caching,
+        "kv_cache_memory_bytes": cache.kv_cache_memory_bytes,
+        "block_size": cache.block_size,
+        "async_scheduling": sched.async_scheduling,
+        "enable_chunked_prefill": sched.enable_chunked_prefill,
+        "max_num_seqs": sched.max_num_seqs,
+        "max_num_batched_tokens": sched.max_num_batched_tokens,
+        "compilation_mode": str(vllm_config.compilation_config.mode),
+        "worker_extension_cls": vllm_config.parallel_config.worker_extension_cls,
+    }
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__

@@ -1,0 +1,39 @@
+"""The mismatch metrics of DESIGN.md: how far the trainer's token logprobs are from the engine's.
+
+With d = lp_train - lp_engine per token (same tokens, same weights, same processing):
+mean_diff shows a systematic (semantic) offset, kl_k1 / kl_k3 estimate KL(engine ‖ trainer) on tokens
+the engine sampled, and clip_frac@0.2 is the clip rate an on-policy PPO step would see from the
+mismatch alone. Used by `parityrl doctor` and, per step, by the trainer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+METRIC_NAMES = (
+    "mismatch/mean_diff",
+    "mismatch/mean_abs_diff",
+    "mismatch/p99_abs_diff",
+    "mismatch/max_abs_diff",
+    "mismatch/kl_k1",
+    "mismatch/kl_k3",
+    "mismatch/clip_frac@0.2",
+)
+
+
+def mismatch_metrics(lp_train: torch.Tensor, lp_engine: torch.Tensor) -> dict[str, float]:
+    """Metrics over two flat tensors of per-token logprobs (float64 to keep tiny diffs exact)."""
+    d = lp_train.detach().double().flatten() - lp_engine.detach().double().flatten()
+    if d.numel() == 0:
+        return {name: float("nan") for name in METRIC_NAMES} | {"mismatch/tokens": 0}
+    abs_d = d.abs()
+    return {
+        "mismatch/mean_diff": d.mean().item(),
+        "mismatch/mean_abs_diff": abs_d.mean().item(),
+        "mismatch/p99_abs_diff": torch.quantile(abs_d, 0.99).item(),
+        "mismatch/max_abs_diff": abs_d.max().item(),
+        "mismatch/kl_k1": (-d).mean().item(),
+        "mismatch/kl_k3": (d.exp() - 1 - d).mean().item(),
+        "mismatch/clip_frac@0.2": ((d.exp() - 1).abs() > 0.2).double().mean().item(),
+        "mismatch/tokens": int(d.numel()),
+    }

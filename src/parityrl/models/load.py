@@ -1,0 +1,42 @@
+"""Load a model folder for the trainer side, with the numerics knobs explicit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from parityrl.errors import UserError
+
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_model_folder(path: str | Path) -> Path:
+    """A clear error for a missing folder or one that is not a model, before any heavy import."""
+    folder = Path(path)
+    if not folder.exists():
+        raise UserError(f"model folder not found: {folder}")
+    if not folder.is_dir() or not (folder / "config.json").exists():
+        raise UserError(f"not a Hugging Face model folder (no config.json): {folder}")
+    if not any(folder.glob("*.safetensors")):
+        raise UserError(f"model folder has no .safetensors weights: {folder}")
+    return folder
+
+
+def load_policy(
+    path: str | Path, dtype: str = "float32",
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa", device: str = "cpu",
+):
+    """A transformers causal LM in `dtype`, eval mode, attention implementation stated."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in TORCH_DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
+    folder = check_model_folder(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model from {folder}: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval()

@@ -1,0 +1,1 @@
+"""Rollouts: what the engine hands the trainer (types.py)."""

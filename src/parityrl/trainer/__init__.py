@@ -1,0 +1,1 @@
+"""Trainer side: recompute logprobs of engine rollouts (logprobs.py) and learn from them."""

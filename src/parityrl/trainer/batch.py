@@ -1,0 +1,72 @@
+"""Rollouts → padded trainer tensors, and the trainer-side logprobs of a list of rollouts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from parityrl.rollouts.types import Rollout
+from parityrl.sampling import SamplingConfig
+from parityrl.trainer.logprobs import LogprobsMode, TokenLogprobs, token_logprobs
+
+
+@dataclass
+class RolloutBatch:
+    """Right-padded [B, T] tensors; per-token fields are aligned to `input_ids[:, 1:]` ([B, T-1])."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor  # [B, T]: 1 at completion tokens
+    engine_logprobs: torch.Tensor  # [B, T-1]
+    versions: torch.Tensor  # [B, T-1], -1 outside completions
+    token_mask: torch.Tensor  # [B, T-1] bool: completion tokens
+
+    def to(self, device) -> "RolloutBatch":
+        return RolloutBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
+def collate(rollouts: list[Rollout], pad_id: int) -> RolloutBatch:
+    lengths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
+    B, T = len(rollouts), max(lengths)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    completion = torch.zeros((B, T), dtype=torch.long)
+    engine_lp = torch.zeros((B, T - 1), dtype=torch.float32)
+    versions = torch.full((B, T - 1), -1, dtype=torch.long)
+    for i, r in enumerate(rollouts):
+        p, c = len(r.prompt_ids), len(r.completion_ids)
+        input_ids[i, : p + c] = torch.tensor(r.prompt_ids + r.completion_ids)
+        attention[i, : p + c] = 1
+        completion[i, p : p + c] = 1
+        # Token at position t is predicted at position t-1: shift by one.
+        engine_lp[i, p - 1 : p + c - 1] = torch.tensor(r.logprobs, dtype=torch.float32)
+        versions[i, p - 1 : p + c - 1] = torch.tensor(r.versions)
+    return RolloutBatch(input_ids, attention, completion, engine_lp, versions,
+                        completion[:, 1:].bool())
+
+
+def rollout_logprobs(
+    model, rollouts: list[Rollout], sampling: SamplingConfig, *, pad_id: int,
+    batch_size: int = 16, fp32_lm_head: bool = True,
+    logprobs_mode: LogprobsMode = "processed_logprobs",
+) -> list[TokenLogprobs]:
+    """Trainer logprobs of each rollout's completion tokens, in micro-batches, without gradients.
+
+    Returns one TokenLogprobs per rollout whose tensors are 1-D over its completion tokens.
+    """
+    device = next(model.parameters()).device
+    out: list[TokenLogprobs] = []
+    with torch.no_grad():
+        for start in range(0, len(rollouts), batch_size):
+            chunk = rollouts[start : start + batch_size]
+            batch = collate(chunk, pad_id).to(device)
+            result = token_logprobs(
+                model, batch.input_ids, batch.attention_mask, batch.completion_mask, sampling,
+                fp32_lm_head=fp32_lm_head, logprobs_mode=logprobs_mode,
+            )
+            for i in range(len(chunk)):
+                row = result.mask[i]
+                out.append(TokenLogprobs(result.logprobs[i][row].cpu(), result.entropy[i][row].cpu(),
+                                         torch.ones(int(row.sum()), dtype=torch.bool)))
+    return out

@@ -1,0 +1,135 @@
+"""Trainer-side token logprobs: THE function that must agree with the engine.
+
+`parityrl doctor` and the RL trainer both call `token_logprobs`; nothing else in the code base turns
+logits into logprobs of sampled tokens. It reproduces the processing of vLLM V1's sampler for the
+steps `SamplingConfig` allows (see parityrl/sampling.py):
+
+    hidden states ─► lm_head (fp32 if asked) ─► float32 ─► / temperature ─► top-k mask ─► top-p mask
+                  ─► log_softmax ─► gather the sampled token
+
+Top-k keeps every token whose logit is >= the k-th largest (ties kept), top-p sorts ascending and
+masks tokens whose cumulative probability is <= 1 - p, always keeping the most likely one; both
+exactly as `apply_top_k_top_p_pytorch` in vllm/v1/sample/ops/topk_topp_sampler.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from parityrl.errors import UserError
+from parityrl.sampling import SamplingConfig
+
+LogprobsMode = Literal["processed_logprobs", "raw_logprobs"]
+
+
+@dataclass
+class TokenLogprobs:
+    """Per-completion-token outputs, shape [batch, max_completion_len], zero where `mask` is False."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    mask: torch.Tensor
+
+
+def process_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Apply the engine sampler's processing to float32 logits [N, V]; masked tokens become -inf."""
+    logits = logits.float()
+    if sampling.is_greedy:
+        # vLLM skips temperature (and, in all-greedy batches, top-k/top-p) for greedy requests.
+        return logits
+    logits = logits / sampling.temperature
+    if sampling.top_k <= 0 and sampling.top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth_largest = sorted_logits[:, -sampling.top_k].unsqueeze(-1)
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
+    if sampling.top_p < 1.0:
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1.0 - sampling.top_p
+        drop[:, -1] = False  # the most likely token always survives
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def _entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    probs = logprobs.exp()
+    # Masked tokens have p = 0 and logp = -inf: their 0 * -inf must count as 0.
+    return -(probs * logprobs.masked_fill(probs == 0, 0.0)).sum(-1)
+
+
+def project_to_vocab(model, hidden: torch.Tensor, fp32_lm_head: bool) -> torch.Tensor:
+    """The lm_head projection, in fp32 when asked (as the engine's `head_dtype=float32` does)."""
+    head = model.get_output_embeddings()
+    if fp32_lm_head:
+        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+        return F.linear(hidden.float(), head.weight.float(), bias)
+    return head(hidden)
+
+
+def check_model_supported(model) -> None:
+    """Refuse models whose logits go through steps we do not reproduce (soft-capping, scaling)."""
+    config = model.config
+    text_config = getattr(config, "get_text_config", lambda: config)()
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        value = getattr(text_config, attr, None)
+        if value not in (None, 1.0, 0.0):
+            raise UserError(
+                f"model config sets {attr}={value}; token_logprobs does not reproduce it yet"
+            )
+
+
+def token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    sampling: SamplingConfig,
+    *,
+    fp32_lm_head: bool = True,
+    logprobs_mode: LogprobsMode = "processed_logprobs",
+    with_entropy: bool = True,
+) -> TokenLogprobs:
+    """Logprob (and entropy) of each completion token under `model`, as the engine computes it.
+
+    Args:
+        model: a transformers causal LM (anything with `get_decoder()` / `get_output_embeddings()`).
+        input_ids: [B, T] prompt + completion tokens, right-padded.
+        attention_mask: [B, T] 1 for real tokens.
+        completion_mask: [B, T] 1 at completion tokens (the ones whose logprob we want).
+        sampling: the sampling parameters the tokens were drawn with.
+        fp32_lm_head: project hidden states to logits in float32.
+        logprobs_mode: "processed_logprobs" (what the sampler sampled from) or "raw_logprobs"
+            (log_softmax of the unprocessed logits, vLLM's default; for diagnosis only).
+
+    Returns:
+        TokenLogprobs with [B, T-1]-shaped tensors aligned to `input_ids[:, 1:]`: entry t is the
+        logprob of token t+1 given tokens 0..t.
+    """
+    check_model_supported(model)
+    if logprobs_mode not in ("processed_logprobs", "raw_logprobs"):
+        raise UserError(f"unknown logprobs_mode {logprobs_mode!r}")
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
+    ).last_hidden_state
+    targets = input_ids[:, 1:]
+    wanted = completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
+    # Only completion positions are projected: the [N, V] float32 logits are the memory peak.
+    logits = project_to_vocab(model, hidden[:, :-1][wanted], fp32_lm_head)
+    if logprobs_mode == "raw_logprobs":
+        logprobs_all = logits.float().log_softmax(-1)
+    else:
+        logprobs_all = process_logits(logits, sampling).log_softmax(-1)
+    picked = logprobs_all.gather(-1, targets[wanted].unsqueeze(-1)).squeeze(-1)
+
+    out_lp = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
+    out_lp[wanted] = picked
+    out_ent = torch.zeros_like(out_lp)
+    if with_entropy:
+        out_ent[wanted] = _entropy(logprobs_all)
+    return TokenLogprobs(logprobs=out_lp, entropy=out_ent, mask=wanted)

@@ -1,0 +1,1 @@
+"""Weights: trainer state dict → running engine, in place, verified (transfer.py, digest.py)."""
