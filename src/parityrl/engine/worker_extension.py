@@ -27,5 +27,34 @@ class WeightSyncExtension:
                     yield name, tensor
 
         start = time.perf_counter()
+        model = self.model_runner.get_model()
         self.model_runner.reload_weights(weights_iterator=tensors())
-        return {"digests": digests, "load_seconds": time.perf_counter() - start}
+        refreshed = _refresh_tied_modules(model)
+        return {"digests": digests, "load_seconds": time.perf_counter() - start,
+                "refreshed_tied_modules": refreshed}
+
+
+def _refresh_tied_modules(model) -> list[str]:
+    """Re-derive kernel state of modules that share their weight with another module.
+
+    With tied embeddings the lm_head holds the embedding's Parameter; on the CPU backend each of
+    the two modules also keeps its own packed copy for the matmul (built once after loading).
+    vLLM's in-place reload rebuilds the copy of the module the checkpoint tensor was loaded into
+    (the embedding) and puts the old state back on the other, so the logits would keep coming from
+    the old embedding. Found by the doctor's weight-sync rung on a tied tiny model.
+    """
+    owners: dict[int, list[tuple[str, object]]] = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if weight is not None and hasattr(module, "quant_method"):
+            owners.setdefault(id(weight), []).append((name, module))
+    refreshed = []
+    for group in owners.values():
+        if len(group) < 2:
+            continue
+        for name, module in group:
+            method = module.quant_method
+            if type(method).__name__ == "UnquantizedEmbeddingMethod":
+                method.process_weights_after_loading(module)
+                refreshed.append(name)
+    return refreshed
