@@ -106,16 +106,17 @@ class RolloutEngine:
         )
 
     async def update_weights(
-        self, state_dict: dict[str, torch.Tensor], *, verify: bool = True,
-        skip: set[str] = frozenset(),
+        self, state_dict: dict[str, torch.Tensor], *, version: int | None = None,
+        verify: bool = True, skip: set[str] = frozenset(),
     ) -> UpdateReport:
         """Push `state_dict` into the running engine without aborting requests in flight.
 
         Requests are frozen with their KV cache (`mode="keep", clear_cache=False`), the weights are
         reloaded in place, the prefix cache is reset (cached prefixes were computed by the old
         weights, and vLLM does not drop them on a reload), the version increments, and generation
-        resumes. `skip` leaves tensors out on purpose: tests use it to prove that a broken update
-        is caught.
+        resumes. `version` labels the new weights (default: the current version + 1; the trainer
+        passes its optimizer step). `skip` leaves tensors out on purpose: tests use it to prove
+        that a broken update is caught.
         """
         start = time.perf_counter()
         await self.llm.pause_generation(mode="keep", clear_cache=False)
@@ -124,7 +125,7 @@ class RolloutEngine:
             (result,) = await self.llm.collective_rpc("parityrl_load_weights", args=(str(path),))
             path.unlink(missing_ok=True)
             await self.llm.reset_prefix_cache()
-            self.version += 1
+            self.version = self.version + 1 if version is None else version
             await self.llm.update_weight_version(str(self.version))
         finally:
             await self.llm.resume_generation()

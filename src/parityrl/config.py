@@ -1,0 +1,173 @@
+"""The run configuration: typed, from YAML, with dotted CLI overrides, written out resolved.
+
+    cfg = load_config("configs/reference.yaml", ["trainer.lr=1e-4", "max_steps=20"])
+
+Defaults < YAML < overrides. Unknown keys and wrong types are a one-line UserError. Every process
+or actor of a run receives this one object (or its dump in the run directory).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from parityrl.errors import UserError
+from parityrl.sampling import SamplingConfig
+from parityrl.tasks.registry import TaskConfig
+from parityrl.trainer.advantages import AdvantageConfig
+from parityrl.trainer.objectives import CorrectionConfig, LossConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineConfig(_Strict):
+    """Engine knobs of a run (model and dtype come from the run). See engine/settings.py."""
+
+    lm_head_dtype: Literal["model", "float32"] = "float32"
+    logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = "processed_logprobs"
+    enable_prefix_caching: bool = False
+    async_scheduling: bool = False
+    enable_chunked_prefill: bool = False
+    enforce_eager: bool = True
+    max_model_len: int = 256
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    kv_cache_gib: float = 0.5
+    gpu_memory_utilization: float = 0.5
+
+
+class ActorConfig(_Strict):
+    group_size: int = Field(8, ge=1, description="Samples per prompt (G).")
+    prompts_per_step: int = Field(16, ge=1, description="Groups in one optimizer step.")
+    max_lag: int = Field(1, ge=0, description="Max optimizer steps between a token's sampling "
+                                              "policy and the policy that trains on it.")
+    max_groups_in_flight: int | None = Field(
+        None, ge=1, description="Generation concurrency; default (max_lag + 1) * prompts_per_step.")
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    tokens_per_microbatch: int = Field(8192, ge=1, description="Gradient accumulation budget.")
+
+
+class TrainerConfig(_Strict):
+    fp32_lm_head: bool = Field(True, description="lm_head projection in float32.")
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    loss: LossConfig = LossConfig()
+    correction: CorrectionConfig = CorrectionConfig()
+    advantage: AdvantageConfig = AdvantageConfig()
+    optim: OptimConfig = OptimConfig()
+
+
+class ParityConfig(_Strict):
+    alarm_kl_k3: float = Field(1e-3, gt=0, description="Alarm when mismatch/kl_k3 exceeds this.")
+    on_alarm: Literal["warn", "stop", "ignore"] = "warn"
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(50, ge=1, description="Save every N optimizer steps (and at the end).")
+    keep: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    seed: int = 0
+    max_steps: int = Field(100, ge=1)
+    mode: Literal["async", "sync"] = Field(
+        "async", description="async: pipeline RL with in-flight weight updates; sync: generate a "
+                             "batch, train, update, repeat (the conventional baseline).")
+    model: str = Field("runs/demo/model", description="Hugging Face model folder.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    sync_every: int = Field(1, ge=1, description="Push weights every N optimizer steps.")
+    engine: EngineConfig = EngineConfig()
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, max_tokens=16)
+    task: TaskConfig = Field(default_factory=lambda: _default_task())
+    actor: ActorConfig = ActorConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    parity: ParityConfig = ParityConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tensorboard: bool = True
+    eval_every: int = Field(0, ge=0, description="Greedy accuracy on held-out problems before "
+                                                 "training, every N steps and at the end; 0 = off.")
+    eval_size: int = Field(200, ge=1, description="Held-out problems per evaluation (at most).")
+
+
+def _default_task():
+    from parityrl.tasks.arithmetic import ArithmeticConfig
+
+    return ArithmeticConfig()
+
+
+def engine_settings(cfg: RunConfig):
+    """The EngineSettings of a run: its engine section plus model, dtype and seed."""
+    from parityrl.engine.settings import EngineSettings
+
+    return EngineSettings(model=cfg.model, dtype=cfg.dtype, seed=cfg.seed,
+                          **cfg.engine.model_dump())
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} must look like key.sub=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_config(data: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        raise UserError(f"config {where}: {err['msg']}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: top level must be a mapping of keys")
+    return build_config(_merge(data, parse_overrides(list(overrides))))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

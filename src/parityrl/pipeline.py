@@ -1,0 +1,231 @@
+"""Pipeline RL: the engine generates continuously, the trainer learns, weights flow back in flight.
+
+    parityrl train configs/reference.yaml --out runs/ref
+
+async mode: the actor keeps up to `max(max_lag, 1) * prompts_per_step` groups outstanding; the
+trainer takes `prompts_per_step` finished groups, drops those staler than `max_lag`, takes one
+optimizer step (in a worker thread, so the event loop keeps feeding the engine), then pushes its
+weights into the running engine (pause → reload → resume; requests in flight are kept).
+sync mode: generate a batch, train, push, repeat — the conventional baseline, on the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from parityrl.config import RunConfig, engine_settings
+from parityrl.errors import UserError
+from parityrl.rollouts.stream import Group
+
+
+class ParityAlarm(RuntimeError):
+    """The live mismatch exceeded `parity.alarm_kl_k3` and `parity.on_alarm` is "stop"."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    last_metrics: dict
+    eval_before: float | None = None
+    eval_after: float | None = None
+
+
+def split_stale(groups: list[Group], version: int, max_lag: int) -> tuple[list[Group], int]:
+    """Groups whose every token is at most `max_lag` versions old, and the count of samples dropped."""
+    fresh = [g for g in groups if all(version - r.min_version <= max_lag for r in g)]
+    dropped = sum(len(g) for g in groups) - sum(len(g) for g in fresh)
+    return fresh, dropped
+
+
+def parity_alarm(metrics: dict, cfg: RunConfig) -> str | None:
+    value = metrics.get("mismatch/kl_k3")
+    if cfg.parity.on_alarm == "ignore" or value is None or value != value:
+        return None
+    if value > cfg.parity.alarm_kl_k3:
+        return (f"parity alarm: mismatch/kl_k3 = {value:.3g} > {cfg.parity.alarm_kl_k3:g} on "
+                f"same-version tokens; the engine and the trainer disagree. Diagnose with "
+                f"`parityrl doctor --model {cfg.model} --dtype {cfg.dtype} "
+                f"--temperature {cfg.sampling.temperature}`")
+    return None
+
+
+class Pipeline:
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False,
+                 on_step: Callable[[int, dict], None] | None = None,
+                 on_message: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.resume = resume
+        self.on_step = on_step or (lambda step, metrics: None)
+        self.on_message = on_message
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _build_trainer(self):
+        from parityrl.models.load import load_policy
+        from parityrl.models.tiny import load_tokenizer
+        from parityrl.trainer.checkpoint import latest_checkpoint, load_checkpoint
+        from parityrl.trainer.trainer import Trainer
+
+        cfg = self.cfg
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.model)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        model = load_policy(cfg.model, cfg.dtype, cfg.trainer.attn_implementation)
+        ref = (load_policy(cfg.model, cfg.dtype, cfg.trainer.attn_implementation)
+               if cfg.trainer.loss.kl_coef > 0 else None)
+        self.trainer = Trainer(cfg, model, pad_id, ref)
+        self.start_step, self.data_position = 0, 0
+        if self.resume:
+            ckpt = latest_checkpoint(self.run_dir)
+            if ckpt is None:
+                raise UserError(f"nothing to resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+            state = load_checkpoint(ckpt, model, self.trainer.optimizer)
+            self.start_step, self.data_position = state.step, state.data_position
+            self.trainer.version = state.step
+            self.on_message(f"resuming {self.run_dir} from step {state.step}")
+
+    def _sampling(self):
+        eos = self.tokenizer.eos_token_id
+        stops = set(self.cfg.sampling.stop_token_ids) | ({eos} if eos is not None else set())
+        return self.cfg.sampling.model_copy(update={"stop_token_ids": tuple(sorted(stops))})
+
+    # -- the loop -------------------------------------------------------------------------------
+    async def run(self) -> TrainResult:
+        from parityrl.engine.engine import RolloutEngine
+        from parityrl.plots import plot_run
+        from parityrl.rollouts.actor import Actor
+        from parityrl.runlog import MetricsWriter, write_run_files
+        from parityrl.tasks.registry import build_task
+
+        cfg = self.cfg
+        self._build_trainer()
+        task = build_task(cfg.task)
+        engine = await RolloutEngine.start(engine_settings(cfg))
+        writer = None
+        try:
+            if self.start_step:
+                await engine.update_weights(self.trainer.model.state_dict(),
+                                            version=self.trainer.version)
+            write_run_files(self.run_dir, cfg, engine.resolved_settings())
+            writer = MetricsWriter(self.run_dir, cfg.tensorboard, resume_step=self.start_step)
+            actor = Actor(engine, task, self.tokenizer, self._sampling(), cfg.actor.group_size,
+                          cfg.seed, start_index=self.data_position)
+            self._evaluator = (engine, task)
+            before = None
+            if cfg.eval_every and not self.start_step:
+                before = await self._evaluate()
+                writer.write(0, {"eval/accuracy": before})
+                self.on_message(f"held-out greedy accuracy before training: {before:.3f}")
+            if cfg.mode == "async":
+                last = await self._run_async(engine, actor, writer)
+            else:
+                last = await self._run_sync(engine, actor, writer)
+        finally:
+            if writer is not None:
+                writer.close()
+            engine.shutdown()
+        plot_run(self.run_dir)
+        return TrainResult(self.run_dir, self.trainer.version, last, before,
+                           last.get("eval/accuracy"))
+
+    async def _evaluate(self) -> float:
+        from parityrl.rollouts.evaluate import greedy_accuracy
+
+        engine, task = self._evaluator
+        problems = task.eval_problems()[: self.cfg.eval_size]
+        return await greedy_accuracy(engine, task, self.tokenizer, problems,
+                                     self.cfg.sampling.max_tokens)
+
+    async def _run_sync(self, engine, actor, writer) -> dict:
+        metrics: dict = {}
+        for _ in range(self.start_step, self.cfg.max_steps):
+            start = time.perf_counter()
+            busy_before = actor.busy_seconds_now()
+            groups = await actor.generate_batch(self.cfg.actor.prompts_per_step)
+            metrics = await self._train_step(engine, actor, writer, groups, 0, start, busy_before)
+        return metrics
+
+    async def _run_async(self, engine, actor, writer) -> dict:
+        from parityrl.rollouts.stream import InProcessStream
+
+        a = self.cfg.actor
+        budget = asyncio.Semaphore(a.max_groups_in_flight or max(a.max_lag, 1) * a.prompts_per_step)
+        stream = InProcessStream()
+        producer = asyncio.create_task(actor.run(stream, budget))
+        metrics: dict = {}
+        try:
+            for _ in range(self.start_step, self.cfg.max_steps):
+                start = time.perf_counter()
+                busy_before = actor.busy_seconds_now()
+                groups = await self._next_groups(stream, budget, producer)
+                fresh, dropped = split_stale(groups, self.trainer.version, a.max_lag)
+                metrics = await self._train_step(engine, actor, writer, fresh, dropped, start,
+                                                 busy_before)
+        finally:
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
+        return metrics
+
+    async def _next_groups(self, stream, budget, producer) -> list[Group]:
+        getter = asyncio.create_task(stream.get(self.cfg.actor.prompts_per_step))
+        await asyncio.wait({getter, producer}, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():  # the actor died: surface its error instead of waiting forever
+            getter.cancel()
+            producer.result()
+        groups = getter.result()
+        for _ in groups:
+            budget.release()
+        return groups
+
+    async def _train_step(self, engine, actor, writer, groups, dropped, start, busy_before) -> dict:
+        from parityrl.trainer.checkpoint import save_checkpoint
+
+        cfg = self.cfg
+        if not groups:  # every group was too stale: nothing to learn from this round
+            self.on_message(f"all {dropped} samples exceeded max_lag; no step taken")
+            return {}
+        metrics = await asyncio.to_thread(self.trainer.step, groups)
+        step = self.trainer.version
+        sync_seconds = 0.0
+        if step % cfg.sync_every == 0:
+            report = await engine.update_weights(self.trainer.model.state_dict(), version=step)
+            sync_seconds = report.pause_seconds
+        elapsed = time.perf_counter() - start
+        samples = sum(len(g) for g in groups)
+        busy = actor.busy_seconds_now() - busy_before
+        metrics |= {
+            "lag/dropped_samples": float(dropped),
+            "sync/seconds": sync_seconds,
+            "throughput/samples_per_s": samples / elapsed,
+            "throughput/tokens_per_s": metrics.get("rl/tokens", 0.0) / elapsed,
+            "throughput/engine_idle_frac": max(0.0, 1.0 - busy / elapsed),
+            "time/step_seconds": elapsed,
+            "data/position": float(actor.next_index),
+        }
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            metrics["eval/accuracy"] = await self._evaluate()
+        writer.write(step, metrics)
+        self.on_step(step, metrics)
+        alarm = parity_alarm(metrics, cfg)
+        if alarm:
+            self.on_message(alarm)
+            if cfg.parity.on_alarm == "stop":
+                raise ParityAlarm(alarm)
+        if step % cfg.checkpoint.every == 0 or step == cfg.max_steps:
+            save_checkpoint(self.run_dir, self.trainer.model, self.trainer.optimizer, step,
+                            actor.next_index, cfg.checkpoint.keep)
+        return metrics
+
+
+def run_training(cfg: RunConfig, run_dir: Path, resume: bool = False, on_step=None,
+                 on_message=print) -> TrainResult:
+    return asyncio.run(Pipeline(cfg, run_dir, resume, on_step, on_message).run())

@@ -1,0 +1,46 @@
+"""Plots of a run from its metrics.jsonl: what people look at instead of reading numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from parityrl.runlog import read_metrics
+
+PANELS = [
+    ("rl/reward_mean", "reward (mean over samples)", "linear"),
+    ("rl/clip_frac", "clip rate (fraction of tokens)", "linear"),
+    ("mismatch/max_abs_diff", "mismatch max |Δ logprob| (same-version tokens, nats)", "log"),
+    ("mismatch/kl_k3", "mismatch KL k3 (engine ‖ trainer)", "log"),
+    ("lag/mean", "lag (optimizer steps, token mean)", "linear"),
+    ("rl/entropy", "entropy of the processed distribution (nats)", "linear"),
+]
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(exist_ok=True)
+    if not rows:
+        return []
+    fig, axes = plt.subplots(3, 2, figsize=(11, 9))
+    for ax, (key, title, scale) in zip(axes.flat, PANELS):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if scale == "log":
+            points = [(s, max(v, 1e-12)) for s, v in points]
+        if points:
+            ax.plot(*zip(*points), marker=".", linewidth=1)
+        ax.set_yscale(scale)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(run_dir.name)
+    fig.tight_layout()
+    path = out_dir / "training.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,31 @@
+"""A live progress line for training: step, reward, clip rate, mismatch and lag."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+
+def _fmt(metrics: dict, key: str, spec: str) -> str:
+    value = metrics.get(key)
+    return "–" if value is None or value != value else format(value, spec)
+
+
+@contextmanager
+def training_progress(total: int, start: int = 0, description: str = "train"):
+    """Yields on_step(step, metrics) for the pipeline; draws a rich progress bar meanwhile."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.fields[stats]}")) as progress:
+        task = progress.add_task(description, total=total, completed=start, stats="")
+
+        def on_step(step: int, metrics: dict) -> None:
+            stats = (f"reward {_fmt(metrics, 'rl/reward_mean', '.3f')}  "
+                     f"clip {_fmt(metrics, 'rl/clip_frac', '.3f')}  "
+                     f"mismatch {_fmt(metrics, 'mismatch/max_abs_diff', '.1e')}  "
+                     f"lag {_fmt(metrics, 'lag/mean', '.2f')}")
+            if "eval/accuracy" in metrics:
+                stats += f"  eval {metrics['eval/accuracy']:.3f}"
+            progress.update(task, completed=step, stats=stats)
+
+        yield on_step, progress.console.print

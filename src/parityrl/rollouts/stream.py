@@ -1,0 +1,38 @@
+"""How rollout groups travel from the actors to the trainer.
+
+The interface is three methods so that the in-process queue used now can be swapped for a Ray queue
+or a socket when actors and trainer live in different processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from parityrl.rollouts.types import Rollout
+
+Group = list[Rollout]
+
+
+class RolloutStream(Protocol):
+    async def put(self, group: Group) -> None: ...
+
+    async def get(self, num_groups: int) -> list[Group]: ...
+
+    def qsize(self) -> int: ...
+
+
+class InProcessStream:
+    """An asyncio queue of groups, for actors and trainer sharing one event loop."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Group] = asyncio.Queue()
+
+    async def put(self, group: Group) -> None:
+        await self._queue.put(group)
+
+    async def get(self, num_groups: int) -> list[Group]:
+        return [await self._queue.get() for _ in range(num_groups)]
+
+    def qsize(self) -> int:
+        return self._queue.qsize()

@@ -1,0 +1,97 @@
+"""The run directory and what goes in it.
+
+    runs/<name>-<time>/
+        config.yaml            the resolved RunConfig
+        engine_settings.json   what vLLM resolved (not what we asked for)
+        versions.json          python, torch, vllm, transformers, platform
+        metrics.jsonl          one JSON object per optimizer step
+        tb/                    TensorBoard events
+        checkpoints/           see trainer/checkpoint.py
+        plots/                 PNGs made from metrics.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+from parityrl.config import RunConfig, dump_config
+
+
+def new_run_dir(cfg: RunConfig, out: Path | None) -> Path:
+    path = out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def library_versions() -> dict:
+    import torch
+    import transformers
+
+    try:
+        import vllm
+
+        vllm_version = vllm.__version__
+    except ImportError:  # pragma: no cover - vllm is a hard requirement of training
+        vllm_version = None
+    import parityrl
+
+    return {"python": sys.version.split()[0], "platform": platform.platform(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "vllm": vllm_version, "parityrl": parityrl.__version__}
+
+
+def write_run_files(run_dir: Path, cfg: RunConfig, engine_settings: dict) -> None:
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    (run_dir / "engine_settings.json").write_text(json.dumps(engine_settings, indent=2) + "\n")
+    (run_dir / "versions.json").write_text(json.dumps(library_versions(), indent=2) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of a metrics.jsonl; a half-written last line (a run being written) is skipped."""
+    rows = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+class MetricsWriter:
+    """Appends one JSON line per step (and mirrors scalars to TensorBoard)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step or self.path.exists():
+            # Steps after the checkpoint we resume from will be done again: drop their rows.
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, "time": time.time(),
+               **{k: (None if isinstance(v, float) and math.isnan(v) else v)
+                  for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not math.isnan(value):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,1 @@
+"""Tasks: prompts and verifiable rewards (the start of the data path)."""

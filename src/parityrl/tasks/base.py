@@ -1,0 +1,27 @@
+"""The task interface: a deterministic stream of problems and a verifiable reward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Problem:
+    index: int  # position in its split's stream (train: the data position used for resume)
+    prompt: str  # text given to the model, exactly (no chat template is applied)
+    answer: str  # reference answer the reward compares against
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+class Task(Protocol):
+    name: str
+
+    def train_problem(self, index: int) -> Problem:
+        """The index-th training problem; a pure function of (task config, index)."""
+
+    def eval_problems(self) -> list[Problem]:
+        """Held-out problems, never returned by `train_problem`."""
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        """Score a completion (text, special tokens removed); 1.0 = correct."""

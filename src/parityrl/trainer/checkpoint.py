@@ -1,0 +1,94 @@
+"""Atomic checkpoints: model + optimizer + RNG + step + data position, in safetensors.
+
+    runs/x/checkpoints/step-000050/
+        model.safetensors       trainer weights (HF names; loadable by the engine as well)
+        optimizer.safetensors   AdamW state tensors, flattened as state.<param index>.<key>
+        state.json              step, data position, optimizer param groups, python/torch RNG
+
+A checkpoint is written to a temporary folder and renamed into place, so a crash leaves either
+the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file, save_model, load_model
+
+
+@dataclass
+class TrainingState:
+    step: int
+    data_position: int
+    extra: dict
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for pid, entries in state["state"].items():
+        for key, value in entries.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"state.{pid}.{key}"] = t.detach().contiguous().cpu()
+    return tensors, state["param_groups"]
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path, groups: list) -> None:
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, step: int, data_position: int,
+                    keep: int, extra: dict | None = None) -> Path:
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))  # handles tied tensors
+    opt_tensors, groups = _optimizer_tensors(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({
+        "step": step, "data_position": data_position, "param_groups": groups,
+        "python_rng": _jsonable(random.getstate()), "extra": extra or {},
+    }, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(folder: Path, model, optimizer) -> TrainingState:
+    state = json.loads((folder / "state.json").read_text())
+    load_model(model, str(folder / "model.safetensors"))
+    _load_optimizer(optimizer, folder, state["param_groups"])
+    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch_rng"])
+    random.setstate(_tupled(state["python_rng"]))
+    return TrainingState(state["step"], state["data_position"], state.get("extra", {}))
+
+
+def _jsonable(rng_state):
+    version, internal, gauss = rng_state
+    return [version, list(internal), gauss]
+
+
+def _tupled(data):
+    version, internal, gauss = data
+    return (version, tuple(internal), gauss)

@@ -1,0 +1,164 @@
+"""The RL trainer: one optimizer step on a batch of rollout groups, in named phases.
+
+    advantages → micro-batches (token budget) → forward with `token_logprobs` (the doctor's
+    function) → policy loss (+ correction, KL, entropy) → backward → clip → AdamW step
+
+Per-token statistics of the step are gathered on the way and turned into the metrics of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from parityrl.config import RunConfig
+from parityrl.mismatch import mismatch_metrics
+from parityrl.rollouts.stream import Group
+from parityrl.rollouts.types import Rollout
+from parityrl.trainer.advantages import group_advantages
+from parityrl.trainer.batch import collate
+from parityrl.trainer.logprobs import token_logprobs
+from parityrl.trainer.objectives import kl_k3, policy_loss
+
+
+@dataclass
+class StepTokens:
+    """Detached per-token tensors of one step, concatenated over micro-batches."""
+
+    parts: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def add(self, **tensors: torch.Tensor | None) -> None:
+        for name, value in tensors.items():
+            if value is not None:
+                self.parts.setdefault(name, []).append(value.detach().float().cpu())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return torch.cat(self.parts[name])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.parts
+
+
+def microbatches(rollouts: list[Rollout], token_budget: int) -> list[list[Rollout]]:
+    """Consecutive chunks whose padded size (rows × longest row) stays within the budget."""
+    chunks: list[list[Rollout]] = [[]]
+    longest = 0
+    for r in rollouts:
+        length = len(r.prompt_ids) + len(r.completion_ids)
+        if chunks[-1] and max(longest, length) * (len(chunks[-1]) + 1) > token_budget:
+            chunks.append([])
+            longest = 0
+        chunks[-1].append(r)
+        longest = max(longest, length)
+    return chunks
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, model, pad_id: int, ref_model=None) -> None:
+        self.cfg = cfg
+        self.model = model.train()
+        self.ref_model = ref_model
+        self.pad_id = pad_id
+        opt = cfg.trainer.optim
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas,
+                                           weight_decay=opt.weight_decay)
+        self.version = 0  # optimizer steps taken; the engine holds the same number after a push
+
+    # -- phases ---------------------------------------------------------------------------------
+    def _assign_advantages(self, groups: list[Group]) -> list[Rollout]:
+        rollouts = []
+        for group in groups:
+            rewards = torch.tensor([r.reward for r in group], dtype=torch.float64)
+            for r, a in zip(group, group_advantages(rewards, self.cfg.trainer.advantage)):
+                r.meta["advantage"] = float(a)
+                rollouts.append(r)
+        return rollouts
+
+    def _microbatch_loss(self, chunk: list[Rollout], total_tokens: int, stats: StepTokens):
+        tcfg = self.cfg.trainer
+        device = next(self.model.parameters()).device
+        batch = collate(chunk, self.pad_id).to(device)
+        out = token_logprobs(self.model, batch.input_ids, batch.attention_mask,
+                             batch.completion_mask, self.cfg.sampling,
+                             fp32_lm_head=tcfg.fp32_lm_head)
+        mask = out.mask
+        lp = out.logprobs[mask]
+        lp_b = batch.engine_logprobs[mask]
+        rows = torch.arange(len(chunk), device=device).unsqueeze(1).expand_as(mask)[mask]
+        adv = torch.tensor([r.meta["advantage"] for r in chunk], device=device)[rows]
+        terms = policy_loss(lp, lp_b, adv, rows, len(chunk), tcfg.loss, tcfg.correction)
+        loss = terms.loss
+        entropy = out.entropy[mask]
+        kl_ref = None
+        if tcfg.loss.kl_coef > 0 and self.ref_model is not None:
+            with torch.no_grad():
+                ref = token_logprobs(self.ref_model, batch.input_ids, batch.attention_mask,
+                                     batch.completion_mask, self.cfg.sampling,
+                                     fp32_lm_head=tcfg.fp32_lm_head, with_entropy=False)
+            kl_ref = kl_k3(lp, ref.logprobs[mask])
+            loss = loss + tcfg.loss.kl_coef * kl_ref
+        if tcfg.loss.entropy_coef > 0:
+            loss = loss - tcfg.loss.entropy_coef * entropy
+        (loss.sum() / total_tokens).backward()
+        stats.add(lp=lp, lp_b=lp_b, versions=batch.versions[mask], ratio=terms.ratio,
+                  clipped=terms.clipped, entropy=entropy, adv=adv, loss=loss, kl_ref=kl_ref,
+                  is_weight=terms.is_weight, truncated=terms.truncated, masked=terms.masked)
+
+    def _optimizer_step(self) -> float:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   self.cfg.trainer.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.version += 1
+        return float(grad_norm)
+
+    # -- the step -------------------------------------------------------------------------------
+    def step(self, groups: list[Group]) -> dict[str, float]:
+        """One optimizer step on `groups`; returns the step's metrics (before the version bump)."""
+        rollouts = self._assign_advantages(groups)
+        total_tokens = max(sum(r.num_tokens for r in rollouts), 1)
+        stats = StepTokens()
+        version = self.version
+        for chunk in microbatches(rollouts, self.cfg.trainer.optim.tokens_per_microbatch):
+            if sum(r.num_tokens for r in chunk):
+                self._microbatch_loss(chunk, total_tokens, stats)
+        metrics = self._metrics(rollouts, stats, version) if "lp" in stats else {}
+        metrics["rl/grad_norm"] = self._optimizer_step()
+        return metrics
+
+    def _metrics(self, rollouts: list[Rollout], s: StepTokens, version: int) -> dict[str, float]:
+        lp, lp_b, ratio = s["lp"], s["lp_b"], s["ratio"]
+        d = lp - lp_b
+        lag = version - s["versions"]
+        rewards = torch.tensor([r.reward for r in rollouts])
+        m = {
+            "rl/reward_mean": rewards.mean().item(),
+            "rl/advantage_mean": s["adv"].mean().item(),
+            "rl/ratio_mean": ratio.mean().item(),
+            "rl/ratio_min": ratio.min().item(),
+            "rl/ratio_max": ratio.max().item(),
+            "rl/clip_frac": s["clipped"].mean().item(),
+            "rl/kl_k3": (d.exp() - 1 - d).mean().item(),
+            "rl/entropy": s["entropy"].mean().item(),
+            "rl/logprob_mean": lp.mean().item(),
+            "rl/loss": s["loss"].sum().item() / max(len(lp), 1),
+            "rl/completion_len_mean": float(sum(r.num_tokens for r in rollouts) / len(rollouts)),
+            "rl/tokens": float(len(lp)),
+            "lag/mean": lag.mean().item(),
+            "lag/max": lag.max().item(),
+            "lag/mixed_version_frac": sum(r.min_version != r.max_version for r in rollouts)
+            / len(rollouts),
+            "lag/on_policy_token_frac": (lag == 0).float().mean().item(),
+        }
+        if "kl_ref" in s:
+            m["kl/ref_k3"] = s["kl_ref"].mean().item()
+        if "is_weight" in s:
+            w = s["is_weight"]
+            m |= {"is/weight_mean": w.mean().item(), "is/weight_max": w.max().item()}
+            m["is/truncated_frac"] = s["truncated"].mean().item() if "truncated" in s else 0.0
+            m["is/masked_frac"] = s["masked"].mean().item() if "masked" in s else 0.0
+        # Parity: only tokens sampled by the very weights the trainer holds now.
+        same = lag == 0
+        m |= mismatch_metrics(lp[same], lp_b[same])
+        return m
