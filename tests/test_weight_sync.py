@@ -33,7 +33,7 @@ def loop():
 def engine(tiny_model, loop):
     engine = loop.run_until_complete(RolloutEngine.start(EngineSettings(model=tiny_model)))
     yield engine
-    engine.shutdown()
+    loop.run_until_complete(engine.close())
 
 
 def _perturb(model, scale=0.05, seed=0):

@@ -93,10 +93,11 @@ def doctor(
     report: Optional[Path] = typer.Option(None, help="Write report.md and PNG plots here."),
 ):
     """Diagnose engine/trainer logprob parity, one fix per rung; exit 0 = parity, 1 = not."""
+    from parityrl.models.builtin import resolve_model
     from parityrl.models.load import TORCH_DTYPES, check_model_folder
     from parityrl.sampling import make_sampling
 
-    check_model_folder(model)
+    model = check_model_folder(resolve_model(str(model)))
     if dtype not in TORCH_DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
     sampling = make_sampling(temperature=temperature, top_p=top_p, top_k=top_k,
@@ -169,10 +170,13 @@ def train(
     if dry_run:
         typer.echo(dump_config(cfg), nl=False)
         return
+    _quiet_libraries()
+    from parityrl.models.builtin import PREFIX, resolve_model
     from parityrl.models.load import check_model_folder
 
-    check_model_folder(cfg.model)
-    _quiet_libraries()
+    if cfg.model.startswith(PREFIX):
+        typer.echo(f"model {cfg.model} (built locally on first use)")
+    check_model_folder(resolve_model(cfg.model))
     from parityrl.pipeline import ParityAlarm, run_training
     from parityrl.progress import training_progress
     from parityrl.runlog import new_run_dir

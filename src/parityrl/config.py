@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from parityrl.errors import UserError
 from parityrl.sampling import SamplingConfig
@@ -70,6 +70,8 @@ class TrainerConfig(_Strict):
 class ParityConfig(_Strict):
     alarm_kl_k3: float = Field(1e-3, gt=0, description="Alarm when mismatch/kl_k3 exceeds this.")
     on_alarm: Literal["warn", "stop", "ignore"] = "warn"
+    probe_rollouts: int = Field(64, ge=0, description="Queued rollouts sampled by the current "
+                                                       "weights scored each step for parity.")
 
 
 class CheckpointConfig(_Strict):
@@ -84,7 +86,8 @@ class RunConfig(_Strict):
     mode: Literal["async", "sync"] = Field(
         "async", description="async: pipeline RL with in-flight weight updates; sync: generate a "
                              "batch, train, update, repeat (the conventional baseline).")
-    model: str = Field("runs/demo/model", description="Hugging Face model folder.")
+    model: str = Field("builtin:arithmetic-warm",
+                       description="Hugging Face model folder, or builtin:<name> (models/builtin.py).")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     sync_every: int = Field(1, ge=1, description="Push weights every N optimizer steps.")
     engine: EngineConfig = EngineConfig()
@@ -99,6 +102,14 @@ class RunConfig(_Strict):
                                                  "training, every N steps and at the end; 0 = off.")
     eval_size: int = Field(200, ge=1, description="Held-out problems per evaluation (at most).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_type_defaults_to_arithmetic(cls, data):
+        # `task.digits=3` on the command line should refine the default task, not erase its type.
+        if isinstance(data, dict) and isinstance(data.get("task"), dict):
+            data = {**data, "task": {"type": "arithmetic", **data["task"]}}
+        return data
+
 
 def _default_task():
     from parityrl.tasks.arithmetic import ArithmeticConfig
@@ -106,11 +117,11 @@ def _default_task():
     return ArithmeticConfig()
 
 
-def engine_settings(cfg: RunConfig):
-    """The EngineSettings of a run: its engine section plus model, dtype and seed."""
+def engine_settings(cfg: RunConfig, model_dir: str | Path):
+    """The EngineSettings of a run: its engine section plus model folder, dtype and seed."""
     from parityrl.engine.settings import EngineSettings
 
-    return EngineSettings(model=cfg.model, dtype=cfg.dtype, seed=cfg.seed,
+    return EngineSettings(model=str(model_dir), dtype=cfg.dtype, seed=cfg.seed,
                           **cfg.engine.model_dump())
 
 

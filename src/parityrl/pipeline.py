@@ -74,13 +74,16 @@ class Pipeline:
         from parityrl.trainer.checkpoint import latest_checkpoint, load_checkpoint
         from parityrl.trainer.trainer import Trainer
 
+        from parityrl.models.builtin import resolve_model
+
         cfg = self.cfg
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.model_dir = resolve_model(cfg.model)
+        self.tokenizer = load_tokenizer(self.model_dir)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        model = load_policy(cfg.model, cfg.dtype, cfg.trainer.attn_implementation)
-        ref = (load_policy(cfg.model, cfg.dtype, cfg.trainer.attn_implementation)
+        model = load_policy(self.model_dir, cfg.dtype, cfg.trainer.attn_implementation)
+        ref = (load_policy(self.model_dir, cfg.dtype, cfg.trainer.attn_implementation)
                if cfg.trainer.loss.kl_coef > 0 else None)
         self.trainer = Trainer(cfg, model, pad_id, ref)
         self.start_step, self.data_position = 0, 0
@@ -107,9 +110,10 @@ class Pipeline:
         from parityrl.tasks.registry import build_task
 
         cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self._build_trainer()
         task = build_task(cfg.task)
-        engine = await RolloutEngine.start(engine_settings(cfg))
+        engine = await RolloutEngine.start(engine_settings(cfg, self.model_dir))
         writer = None
         try:
             if self.start_step:
@@ -132,7 +136,7 @@ class Pipeline:
         finally:
             if writer is not None:
                 writer.close()
-            engine.shutdown()
+            await engine.close()
         plot_run(self.run_dir)
         return TrainResult(self.run_dir, self.trainer.version, last, before,
                            last.get("eval/accuracy"))
@@ -151,7 +155,8 @@ class Pipeline:
             start = time.perf_counter()
             busy_before = actor.busy_seconds_now()
             groups = await actor.generate_batch(self.cfg.actor.prompts_per_step)
-            metrics = await self._train_step(engine, actor, writer, groups, 0, start, busy_before)
+            metrics = await self._train_step(engine, actor, writer, groups, 0, start, busy_before,
+                                             stream=None)
         return metrics
 
     async def _run_async(self, engine, actor, writer) -> dict:
@@ -169,7 +174,7 @@ class Pipeline:
                 groups = await self._next_groups(stream, budget, producer)
                 fresh, dropped = split_stale(groups, self.trainer.version, a.max_lag)
                 metrics = await self._train_step(engine, actor, writer, fresh, dropped, start,
-                                                 busy_before)
+                                                 busy_before, stream)
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
@@ -186,15 +191,22 @@ class Pipeline:
             budget.release()
         return groups
 
-    async def _train_step(self, engine, actor, writer, groups, dropped, start, busy_before) -> dict:
+    async def _train_step(self, engine, actor, writer, groups, dropped, start, busy_before,
+                          stream) -> dict:
         from parityrl.trainer.checkpoint import save_checkpoint
 
         cfg = self.cfg
         if not groups:  # every group was too stale: nothing to learn from this round
             self.on_message(f"all {dropped} samples exceeded max_lag; no step taken")
             return {}
-        metrics = await asyncio.to_thread(self.trainer.step, groups)
-        step = self.trainer.version
+        trainer = self.trainer
+        # Worker threads for the heavy phases: the event loop keeps feeding the engine meanwhile.
+        state = await asyncio.to_thread(trainer.accumulate, groups)
+        if stream is not None:  # rollouts queued for the next step, sampled by these weights
+            probe = [r for g in stream.peek() for r in g][: self.cfg.parity.probe_rollouts]
+            await asyncio.to_thread(trainer.probe_parity, state, probe)
+        metrics = await asyncio.to_thread(trainer.apply, state)
+        step = trainer.version
         sync_seconds = 0.0
         if step % cfg.sync_every == 0:
             report = await engine.update_weights(self.trainer.model.state_dict(), version=step)

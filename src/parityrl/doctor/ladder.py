@@ -149,7 +149,7 @@ async def run_ladder(
                                                     **rung.engine)
             if engine is None or rung.engine != engine_overrides:
                 if engine is not None:
-                    engine.shutdown()
+                    await engine.close()
                 engine = await RolloutEngine.start(settings)
                 engine_overrides = rung.engine
                 if model_is_perturbed(results):
@@ -176,7 +176,7 @@ async def run_ladder(
                     floor = noise_floor(model, rollouts, sampling, pad_id)
     finally:
         if engine is not None:
-            engine.shutdown()
+            await engine.close()
     return results, floor
 
 

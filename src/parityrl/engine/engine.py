@@ -138,8 +138,23 @@ class RolloutEngine:
             raise WeightSyncError(check.summary())
         return report
 
-    def shutdown(self) -> None:
+    async def close(self) -> None:
+        """Stop the engine process and let its output task finish inside this event loop."""
+        if self.llm is None:
+            return
+        handler = getattr(self.llm, "output_handler", None)
         self.llm.shutdown()
+        if isinstance(handler, asyncio.Task) and not handler.done():
+            await asyncio.gather(handler, return_exceptions=True)
+        self._release()
+
+    def shutdown(self) -> None:
+        """Synchronous stop, for code outside an event loop (e.g. a test fixture's teardown)."""
+        if self.llm is not None:
+            self.llm.shutdown()
+            self._release()
+
+    def _release(self) -> None:
         self.llm = None
         gc.collect()  # AsyncLLM sits in reference cycles; collect it while its modules still exist
         for leftover in self._update_dir.glob("*"):

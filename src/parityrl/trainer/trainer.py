@@ -17,7 +17,7 @@ from parityrl.mismatch import mismatch_metrics
 from parityrl.rollouts.stream import Group
 from parityrl.rollouts.types import Rollout
 from parityrl.trainer.advantages import group_advantages
-from parityrl.trainer.batch import collate
+from parityrl.trainer.batch import collate, rollout_logprobs
 from parityrl.trainer.logprobs import token_logprobs
 from parityrl.trainer.objectives import kl_k3, policy_loss
 
@@ -101,7 +101,9 @@ class Trainer:
         if tcfg.loss.entropy_coef > 0:
             loss = loss - tcfg.loss.entropy_coef * entropy
         (loss.sum() / total_tokens).backward()
-        stats.add(lp=lp, lp_b=lp_b, versions=batch.versions[mask], ratio=terms.ratio,
+        pure = torch.tensor([r.min_version == r.max_version == self.version for r in chunk],
+                            device=device)[rows]
+        stats.add(lp=lp, lp_b=lp_b, versions=batch.versions[mask], pure=pure, ratio=terms.ratio,
                   clipped=terms.clipped, entropy=entropy, adv=adv, loss=loss, kl_ref=kl_ref,
                   is_weight=terms.is_weight, truncated=terms.truncated, masked=terms.masked)
 
@@ -114,23 +116,50 @@ class Trainer:
         return float(grad_norm)
 
     # -- the step -------------------------------------------------------------------------------
-    def step(self, groups: list[Group]) -> dict[str, float]:
-        """One optimizer step on `groups`; returns the step's metrics (before the version bump)."""
+    def accumulate(self, groups: list[Group]) -> "StepState":
+        """Forward and backward over `groups`; gradients are accumulated, weights unchanged."""
         rollouts = self._assign_advantages(groups)
         total_tokens = max(sum(r.num_tokens for r in rollouts), 1)
-        stats = StepTokens()
-        version = self.version
+        state = StepState(rollouts, StepTokens(), self.version)
         for chunk in microbatches(rollouts, self.cfg.trainer.optim.tokens_per_microbatch):
             if sum(r.num_tokens for r in chunk):
-                self._microbatch_loss(chunk, total_tokens, stats)
-        metrics = self._metrics(rollouts, stats, version) if "lp" in stats else {}
+                self._microbatch_loss(chunk, total_tokens, state.tokens)
+        return state
+
+    def probe_parity(self, state: "StepState", rollouts: list[Rollout]) -> None:
+        """Score extra rollouts sampled by the current weights (e.g. queued for the next step).
+
+        Called between `accumulate` and `apply`, while the weights still are the ones that
+        sampled them: in pipeline mode most of a batch is one step old, so this is where exact
+        parity is measured.
+        """
+        pure = [r for r in rollouts if r.num_tokens and r.min_version == r.max_version == self.version]
+        if not pure:
+            return
+        was_training = self.model.training
+        scored = rollout_logprobs(self.model, pure, self.cfg.sampling, pad_id=self.pad_id,
+                                  fp32_lm_head=self.cfg.trainer.fp32_lm_head)
+        self.model.train(was_training)
+        state.probe_train.extend(r.logprobs for r in scored)
+        state.probe_engine.extend(torch.tensor(r.logprobs) for r in pure)
+
+    def apply(self, state: "StepState") -> dict[str, float]:
+        """Clip, take the optimizer step; returns the step's metrics (before the version bump)."""
+        metrics = self._metrics(state) if "lp" in state.tokens else {}
         metrics["rl/grad_norm"] = self._optimizer_step()
         return metrics
 
-    def _metrics(self, rollouts: list[Rollout], s: StepTokens, version: int) -> dict[str, float]:
+    def step(self, groups: list[Group], probe: list[Rollout] = ()) -> dict[str, float]:
+        state = self.accumulate(groups)
+        self.probe_parity(state, list(probe))
+        return self.apply(state)
+
+    def _metrics(self, state: "StepState") -> dict[str, float]:
+        s, rollouts, version = state.tokens, state.rollouts, state.version
         lp, lp_b, ratio = s["lp"], s["lp_b"], s["ratio"]
         d = lp - lp_b
         lag = version - s["versions"]
+        on_policy = lag == 0
         rewards = torch.tensor([r.reward for r in rollouts])
         m = {
             "rl/reward_mean": rewards.mean().item(),
@@ -139,7 +168,9 @@ class Trainer:
             "rl/ratio_min": ratio.min().item(),
             "rl/ratio_max": ratio.max().item(),
             "rl/clip_frac": s["clipped"].mean().item(),
-            "rl/kl_k3": (d.exp() - 1 - d).mean().item(),
+            "rl/clip_frac_lag0": s["clipped"][on_policy].mean().item() if on_policy.any()
+            else float("nan"),
+            "rl/kl_k3": (d.double().exp() - 1 - d.double()).mean().item(),
             "rl/entropy": s["entropy"].mean().item(),
             "rl/logprob_mean": lp.mean().item(),
             "rl/loss": s["loss"].sum().item() / max(len(lp), 1),
@@ -149,7 +180,7 @@ class Trainer:
             "lag/max": lag.max().item(),
             "lag/mixed_version_frac": sum(r.min_version != r.max_version for r in rollouts)
             / len(rollouts),
-            "lag/on_policy_token_frac": (lag == 0).float().mean().item(),
+            "lag/on_policy_token_frac": on_policy.float().mean().item(),
         }
         if "kl_ref" in s:
             m["kl/ref_k3"] = s["kl_ref"].mean().item()
@@ -158,7 +189,20 @@ class Trainer:
             m |= {"is/weight_mean": w.mean().item(), "is/weight_max": w.max().item()}
             m["is/truncated_frac"] = s["truncated"].mean().item() if "truncated" in s else 0.0
             m["is/masked_frac"] = s["masked"].mean().item() if "masked" in s else 0.0
-        # Parity: only tokens sampled by the very weights the trainer holds now.
-        same = lag == 0
-        m |= mismatch_metrics(lp[same], lp_b[same])
+        # Parity: tokens of rollouts sampled entirely by the weights the trainer holds now. A
+        # token sampled after an in-flight update is not enough: its prompt and earlier tokens
+        # sit in the KV cache as computed by the old weights.
+        pure = s["pure"].bool()
+        m |= mismatch_metrics(torch.cat([lp[pure], *state.probe_train]),
+                              torch.cat([lp_b[pure], *state.probe_engine]))
+        m["mismatch/probe_tokens"] = float(sum(len(t) for t in state.probe_train))
         return m
+
+
+@dataclass
+class StepState:
+    rollouts: list[Rollout]
+    tokens: StepTokens
+    version: int
+    probe_train: list[torch.Tensor] = field(default_factory=list)
+    probe_engine: list[torch.Tensor] = field(default_factory=list)

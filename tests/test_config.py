@@ -1,0 +1,72 @@
+import subprocess
+import sys
+
+import pytest
+
+from parityrl.config import dump_config, load_config, parse_overrides
+from parityrl.errors import UserError
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_yaml_and_overrides_layer_in_that_order(tmp_path):
+    path = write(tmp_path, "name: x\nmax_steps: 7\ntrainer:\n  optim:\n    lr: 0.001\n")
+    cfg = load_config(path, ["trainer.optim.lr=2e-4", "sampling.temperature=0.7", "mode=sync"])
+    assert cfg.name == "x" and cfg.max_steps == 7  # YAML over defaults
+    assert cfg.trainer.optim.lr == 2e-4  # override over YAML
+    assert cfg.sampling.temperature == 0.7 and cfg.mode == "sync"
+    assert cfg.engine.enable_prefix_caching is False  # parity defaults
+    assert cfg.engine.logprobs_mode == "processed_logprobs"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["task.digits=3", "trainer.correction.type=tis"])
+    again = load_config(write(tmp_path, dump_config(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "text, overrides, fragment",
+    [
+        ("trainer:\n  optim:\n    lrr: 1\n", [], "trainer.optim.lrr"),
+        ("max_steps: many\n", [], "max_steps"),
+        ("", ["mode=turbo"], "mode"),
+        ("", ["task.type=chess"], "task"),
+        ("", ["sampling.top_p=2"], "top_p"),
+        ("- a\n- b\n", [], "top level must be a mapping"),
+        ("a: [1,\n", [], "invalid YAML"),
+        ("", ["novalue"], "key.sub=value"),
+    ],
+)
+def test_bad_config_is_one_line_error(tmp_path, text, overrides, fragment):
+    with pytest.raises(UserError) as info:
+        load_config(write(tmp_path, text), overrides)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_override_values_are_yaml_typed():
+    tree = parse_overrides(["a.b=3", "a.c=true", "d=[1, 2]", "e=hello"])
+    assert tree == {"a": {"b": 3, "c": True}, "d": [1, 2], "e": "hello"}
+
+
+def test_train_cli_bad_config_exit_2(tmp_path):
+    path = write(tmp_path, "trainer:\n  loss:\n    type: dpo\n")
+    proc = subprocess.run([sys.executable, "-m", "parityrl.cli", "train", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: config trainer.loss.type")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_train_cli_dry_run_prints_resolved_config(tmp_path):
+    path = write(tmp_path, "name: dry\n")
+    proc = subprocess.run([sys.executable, "-m", "parityrl.cli", "train", str(path), "--dry-run",
+                           "max_steps=3"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "name: dry" in proc.stdout and "max_steps: 3" in proc.stdout
+    assert "logprobs_mode: processed_logprobs" in proc.stdout
