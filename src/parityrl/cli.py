@@ -2,6 +2,9 @@
 
     parityrl make-model runs/tiny                 # a tiny local HF model folder
     parityrl doctor --model runs/tiny             # layered engine/trainer logprob diagnosis
+    parityrl train configs/reference.yaml         # pipeline RL
+    parityrl compare runs/ref runs/cand --gate    # does a candidate run track the reference?
+    parityrl demo                                 # the whole story on a laptop
 """
 
 from __future__ import annotations
@@ -209,9 +212,36 @@ def demo(out: Optional[Path] = typer.Option(None, help="Run directory (default r
     typer.echo(f"summary: {out / 'summary.json'}; plots: {out / 'rl' / 'plots'}")
 
 
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="REF_RUN CAND_RUN [MORE_RUNS...]"),
+    metrics: Optional[str] = typer.Option(None, help="Comma-separated metric names."),
+    out: Optional[Path] = typer.Option(None, help="Write report.md, comparison.json and PNGs."),
+    ref: list[Path] = typer.Option([], "--ref", help="Another seed of the reference (repeatable)."),
+    smooth: int = typer.Option(5, min=1, help="Trailing moving-average window, in steps."),
+    gate: bool = typer.Option(False, "--gate", help="Exit 1 if any compared metric diverges."),
+):
+    """Does each candidate run track the reference run? From which step, on which metric?"""
+    if len(runs) < 2:
+        raise UserError("give a reference run and at least one candidate run")
+    from parityrl.compare import compare_runs, write_report
+
+    wanted = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    result = compare_runs(runs[0], runs[1:], ref, wanted, window=smooth)
+    typer.echo(result.verdict)
+    for res in result.results:
+        hits = ", ".join(f"{name}: step {step}" for name, step in res.diverged_at.items()
+                         if step is not None)
+        typer.echo(f"  {res.metric:<24} {hits or 'tracks'}")
+    if out:
+        typer.echo(f"report: {write_report(result, out)}")
+    raise typer.Exit(1 if gate and result.diverged else 0)
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns the code of a typer.Exit instead of raising it.
+        code = app(standalone_mode=False)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -226,6 +256,7 @@ def main() -> None:
             typer.echo(f"error: {e.format_message()}", err=True)
             sys.exit(2)
         raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -176,6 +176,7 @@ class Trainer:
             "rl/loss": s["loss"].sum().item() / max(len(lp), 1),
             "rl/completion_len_mean": float(sum(r.num_tokens for r in rollouts) / len(rollouts)),
             "rl/tokens": float(len(lp)),
+            "rl/samples": float(len(rollouts)),
             "lag/mean": lag.mean().item(),
             "lag/max": lag.max().item(),
             "lag/mixed_version_frac": sum(r.min_version != r.max_version for r in rollouts)
