@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from parityrl.doctor.ladder import LADDER, DoctorConfig, run_ladder
+from parityrl.doctor.ladder import LADDER, DoctorConfig, perturb_in_place, run_ladder
 from parityrl.doctor.report import verdict
 from parityrl.engine.engine import RolloutEngine, WeightSyncError
 from parityrl.engine.settings import EngineSettings
@@ -36,13 +36,6 @@ def engine(tiny_model, loop):
     loop.run_until_complete(engine.close())
 
 
-def _perturb(model, scale=0.05, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale * p.std())
-
-
 def _mismatch(model, rollouts, sampling=SAMPLING):
     lp = rollout_logprobs(model, rollouts, sampling, pad_id=0)
     return mismatch_metrics(torch.cat([r.logprobs for r in lp]),
@@ -51,7 +44,7 @@ def _mismatch(model, rollouts, sampling=SAMPLING):
 
 def test_engine_holds_the_trainer_weights_after_an_update(engine, tiny_model, loop):
     model = load_policy(tiny_model)
-    _perturb(model, seed=1)
+    perturb_in_place(model, 0.05, seed=1)
     before = engine.version
     report = loop.run_until_complete(engine.update_weights(model.state_dict()))
     assert report.check.ok and report.check.checked > 0
@@ -69,7 +62,7 @@ def test_update_in_flight_keeps_requests_and_tags_token_versions(engine, tiny_mo
     start_version = engine.version
     sampling = SamplingConfig(temperature=1.0, max_tokens=400)
     new = load_policy(tiny_model)
-    _perturb(new, scale=0.2, seed=2)
+    perturb_in_place(new, 0.2, seed=2)
 
     async def scenario():
         task = asyncio.create_task(engine.generate_many(PROMPTS, sampling, n=2, seed=5))
@@ -97,7 +90,7 @@ def test_update_in_flight_keeps_requests_and_tags_token_versions(engine, tiny_mo
 
 def test_a_tensor_left_out_of_the_update_is_caught(engine, tiny_model, loop):
     model = load_policy(tiny_model)
-    _perturb(model, seed=3)
+    perturb_in_place(model, 0.05, seed=3)
     left_out = "model.layers.1.mlp.down_proj.weight"
     with pytest.raises(WeightSyncError, match="missing.*down_proj"):
         loop.run_until_complete(engine.update_weights(model.state_dict(), skip={left_out}))

@@ -146,11 +146,12 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_trees(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, section by section."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_trees(out[key], value)
         else:
             out[key] = value
     return out
@@ -177,7 +178,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise UserError(f"{path}: top level must be a mapping of keys")
-    return build_config(_merge(data, parse_overrides(list(overrides))))
+    return build_config(merge_trees(data, parse_overrides(list(overrides))))
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -1,9 +1,14 @@
-"""`parityrl demo`: the whole story on a laptop, in about ten minutes on 2 CPU cores.
+"""`parityrl demo`: the whole story on a laptop, in about six minutes on 2 CPU cores.
 
 1. build a tiny Qwen2-architecture model with a character tokenizer (no download);
-2. warm-start it with a short supervised phase on the arithmetic task, so RL starts with reward;
+2. warm-start it with a short supervised phase on 3-digit + 1-digit addition, stopped while the
+   model is only partly competent (about 40% held-out greedy accuracy), so RL has reward to work
+   with and room to improve;
 3. pipeline RL with the parity settings on the real vLLM CPU engine, weights pushed in flight;
-4. greedy accuracy on held-out problems before and after RL → summary.json, plots.
+4. greedy accuracy on 500 held-out problems before and after RL → summary.json, plots.
+
+The task has 10,000 distinct problems (10% held out by hash), large enough that RL has to learn the
+rule rather than memorise its training problems; RL adds roughly 20 points of held-out accuracy.
 """
 
 from __future__ import annotations
@@ -13,56 +18,71 @@ import shutil
 import time
 from pathlib import Path
 
-from parityrl.config import RunConfig, build_config
+from parityrl.config import RunConfig, build_config, merge_trees, parse_overrides
+
+DEMO_MODEL = dict(arch="qwen2", layers=2, hidden=128, heads=4, kv_heads=2, init_std=0.02)
+WARMUP = dict(steps=1000, batch_size=64, lr=3e-3)
+DEMO_TASK = {"type": "arithmetic", "digits": 3, "second_digits": 1, "ops": ["+"],
+             "eval_fraction": 0.1, "eval_size": 500}
 
 
-def demo_config(model_dir: Path) -> RunConfig:
-    """The embedded default run: parity settings, 2-digit addition, pipeline mode."""
-    return build_config({
+def demo_config(model_dir: Path, **overrides) -> RunConfig:
+    """The embedded default run: parity settings, 3-digit + 1-digit addition, pipeline mode."""
+    return build_config(merge_trees({
         "name": "demo",
         "seed": 0,
-        "max_steps": 120,
+        "max_steps": 500,
         "mode": "async",
         "model": str(model_dir),
         "dtype": "float32",
         "sampling": {"temperature": 1.0, "max_tokens": 6},
-        "task": {"type": "arithmetic", "digits": 2, "ops": ["+"], "eval_size": 200},
-        "actor": {"group_size": 8, "prompts_per_step": 16, "max_lag": 1},
-        "trainer": {"optim": {"lr": 5e-4}, "loss": {"type": "ppo"}},
-        "checkpoint": {"every": 50},
-        "eval_every": 40,
-    })
+        "task": DEMO_TASK,
+        "actor": {"group_size": 8, "prompts_per_step": 64, "max_lag": 1},
+        "trainer": {"optim": {"lr": 1e-3}, "loss": {"type": "ppo"}},
+        "checkpoint": {"every": 200},
+        "eval_every": 100,
+        "eval_size": 500,
+    }, parse_overrides([f"{k}={v}" for k, v in overrides.items()])))
 
 
-DEMO_MODEL = dict(arch="qwen2", layers=2, hidden=128, heads=4, kv_heads=2, init_std=0.02)
-WARMUP = dict(steps=150, batch_size=64, lr=3e-3)
+def build_warm_started_model(out: Path, warmup: dict | None = None, on_step=None,
+                             console_print=lambda message: None) -> tuple[Path, list[float]]:
+    """Steps 1 and 2: a tiny model warm-started on the demo task, saved as an HF folder at `out`.
 
-
-def run_demo(out: Path, console_print=print) -> dict:
+    Deterministic for a given recipe. Also what `model: builtin:arithmetic-warm` builds.
+    """
     from parityrl.models.load import load_policy
     from parityrl.models.tiny import load_tokenizer, make_model
-    from parityrl.pipeline import run_training
-    from parityrl.progress import training_progress
     from parityrl.tasks.registry import build_task
     from parityrl.trainer.sft import supervised_warmup
 
-    started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    init_dir = make_model(out / "model-init", seed=0, **DEMO_MODEL)
+    warmup = {**WARMUP, **(warmup or {})}
+    init_dir = make_model(out.with_name(out.name + "-init"), seed=0, **DEMO_MODEL)
     console_print(f"1/3 built a tiny {DEMO_MODEL['arch']} model in {init_dir}")
-
-    cfg = demo_config(out / "model-sft")
-    task = build_task(cfg.task)
+    task = build_task(build_config({"task": DEMO_TASK}).task)
     tokenizer = load_tokenizer(init_dir)
     model = load_policy(init_dir, "float32")
-    with training_progress(WARMUP["steps"], description="2/3 warm start (SFT)") as (on_step, _):
-        losses = supervised_warmup(model, tokenizer, task, **WARMUP,
-                                   on_step=lambda s, loss: on_step(s, {"rl/loss": loss}))
-    sft_dir = out / "model-sft"
-    model.save_pretrained(sft_dir, safe_serialization=True)
+    losses = supervised_warmup(model, tokenizer, task, **warmup, on_step=on_step)
+    model.save_pretrained(out, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(init_dir / name, sft_dir / name)
-    console_print(f"    warm-start loss {losses[0]:.3f} → {losses[-1]:.3f}; saved {sft_dir}")
+        shutil.copy(init_dir / name, out / name)
+    shutil.rmtree(init_dir)
+    console_print(f"    warm-start loss {losses[0]:.3f} → {losses[-1]:.3f}; saved {out}")
+    return out, losses
+
+
+def run_demo(out: Path, console_print=print, warmup: dict | None = None, **overrides) -> dict:
+    from parityrl.pipeline import run_training
+    from parityrl.progress import training_progress
+
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    warmup = {**WARMUP, **(warmup or {})}
+    cfg = demo_config(out / "model-sft", **overrides)
+    with training_progress(warmup["steps"], description="2/3 warm start (SFT)") as (on_step, _):
+        _, losses = build_warm_started_model(
+            out / "model-sft", warmup, on_step=lambda s, loss: on_step(s, {"rl/loss": loss}),
+            console_print=console_print)
 
     rl_dir = out / "rl"
     with training_progress(cfg.max_steps, description="3/3 pipeline RL") as (on_step, say):
@@ -82,7 +102,7 @@ def run_demo(out: Path, console_print=print) -> dict:
         "mixed_version_rollout_frac_mean": _mean([r["lag/mixed_version_frac"] for r in trained]),
         "rl_steps": result.steps,
         "eval_problems": cfg.eval_size,
-        "warmup": {**WARMUP, "loss_first": losses[0], "loss_last": losses[-1]},
+        "warmup": {**warmup, "loss_first": losses[0], "loss_last": losses[-1]},
         "seconds_total": time.perf_counter() - started,
         "run_dir": str(rl_dir),
     }

@@ -95,17 +95,14 @@ class RungResult:
     sync_ok: bool | None = None
 
 
-def _perturbed(model, scale: float, seed: int) -> dict[str, torch.Tensor]:
-    """A new state dict: every tensor moved by `scale` times its own std (deterministic)."""
+def perturb_in_place(model, scale: float, seed: int) -> dict[str, torch.Tensor]:
+    """Move every parameter by `scale` times its own std (deterministic); returns the state dict."""
     gen = torch.Generator().manual_seed(seed)
-    new = {}
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
             p.add_(noise * scale * (p.float().std().item() if p.numel() > 1 else 1.0))
-        for name, t in model.state_dict().items():
-            new[name] = t
-    return new
+    return model.state_dict()
 
 
 def _measure(model, rollouts: list[Rollout], sampling: SamplingConfig, pad_id: int,
@@ -143,6 +140,7 @@ async def run_ladder(
     results: list[RungResult] = []
     floor: dict = {}
     engine, engine_overrides = None, None
+    perturbed = False  # once the trainer's weights moved, a fresh engine must receive them
     try:
         for index, rung in enumerate(rungs):
             settings = EngineSettings.vllm_defaults(cfg.model, dtype=cfg.dtype, seed=cfg.seed,
@@ -152,12 +150,12 @@ async def run_ladder(
                     await engine.close()
                 engine = await RolloutEngine.start(settings)
                 engine_overrides = rung.engine
-                if model_is_perturbed(results):
-                    # A fresh engine loads the folder's weights: push the trainer's current ones.
+                if perturbed:
                     await engine.update_weights(model.state_dict())
             sync_check = sync_ok = None
             if rung.push_weights:
-                state = _perturbed(model, cfg.perturb_scale, seed=cfg.seed + index)
+                state = perturb_in_place(model, cfg.perturb_scale, seed=cfg.seed + index)
+                perturbed = True
                 report = await engine.update_weights(state, verify=False, skip=cfg.sabotage_skip)
                 sync_check, sync_ok = report.check.summary(), report.check.ok
             resolved = engine.resolved_settings() | {"trainer_fp32_lm_head": rung.fp32_lm_head,
@@ -178,10 +176,6 @@ async def run_ladder(
         if engine is not None:
             await engine.close()
     return results, floor
-
-
-def model_is_perturbed(results: list[RungResult]) -> bool:
-    return any(r.sync_ok is not None for r in results)
 
 
 def run_ladder_sync(cfg: DoctorConfig, on_rung=None, rungs: list[Rung] = LADDER):

@@ -1,0 +1,58 @@
+"""The seed's story, replayed: the shipped reference / v1-defaults pair, trained for real, compared.
+
+Short runs (a few steps each) of configs/reference.yaml (two seeds) and configs/v1-defaults.yaml on
+the built-in warm-started tiny model, then `parityrl compare` on them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from parityrl.compare import compare_runs
+from parityrl.config import load_config
+from parityrl.pipeline import run_training
+from parityrl.runlog import read_metrics
+
+pytestmark = pytest.mark.slow
+CONFIGS = Path(__file__).parent.parent / "configs"
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = {}
+    for name, config, seed in [("reference", "reference.yaml", 0),
+                               ("reference-seed1", "reference.yaml", 1),
+                               ("v1-defaults", "v1-defaults.yaml", 0)]:
+        cfg = load_config(CONFIGS / config, [f"max_steps={STEPS}", f"seed={seed}"])
+        run_dir = tmp_path_factory.mktemp("story") / name
+        run_training(cfg, run_dir, on_message=lambda m: None)
+        out[name] = run_dir
+    return out
+
+
+def test_v1_defaults_mismatch_from_the_first_on_policy_step(runs):
+    ref = read_metrics(runs["reference"] / "metrics.jsonl")
+    v1 = read_metrics(runs["v1-defaults"] / "metrics.jsonl")
+    first_ref, first_v1 = ref[0], v1[0]
+    assert first_ref["lag/max"] == 0 and first_v1["lag/max"] == 0  # step 1 is on-policy
+    assert first_v1["mismatch/mean_abs_diff"] >= 1e-2 and first_v1["rl/clip_frac"] > 0
+    assert first_ref["mismatch/mean_abs_diff"] < 1e-5 and first_ref["rl/clip_frac"] == 0
+
+
+def test_compare_flags_the_candidate_and_names_the_settings(runs):
+    result = compare_runs(runs["reference"], [runs["v1-defaults"]])
+    at = {r.metric: r.diverged_at["v1-defaults"] for r in result.results}
+    assert result.diverged
+    assert at["rl/clip_frac"] is not None and at["rl/clip_frac"] <= 3
+    assert at["mismatch/kl_k3"] is not None and at["mismatch/kl_k3"] <= 3
+    for setting in ("engine.logprobs_mode", "engine.enable_prefix_caching", "engine.head_dtype"):
+        assert setting in result.diff, setting
+        assert setting in result.verdict
+
+
+def test_compare_does_not_flag_another_seed_of_the_reference(runs):
+    result = compare_runs(runs["reference"], [runs["reference-seed1"]])
+    assert not result.diverged, result.verdict
