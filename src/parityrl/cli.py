@@ -91,7 +91,7 @@ def doctor(
     max_tokens: int = typer.Option(32, min=1),
     seed: int = typer.Option(0),
     tol: Optional[float] = typer.Option(None, help="Bound on the last rung's max |Δ|. Default: "
-                                                    "1e-5 for float32, 0.05 float16, 0.25 bfloat16."),
+                                                    "1e-5 for float32, 0.05 float16, 0.1 bfloat16."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
     report: Optional[Path] = typer.Option(None, help="Write report.md and PNG plots here."),
 ):

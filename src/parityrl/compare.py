@@ -86,7 +86,9 @@ _IDENTITY = ("config.name", "engine.model", "config.model")
 
 
 def settings_diff(runs: list[Run]) -> dict[str, list]:
-    keys = sorted(set().union(*(r.settings for r in runs)))
+    # What vLLM resolved first (engine.*), then what the configs asked for (config.*).
+    keys = sorted(set().union(*(r.settings for r in runs)),
+                  key=lambda k: (not k.startswith("engine."), k))
     diff = {}
     for key in keys:
         values = [r.settings.get(key, "—") for r in runs]
@@ -225,9 +227,9 @@ def _verdict(results: list[MetricResult], cands: list[Run], diff: dict) -> tuple
         else:
             lines.append(f"{cand.name} tracks the reference on every compared metric.")
     if diff:
-        shown = "; ".join(f"{k}: {' vs '.join(map(str, v))}" for k, v in list(diff.items())[:6])
+        shown = "; ".join(f"{k}: {' vs '.join(map(str, v))}" for k, v in list(diff.items())[:8])
         lines.append(f"Settings that differ ({len(diff)}): {shown}"
-                     + (" …" if len(diff) > 6 else ""))
+                     + (" …" if len(diff) > 8 else ""))
     return "\n".join(lines), diverged
 
 

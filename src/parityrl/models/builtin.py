@@ -30,7 +30,7 @@ def resolve_model(spec: str) -> Path:
     name = spec[len(PREFIX):]
     if name not in BUILTINS:
         raise UserError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTINS)}")
-    folder = cache_root() / name
+    folder = cache_root() / f"{name}-{_recipe_hash(name)}"
     if (folder / "config.json").exists():
         return folder
     tmp = folder.with_name(folder.name + ".building")
@@ -45,3 +45,18 @@ def resolve_model(spec: str) -> Path:
         build_warm_started_model(tmp)
     tmp.rename(folder)  # only a finished folder ever carries the name
     return folder
+
+
+def _recipe_hash(name: str) -> str:
+    """Short hash of what a built-in is built from: a changed recipe never reuses a stale cache."""
+    import hashlib
+    import json
+
+    import parityrl
+
+    recipe: list = [name, parityrl.__version__]
+    if name == "arithmetic-warm":
+        from parityrl.demo import DEMO_MODEL, DEMO_TASK, WARMUP
+
+        recipe += [DEMO_MODEL, WARMUP, DEMO_TASK]
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
