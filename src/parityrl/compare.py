@@ -245,23 +245,26 @@ def plot_metric(result: MetricResult, runs: list[Run], path: Path) -> None:
     ref_vals = np.array(result.reference)
     band = np.array(result.band)
     log = result.metric.startswith(LOG_SCALE)
+    floor = 1e-15  # log axes: zero (exact parity) is drawn at the floor
+    lift = (lambda v: np.maximum(v, floor)) if log else (lambda v: v)
+    ref_label = ref.name if "reference" in ref.name else f"{ref.name} (reference)"
     for ax, xs in ((ax_step, steps), (ax_samples, _samples(ref, result.steps))):
-        ax.plot(xs, ref_vals, label=f"{ref.name} (reference)", color="black", linewidth=1.6)
-        ax.fill_between(xs, ref_vals - band, ref_vals + band, color="gray", alpha=0.25,
-                        label="reference noise band")
+        ax.plot(xs, lift(ref_vals), label=ref_label, color="black", linewidth=1.6)
+        ax.fill_between(xs, lift(ref_vals - band), lift(ref_vals + band), color="gray",
+                        alpha=0.25, label="reference noise band")
         for run in runs[1:]:
             values = result.candidates.get(run.name)
             if values is None:
                 continue
             x_run = xs
             ys = np.array([np.nan if v is None else v for v in values])
-            ax.plot(x_run, ys, label=run.name, linewidth=1.2)
+            ax.plot(x_run, lift(ys), label=run.name, linewidth=1.2)
             step = result.diverged_at.get(run.name)
             if step is not None:
                 ax.axvline(xs[result.steps.index(step)], color="red", linestyle="--",
                            linewidth=0.8)
         if log:
-            ax.set_yscale("symlog", linthresh=1e-12)
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.set_ylabel(f"{result.metric} ({UNITS.get(result.metric, 'value')})")
     ax_step.set_xlabel("optimizer step")
