@@ -72,6 +72,8 @@ class ParityConfig(_Strict):
     on_alarm: Literal["warn", "stop", "ignore"] = "warn"
     probe_rollouts: int = Field(64, ge=0, description="Queued rollouts sampled by the current "
                                                        "weights scored each step for parity.")
+    probe_wait_s: float = Field(1.0, ge=0, description="How long a step waits for the first such "
+                                                       "rollout before it gives up measuring.")
 
 
 class CheckpointConfig(_Strict):

@@ -40,6 +40,8 @@ def demo_config(model_dir: Path, **overrides) -> RunConfig:
         "actor": {"group_size": 8, "prompts_per_step": 64, "max_lag": 1},
         "trainer": {"optim": {"lr": 1e-3}, "loss": {"type": "ppo"}},
         "checkpoint": {"every": 200},
+        # Score the queued rollouts that are ready, never wait for one (the measured setting).
+        "parity": {"probe_wait_s": 0.0},
         "eval_every": 100,
         "eval_size": 500,
     }, parse_overrides([f"{k}={v}" for k, v in overrides.items()])))

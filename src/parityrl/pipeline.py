@@ -168,7 +168,8 @@ class Pipeline:
         producer = asyncio.create_task(actor.run(stream, budget))
         metrics: dict = {}
         try:
-            for _ in range(self.start_step, self.cfg.max_steps):
+            # Count optimizer steps, not rounds: a round whose groups were all too stale takes none.
+            while self.trainer.version < self.cfg.max_steps:
                 start = time.perf_counter()
                 busy_before = actor.busy_seconds_now()
                 groups = await self._next_groups(stream, budget, producer)
@@ -191,6 +192,22 @@ class Pipeline:
             budget.release()
         return groups
 
+    async def _probe_rollouts(self, stream) -> list:
+        """Queued rollouts sampled entirely by the trainer's current weights.
+
+        Waits up to `parity.probe_wait_s` for the first one: the next step needs those groups
+        anyway, so the wait moves time around rather than adding it, and it makes the parity
+        measurement independent of how fast the engine happens to be.
+        """
+        version = self.trainer.version
+        deadline = time.perf_counter() + self.cfg.parity.probe_wait_s
+        while True:
+            pure = [r for g in stream.peek() for r in g
+                    if r.num_tokens and r.min_version == r.max_version == version]
+            if pure or time.perf_counter() >= deadline:
+                return pure[: self.cfg.parity.probe_rollouts]
+            await asyncio.sleep(0.005)
+
     async def _train_step(self, engine, actor, writer, groups, dropped, start, busy_before,
                           stream) -> dict:
         from parityrl.trainer.checkpoint import save_checkpoint
@@ -203,7 +220,7 @@ class Pipeline:
         # Worker threads for the heavy phases: the event loop keeps feeding the engine meanwhile.
         state = await asyncio.to_thread(trainer.accumulate, groups)
         if stream is not None:  # rollouts queued for the next step, sampled by these weights
-            probe = [r for g in stream.peek() for r in g][: self.cfg.parity.probe_rollouts]
+            probe = await self._probe_rollouts(stream)
             await asyncio.to_thread(trainer.probe_parity, state, probe)
         metrics = await asyncio.to_thread(trainer.apply, state)
         step = trainer.version

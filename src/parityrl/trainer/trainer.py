@@ -168,8 +168,10 @@ class Trainer:
             "rl/ratio_min": ratio.min().item(),
             "rl/ratio_max": ratio.max().item(),
             "rl/clip_frac": s["clipped"].mean().item(),
-            "rl/clip_frac_lag0": s["clipped"][on_policy].mean().item() if on_policy.any()
-            else float("nan"),
+            # Over rollouts sampled entirely by the current weights (see the parity note below):
+            # in parity this is exactly 0, whatever the loss.
+            "rl/clip_frac_on_policy": s["clipped"][s["pure"].bool()].mean().item()
+            if s["pure"].any() else float("nan"),
             "rl/kl_k3": (d.double().exp() - 1 - d.double()).mean().item(),
             "rl/entropy": s["entropy"].mean().item(),
             "rl/logprob_mean": lp.mean().item(),
