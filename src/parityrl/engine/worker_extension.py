@@ -33,9 +33,6 @@ class WeightSyncExtension:
         return {"digests": digests, "load_seconds": time.perf_counter() - start,
                 "refreshed_tied_modules": refreshed}
 
-    def parityrl_use_torch_linear(self) -> None:
-        _use_torch_linear(self)
-
 
 def _refresh_tied_modules(model) -> list[str]:
     """Re-derive kernel state of modules that share their weight with another module.
@@ -62,10 +59,3 @@ def _refresh_tied_modules(model) -> list[str]:
                 refreshed.append(name)
     return refreshed
 
-
-def _use_torch_linear(worker) -> None:
-    """Route the CPU backend's linear layers through torch's F.linear (the trainer's kernel)."""
-    import vllm._custom_ops as ops
-
-    ops._supports_onednn = False
-    worker.model_runner.reload_weights()  # from the model folder; re-runs the kernel dispatch
