@@ -19,8 +19,6 @@ class RolloutStream(Protocol):
 
     async def get(self, num_groups: int) -> list[Group]: ...
 
-    def qsize(self) -> int: ...
-
     def peek(self) -> list[Group]:
         """The groups waiting, oldest first, without taking them (for the parity probe)."""
         ...
@@ -42,9 +40,6 @@ class InProcessStream:
         taken = {id(g) for g in groups}
         self._waiting = [g for g in self._waiting if id(g) not in taken]
         return groups
-
-    def qsize(self) -> int:
-        return self._queue.qsize()
 
     def peek(self) -> list[Group]:
         return list(self._waiting)

@@ -149,11 +149,6 @@ class Trainer:
         metrics["rl/grad_norm"] = self._optimizer_step()
         return metrics
 
-    def step(self, groups: list[Group], probe: list[Rollout] = ()) -> dict[str, float]:
-        state = self.accumulate(groups)
-        self.probe_parity(state, list(probe))
-        return self.apply(state)
-
     def _metrics(self, state: "StepState") -> dict[str, float]:
         s, rollouts, version = state.tokens, state.rollouts, state.version
         lp, lp_b, ratio = s["lp"], s["lp_b"], s["ratio"]
