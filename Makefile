@@ -1,7 +1,7 @@
 # The two commands of the README. Both create/reuse .venv (scripts/setup-venv.sh) first.
 #   make demo   – the main job on the embedded default (tiny local model, real vLLM CPU engine)
 #   make test   – the test suite (real engine, real models built locally)
-.PHONY: demo test setup
+.PHONY: demo test setup bench
 
 setup:
 	@scripts/setup-venv.sh
@@ -11,3 +11,7 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest
+
+# Not run by CI: speed of every stage against its anchor (about 10 min on 2 cores).
+bench: setup
+	.venv/bin/parityrl bench

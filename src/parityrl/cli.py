@@ -5,6 +5,7 @@
     parityrl train configs/reference.yaml         # pipeline RL
     parityrl compare runs/ref runs/cand --gate    # does a candidate run track the reference?
     parityrl demo                                 # the whole story on a laptop
+    parityrl bench                                # speed of every stage against its anchor
 """
 
 from __future__ import annotations
@@ -238,6 +239,24 @@ def compare(
     if out:
         typer.echo(f"report: {write_report(result, out)}")
     raise typer.Exit(1 if gate and result.diverged else 0)
+
+
+@app.command()
+def bench(
+    out: Path = typer.Option(Path("bench/results.json"), help="JSON results; results.md beside it."),
+    only: Optional[str] = typer.Option(None, help="Comma-separated stages: rollout, weight_sync, "
+                                                  "logprob_pass, pipeline, doctor."),
+    reps: int = typer.Option(5, help="Repetitions per timed figure (medians and spread)."),
+):
+    """Measure every stage of the data path as a ratio to its anchor (about 10 min on 2 cores)."""
+    _quiet_libraries()
+    from parityrl.bench.runner import run_bench
+
+    stages = [s.strip() for s in only.split(",") if s.strip()] if only else None
+    command = "parityrl bench" + "".join(f" {a}" for a in sys.argv[2:])
+    run_bench(out, stages, reps, say=typer.echo, command=command)
+    typer.echo(f"results: {out} and {out.with_suffix('.md')}")
+    typer.echo(out.with_suffix(".md").read_text())
 
 
 def main() -> None:

@@ -66,6 +66,7 @@ class SamplingConfig(BaseModel):
     def to_vllm(self, *, seed: int | None = None, n: int = 1):
         """The vLLM `SamplingParams` for this config, every processing step spelled out."""
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(
             n=n,
@@ -86,6 +87,9 @@ class SamplingConfig(BaseModel):
             seed=seed,
             detokenize=False,
             skip_special_tokens=False,
+            # One output per request when it finishes: per-step partial outputs cost the frontend
+            # process CPU time the engine needs (measured by `parityrl bench`, stage rollout).
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
 
 

@@ -26,7 +26,7 @@ from parityrl.engine.settings import EngineSettings, resolved_engine_settings
 from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
 from parityrl.weights.digest import DigestCheck
-from parityrl.weights.transfer import checkpoint_tensor_names, write_update
+from parityrl.weights.transfer import SharedUpdateFile, checkpoint_tensor_names
 
 
 @dataclass
@@ -34,7 +34,9 @@ class UpdateReport:
     version: int
     check: DigestCheck
     pause_seconds: float  # generation paused: write + load + resume
-    load_seconds: float  # inside the worker: vLLM's in-place reload
+    write_seconds: float  # trainer side: cast, hand-over file, digests
+    load_seconds: float  # inside the worker: digests + vLLM's in-place reload (copy, repack)
+    worker_digest_seconds: float  # the part of load_seconds spent on digests
 
 
 class WeightSyncError(RuntimeError):
@@ -49,6 +51,7 @@ class RolloutEngine:
         self._request_ids = itertools.count()
         self._expected_names = checkpoint_tensor_names(settings.model)
         self._update_dir = Path(tempfile.mkdtemp(prefix="parityrl-weights-", dir=_shm_dir()))
+        self._update_file = SharedUpdateFile(self._update_dir)
 
     @classmethod
     async def start(cls, settings: EngineSettings) -> "RolloutEngine":
@@ -121,9 +124,10 @@ class RolloutEngine:
         start = time.perf_counter()
         await self.llm.pause_generation(mode="keep", clear_cache=False)
         try:
-            path, sent = write_update(state_dict, self.settings.dtype, self._update_dir, skip=skip)
+            write_start = time.perf_counter()
+            path, sent = self._update_file.write(state_dict, self.settings.dtype, skip=skip)
+            written = time.perf_counter()
             (result,) = await self.llm.collective_rpc("parityrl_load_weights", args=(str(path),))
-            path.unlink(missing_ok=True)
             await self.llm.reset_prefix_cache()
             self.version = self.version + 1 if version is None else version
             await self.llm.update_weight_version(str(self.version))
@@ -133,7 +137,8 @@ class RolloutEngine:
 
         check = compare_digests(sent, result["digests"], self._expected_names)
         report = UpdateReport(self.version, check, time.perf_counter() - start,
-                              result["load_seconds"])
+                              written - write_start, result["load_seconds"],
+                              result["digest_seconds"])
         if verify and not check.ok:
             raise WeightSyncError(check.summary())
         return report
@@ -156,6 +161,7 @@ class RolloutEngine:
 
     def _release(self) -> None:
         self.llm = None
+        self._update_file.close()
         gc.collect()  # AsyncLLM sits in reference cycles; collect it while its modules still exist
         for leftover in self._update_dir.glob("*"):
             leftover.unlink(missing_ok=True)

@@ -65,7 +65,11 @@ class EngineSettings(BaseModel):
     def to_engine_args(self):
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        return AsyncEngineArgs(
+        return AsyncEngineArgs(**self.engine_kwargs())
+
+    def engine_kwargs(self) -> dict:
+        """The vLLM engine arguments, as keywords (`vllm.LLM(**kwargs)` takes the same)."""
+        return dict(
             model=self.model,
             tokenizer=self.model,
             dtype=self.dtype,

@@ -13,25 +13,33 @@ import time
 class WeightSyncExtension:
     def parityrl_load_weights(self, path: str) -> dict:
         """Reload every tensor in `path` in place; return digests of what was handed to vLLM."""
-        from safetensors import safe_open
-
         from parityrl.weights.digest import tensor_digest
-
-        digests: dict[str, str] = {}
-
-        def tensors():
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    tensor = f.get_tensor(name)
-                    digests[name] = tensor_digest(tensor)
-                    yield name, tensor
+        from parityrl.weights.transfer import MappedUpdateFile
 
         start = time.perf_counter()
+        if getattr(self, "_parityrl_update_file", None) is None:
+            self._parityrl_update_file = MappedUpdateFile()  # kept mapped between updates
+        digests: dict[str, str] = {}
+        digest_seconds = 0.0
+
+        def tensors():
+            nonlocal digest_seconds
+            for name, tensor in self._parityrl_update_file.tensors(path):
+                t0 = time.perf_counter()
+                digests[name] = tensor_digest(tensor)
+                digest_seconds += time.perf_counter() - t0
+                yield name, tensor
+
         model = self.model_runner.get_model()
         self.model_runner.reload_weights(weights_iterator=tensors())
         refreshed = _refresh_tied_modules(model)
+        # The trainer rewrites the shared file on the next update while this engine generates:
+        # a parameter that kept a view of it instead of copying would change under the engine.
+        aliased = self._parityrl_update_file.aliased(model.parameters())
+        if aliased:
+            raise RuntimeError(f"{len(aliased)} engine parameters alias the update file")
         return {"digests": digests, "load_seconds": time.perf_counter() - start,
-                "refreshed_tied_modules": refreshed}
+                "digest_seconds": digest_seconds, "refreshed_tied_modules": refreshed}
 
 
 def _refresh_tied_modules(model) -> list[str]:

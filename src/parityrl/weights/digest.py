@@ -1,23 +1,25 @@
 """Tensor digests: the same function on both sides of a weight update.
 
-A digest is a BLAKE2b hash of a tensor's bytes plus its dtype and shape, so any changed bit, cast or
-reshape shows. The trainer digests what it sends; the engine's worker digests what it receives and
+A digest is a 128-bit XXH3 hash of a tensor's bytes plus its dtype and shape, so any changed bit,
+cast or reshape shows. XXH3 is not cryptographic — it guards against bugs, not adversaries — and
+it hashes at memory speed (BLAKE2b, at 0.76 GB/s here, was half the time of a 480 MB update). The trainer digests what it sends; the engine's worker digests what it receives and
 hands to vLLM's loader; `compare_digests` says which tensors are missing, extra or different.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import torch
+import xxhash
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
     t = tensor.detach().contiguous().cpu()
-    h = hashlib.blake2b(digest_size=16)
+    h = xxhash.xxh3_128()
     h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own memory, no copy
     return h.hexdigest()
 
 

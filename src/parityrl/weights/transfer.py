@@ -1,32 +1,37 @@
-"""Trainer state dict → a safetensors file the engine's worker loads in place.
+"""Trainer state dict → a shared-memory safetensors file the engine's worker loads in place.
 
-The engine runs in another process; a file in shared memory is the simplest hand-over that works
-for every backend and keeps the tensors inspectable. Tensors are cast to the engine's dtype here, so
-the digests compare exactly what the engine is asked to hold.
+The engine runs in another process. Both sides keep the same file in shared memory mapped between
+updates (`torch.from_file(shared=True)`): the trainer copies each tensor into its slot (cast to
+the engine's dtype on the way), the worker hands vLLM views of the slots, and vLLM's loader copies
+them into the model. One copy on each side, no serialisation, and no page faults after the first
+update — a fresh mapping of 480 MB costs about 0.8 s of faults, the copy itself 0.04 s. The file is
+valid safetensors (8-byte header length, JSON header, data), so it stays inspectable.
+
+Digests are taken tensor by tensor right after the copy (sender) and right before vLLM's copy
+(worker), while the bytes are still in cache.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from parityrl.weights.digest import tensor_digest
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_TORCH_DTYPES = {v: k for k, v in _SAFETENSORS_NAMES.items()}
 
 
-def write_update(
-    state_dict: dict[str, torch.Tensor], dtype: str, folder: Path, skip: set[str] = frozenset()
-) -> tuple[Path, dict[str, str]]:
-    """Write `state_dict` (minus `skip`) in `dtype`; return the file and the digests of its tensors."""
-    target = _DTYPES[dtype]
+def _unique_tensors(state_dict: dict[str, torch.Tensor], skip: set[str]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
+    seen: set[int] = set()
     for name, value in state_dict.items():
         if name in skip:
             continue
@@ -34,11 +39,94 @@ def write_update(
         if ptr in seen and name.endswith("lm_head.weight"):
             # Tied embeddings: one tensor, stored once under the embedding's name (as HF saves it).
             continue
-        seen[ptr] = name
-        tensors[name] = value.detach().to(device="cpu", dtype=target).contiguous()
-    path = folder / f"update-{uuid.uuid4().hex}.safetensors"
-    save_file(tensors, str(path))
-    return path, {name: tensor_digest(t) for name, t in tensors.items()}
+        seen.add(ptr)
+        tensors[name] = value
+    return tensors
+
+
+def _header(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[bytes, dict]:
+    """safetensors header: every tensor in `dtype`, back to back (one dtype keeps them aligned)."""
+    meta, offset = {}, 0
+    size = torch.tensor([], dtype=dtype).element_size()
+    for name, t in tensors.items():
+        end = offset + t.numel() * size
+        meta[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(t.shape),
+                      "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(meta, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned
+    return len(raw).to_bytes(8, "little") + raw, meta
+
+
+def _views(buffer: torch.Tensor, header_len: int, meta: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    data = buffer[header_len:]
+    for name, info in meta.items():
+        start, end = info["data_offsets"]
+        dtype = _TORCH_DTYPES[info["dtype"]]
+        yield name, data[start:end].view(dtype).view(info["shape"])
+
+
+class SharedUpdateFile:
+    """The trainer's side: one file in `folder`, reused while the layout stays the same."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.path: Path | None = None
+        self._buffer: torch.Tensor | None = None
+
+    def write(
+        self, state_dict: dict[str, torch.Tensor], dtype: str, skip: set[str] = frozenset()
+    ) -> tuple[Path, dict[str, str]]:
+        """Copy `state_dict` (minus `skip`) into the file in `dtype`; return it and the digests."""
+        tensors = _unique_tensors(state_dict, skip)
+        header, meta = _header(tensors, _DTYPES[dtype])
+        size = len(header) + (max(m["data_offsets"][1] for m in meta.values()) if meta else 0)
+        if self._buffer is None or self._buffer.numel() != size:
+            self._remap(size)
+        buffer = self._buffer
+        buffer[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+        digests = {}
+        for name, slot in _views(buffer, len(header), meta):
+            slot.copy_(tensors[name].detach().reshape(slot.shape))
+            digests[name] = tensor_digest(slot)
+        return self.path, digests
+
+    def _remap(self, size: int) -> None:
+        self.close()
+        self.path = self.folder / f"update-{uuid.uuid4().hex}.safetensors"
+        self._buffer = torch.from_file(str(self.path), shared=True, size=size, dtype=torch.uint8)
+
+    def close(self) -> None:
+        self._buffer = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
+class MappedUpdateFile:
+    """The worker's side: the same file mapped once, read as views for every update."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self._buffer: torch.Tensor | None = None
+
+    def tensors(self, path: str) -> Iterator[tuple[str, torch.Tensor]]:
+        if path != self.path:
+            self._buffer = torch.from_file(path, shared=True, size=os.path.getsize(path),
+                                           dtype=torch.uint8)
+            self.path = path
+        buffer = self._buffer
+        header_len = int.from_bytes(buffer[:8].numpy().tobytes(), "little")
+        meta = json.loads(buffer[8:8 + header_len].numpy().tobytes())
+        yield from _views(buffer, 8 + header_len, meta)
+
+    def aliased(self, tensors) -> list[torch.Tensor]:
+        """The tensors whose memory lies inside the mapped file (they must have copied it)."""
+        if self._buffer is None:
+            return []
+        lo = self._buffer.data_ptr()
+        hi = lo + self._buffer.numel()
+        return [t for t in tensors if lo <= t.data_ptr() < hi]
 
 
 def checkpoint_tensor_names(model_dir: str | Path) -> set[str]:

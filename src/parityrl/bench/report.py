@@ -1,0 +1,111 @@
+"""Bench results → results.json (every number) and results.md (the table the README quotes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+# headline key → (what it is, anchor, target as (op, value) or None)
+HEADLINES = {
+    "rollout_overhead_ratio": ("rollout tokens/s, parityrl ÷ raw vLLM LLM.generate", (">=", 0.95)),
+    "weight_sync_vs_memcpy": ("in-place weight sync seconds ÷ memcpy seconds, largest model",
+                              ("<=", 3.0)),
+    "logprob_pass_ratio": ("token_logprobs tokens/s ÷ plain forward + log_softmax (no grad)", None),
+    "pipeline_vs_sync_samples_ratio": ("samples/s, mode async ÷ mode sync", (">=", 1.5)),
+    "engine_idle_frac_async": ("fraction of time the engine has nothing in flight, async",
+                               ("<", 0.10)),
+}
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads()}
+    try:
+        import vllm
+
+        info["vllm"] = vllm.__version__
+    except ImportError:
+        pass
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        if names:
+            info["cpu"] = names[0]
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        kb = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
+        info["memory_gib"] = round(kb / 2**20, 1)
+    return info
+
+
+def _meets(value: float, target) -> str:
+    if target is None:
+        return "—"
+    op, bound = target
+    ok = {">=": value >= bound, "<=": value <= bound, "<": value < bound}[op]
+    return "yes" if ok else "**no**"
+
+
+def markdown(results: dict) -> str:
+    lines = ["# parityrl bench", "",
+             f"Command: `{results['command']}` · machine: {results['machine'].get('cpu', '?')}, "
+             f"{results['machine']['cpu_count']} cores, {results['machine'].get('memory_gib', '?')} "
+             f"GiB · torch {results['machine']['torch']}, vllm {results['machine'].get('vllm', '?')}"
+             f" · {results['seconds_total'] / 60:.1f} min", "",
+             "| figure | median | spread [min, max] | n | target | met |",
+             "|---|---|---|---|---|---|"]
+    for key, (what, target) in HEADLINES.items():
+        s = results.get(key)
+        if s is None:
+            continue
+        bound = f"{target[0]} {target[1]:g}" if target else "—"
+        lines.append(f"| `{key}`: {what} | {s['median']:.3g} | [{s['min']:.3g}, {s['max']:.3g}] "
+                     f"| {s['n']} | {bound} | {_meets(s['median'], target)} |")
+    stages = results["stages"]
+    if "weight_sync" in stages:
+        lines += ["", "Weight sync by model size (seconds, medians):", "",
+                  "| size | MiB | sync | memcpy | sync ÷ memcpy | restart | trainer copy + digest "
+                  "| worker digest | vLLM reload (copy + repack) | pause/RPC/resume |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in stages["weight_sync"]["sizes"].items():
+            b = r["breakdown_seconds"]
+            lines.append(f"| {name} | {r['bytes'] / 2**20:.1f} | {r['sync_seconds']['median']:.4f} "
+                         f"| {r['memcpy_seconds']['median']:.4f} | "
+                         f"{r['sync_vs_memcpy']['median']:.1f} | {r['restart_seconds']:.1f} | "
+                         f"{b['trainer_copy_and_digest']:.4f} | {b['worker_digest']:.4f} | "
+                         f"{b['vllm_reload']:.4f} | {b['pause_rpc_resume']:.4f} |")
+    if "rollout" in stages:
+        r = stages["rollout"]
+        lines += ["", f"Rollout tokens/s: raw vLLM {r['raw_tokens_per_s']['median']:.0f}, "
+                      f"parityrl {r['ours_tokens_per_s']['median']:.0f}."]
+    if "logprob_pass" in stages:
+        m = stages["logprob_pass"]["modes"]["with_backward"]
+        lines += [f"Logprob pass with backward: ratio {m['ratio']['median']:.3g} "
+                  f"(ours {m['ours_tokens_per_s']['median']:.0f} vs plain "
+                  f"{m['plain_tokens_per_s']['median']:.0f} tokens/s)."]
+    if "pipeline" in stages:
+        p = stages["pipeline"]
+        lines += [f"Pipeline samples/s: async {p['samples_per_s']['async']['median']:.1f}, sync "
+                  f"{p['samples_per_s']['sync']['median']:.1f}; engine idle in sync mode "
+                  f"{p['engine_idle_frac_sync']['median']:.0%}."]
+    if "doctor" in stages:
+        lines += [f"Doctor end to end (`{stages['doctor']['command']}`): "
+                  f"{stages['doctor']['doctor_seconds']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict, out: Path) -> Path:
+    """Write results.json at `out` and results.md beside it (atomically: a kill keeps the last)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out, json.dumps(results, indent=2) + "\n"),
+                       (out.with_suffix(".md"), markdown(results))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return out.with_suffix(".md")

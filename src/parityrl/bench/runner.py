@@ -1,0 +1,53 @@
+"""Run the bench stages in order in one process; results are written after every stage."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from parityrl.bench import report
+from parityrl.errors import UserError
+
+STAGES = ("rollout", "weight_sync", "logprob_pass", "pipeline", "doctor")
+
+
+def run_bench(out: Path, only: list[str] | None = None, reps: int = 5, say=print,
+              command: str = "parityrl bench") -> dict:
+    from parityrl.bench import doctor, logprob_pass, pipeline, rollout, weight_sync
+
+    chosen = only or list(STAGES)
+    unknown = [s for s in chosen if s not in STAGES]
+    if unknown:
+        raise UserError(f"unknown bench stage {unknown[0]!r}; choose from {', '.join(STAGES)}")
+    if reps < 1:
+        raise UserError(f"--reps must be >= 1, got {reps}")
+    results: dict = {"command": command, "machine": report.machine(), "stages": {},
+                     "seconds_total": 0.0}
+    start = time.perf_counter()
+    loop = asyncio.new_event_loop()
+    try:
+        for stage in STAGES:
+            if stage not in chosen:
+                continue
+            stage_start = time.perf_counter()
+            if stage == "rollout":
+                data = rollout.run(rollout.RolloutBench(reps=reps), loop, say)
+            elif stage == "weight_sync":
+                data = weight_sync.run(weight_sync.WeightSyncBench(reps=reps), loop, say)
+            elif stage == "logprob_pass":
+                data = logprob_pass.run(logprob_pass.LogprobBench(reps=reps), say)
+            elif stage == "pipeline":
+                data = pipeline.run(pipeline.PipelineBench(), say)
+            else:
+                data = doctor.run(say=say)
+            data["stage_seconds"] = time.perf_counter() - stage_start
+            results["stages"][stage] = data
+            for key in report.HEADLINES:
+                if key in data:
+                    results[key] = data[key]
+            results["seconds_total"] = time.perf_counter() - start
+            report.write(results, out)
+    finally:
+        loop.close()
+    return results
