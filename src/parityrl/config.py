@@ -74,6 +74,12 @@ class ParityConfig(_Strict):
                                                        "weights scored each step for parity.")
     probe_wait_s: float = Field(1.0, ge=0, description="How long a step waits for the first such "
                                                        "rollout before it gives up measuring.")
+    fp64_reference: bool = Field(
+        False, description="Also score those rollouts in float64 each step: the trainer's own "
+                           "rounding error, and the share of tokens it does not explain "
+                           "(mismatch/beyond_precision_frac). Costs a float64 copy of the model.")
+    tolerance: float = Field(1e-5, gt=0, description="Per-token |Δ logprob| bound for "
+                                                     "mismatch/beyond_*_frac.")
 
 
 class CheckpointConfig(_Strict):

@@ -222,6 +222,7 @@ class Pipeline:
         if stream is not None:  # rollouts queued for the next step, sampled by these weights
             probe = await self._probe_rollouts(stream)
             await asyncio.to_thread(trainer.probe_parity, state, probe)
+        await asyncio.to_thread(trainer.score_exact, state)
         metrics = await asyncio.to_thread(trainer.apply, state)
         step = trainer.version
         sync_seconds = 0.0

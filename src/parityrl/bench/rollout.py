@@ -9,6 +9,7 @@ them, so machine drift hits both sides alike.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from dataclasses import dataclass
 
@@ -78,6 +79,7 @@ def run(cfg: RolloutBench, loop: asyncio.AbstractEventLoop, say=print) -> dict:
         loop.run_until_complete(ours.close())
         raw.llm_engine.engine_core.shutdown()
         del raw
+        gc.collect()  # the next stage should not share the machine with this engine's leftovers
     ratio = ratios(ours_tps, raw_tps)
     return {
         "rollout_overhead_ratio": ratio.as_dict(),

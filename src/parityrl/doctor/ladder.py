@@ -23,6 +23,7 @@ from parityrl.mismatch import mismatch_metrics
 from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
 from parityrl.trainer.batch import rollout_logprobs
+from parityrl.trainer.precision import exact_logprobs
 
 DEFAULT_TOL = {"float32": 1e-5, "bfloat16": 0.1, "float16": 0.05}
 
@@ -75,6 +76,9 @@ class DoctorConfig:
     seed: int = 0
     tol: float | None = None
     perturb_scale: float = 0.02  # relative size of the weight-sync rung's perturbation
+    # Score the last rung's tokens in float64 too: the trainer's own rounding error per token.
+    # None = when the model has at most 1e9 parameters (a float64 copy costs 8 bytes a parameter).
+    fp64_reference: bool | None = None
     sabotage_skip: frozenset[str] = frozenset()  # tests: leave these tensors out of the push
 
     @property
@@ -93,6 +97,9 @@ class RungResult:
     positions: list[int]  # completion position of each token
     sync_check: str | None = None
     sync_ok: bool | None = None
+    # Per token |lp(trainer, dtype) − lp(trainer, float64)|: how far the trainer itself is from
+    # exact arithmetic. Filled on the last rung when DoctorConfig.fp64_reference holds.
+    precision_error: list[float] | None = None
 
 
 def perturb_in_place(model, scale: float, seed: int) -> dict[str, torch.Tensor]:
@@ -112,7 +119,14 @@ def _measure(model, rollouts: list[Rollout], sampling: SamplingConfig, pad_id: i
     lp_train = torch.cat([r.logprobs for r in recomputed])
     lp_engine = torch.tensor([lp for r in rollouts for lp in r.logprobs])
     positions = [i for r in rollouts for i in range(r.num_tokens)]
-    return mismatch_metrics(lp_train, lp_engine), (lp_train - lp_engine).abs().tolist(), positions
+    return (mismatch_metrics(lp_train, lp_engine), (lp_train - lp_engine).abs().tolist(), positions,
+            lp_train)
+
+
+def _wants_fp64(cfg: DoctorConfig, model) -> bool:
+    if cfg.fp64_reference is not None:
+        return cfg.fp64_reference
+    return sum(p.numel() for p in model.parameters()) <= 1e9
 
 
 def noise_floor(model, rollouts: list[Rollout], sampling: SamplingConfig, pad_id: int) -> dict:
@@ -163,10 +177,13 @@ async def run_ladder(
             for sampling in cfg.samplings:
                 rollouts = await engine.generate_many(prompt_ids, sampling, n=cfg.num_samples,
                                                       seed=cfg.seed)
-                metrics, abs_diffs, positions = _measure(model, rollouts, sampling, pad_id,
-                                                         rung.fp32_lm_head)
+                metrics, abs_diffs, positions, lp_train = _measure(model, rollouts, sampling,
+                                                                   pad_id, rung.fp32_lm_head)
                 result = RungResult(rung.name, rung.layer, sampling, resolved, metrics, abs_diffs,
                                     positions, sync_check, sync_ok)
+                if index == len(rungs) - 1 and _wants_fp64(cfg, model):
+                    lp_exact = exact_logprobs(model, rollouts, sampling, pad_id=pad_id)
+                    result.precision_error = (lp_train.double() - lp_exact).abs().tolist()
                 results.append(result)
                 if on_rung:
                     on_rung(result)

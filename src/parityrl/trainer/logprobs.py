@@ -35,9 +35,14 @@ class TokenLogprobs:
     mask: torch.Tensor
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    # float32 as the engine computes; float64 stays float64 (the doctor's precision reference).
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def process_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """Apply the engine sampler's processing to float32 logits [N, V]; masked tokens become -inf."""
-    logits = logits.float()
+    logits = _at_least_fp32(logits)
     if sampling.is_greedy:
         # vLLM skips temperature (and, in all-greedy batches, top-k/top-p) for greedy requests.
         return logits
@@ -66,8 +71,9 @@ def project_to_vocab(model, hidden: torch.Tensor, fp32_lm_head: bool) -> torch.T
     """The lm_head projection, in fp32 when asked (as the engine's `head_dtype=float32` does)."""
     head = model.get_output_embeddings()
     if fp32_lm_head:
-        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
-        return F.linear(hidden.float(), head.weight.float(), bias)
+        bias = head.bias if getattr(head, "bias", None) is not None else None
+        return F.linear(_at_least_fp32(hidden), _at_least_fp32(head.weight),
+                        None if bias is None else _at_least_fp32(bias))
     return head(hidden)
 
 
@@ -122,12 +128,12 @@ def token_logprobs(
     # Only completion positions are projected: the [N, V] float32 logits are the memory peak.
     logits = project_to_vocab(model, hidden[:, :-1][wanted], fp32_lm_head)
     if logprobs_mode == "raw_logprobs":
-        logprobs_all = logits.float().log_softmax(-1)
+        logprobs_all = _at_least_fp32(logits).log_softmax(-1)
     else:
         logprobs_all = process_logits(logits, sampling).log_softmax(-1)
     picked = logprobs_all.gather(-1, targets[wanted].unsqueeze(-1)).squeeze(-1)
 
-    out_lp = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
+    out_lp = torch.zeros(targets.shape, dtype=picked.dtype, device=input_ids.device)
     out_lp[wanted] = picked
     out_ent = torch.zeros_like(out_lp)
     if with_entropy:
