@@ -1,0 +1,39 @@
+"""`parityrl bench` plumbing: stats, the report, one real stage at a small size. No timing asserted."""
+
+import json
+
+import pytest
+
+from parityrl.bench import logprob_pass, report
+from parityrl.bench.runner import run_bench
+from parityrl.bench.stats import Summary, ratios
+from parityrl.errors import UserError
+
+
+def test_summary_and_ratios_of_interleaved_repetitions():
+    s = ratios([2.0, 3.0, 4.0], [1.0, 1.0, 2.0])
+    assert (s.median, s.min, s.max, s.n) == (2.0, 2.0, 3.0, 3)
+    with pytest.raises(ValueError):
+        Summary.of([])
+
+
+def test_logprob_stage_runs_for_real_and_the_report_quotes_it(tmp_path):
+    cfg = logprob_pass.LogprobBench(model_shape=(("hidden", 64), ("layers", 1), ("heads", 2),
+                                                 ("kv_heads", 1)), batch=2, prompt_len=4,
+                                    completion_len=8, reps=2)
+    data = logprob_pass.run(cfg, say=lambda m: None)
+    assert data["logprob_pass_ratio"]["n"] == 2 and data["logprob_pass_ratio"]["median"] > 0
+    assert set(data["modes"]) == {"no_grad", "with_backward"}
+    results = {"command": "parityrl bench --only logprob_pass", "machine": report.machine(),
+               "stages": {"logprob_pass": data}, "seconds_total": 1.0,
+               "logprob_pass_ratio": data["logprob_pass_ratio"]}
+    md = report.write(results, tmp_path / "results.json")
+    assert json.loads((tmp_path / "results.json").read_text())["logprob_pass_ratio"]["n"] == 2
+    text = md.read_text()
+    assert "`logprob_pass_ratio`" in text and "parityrl bench --only logprob_pass" in text
+
+
+def test_unknown_stage_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="unknown bench stage"):
+        run_bench(tmp_path / "r.json", only=["rollouts"])
+    assert not (tmp_path / "r.json").exists()
