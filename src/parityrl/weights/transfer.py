@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -66,6 +67,28 @@ def _views(buffer: torch.Tensor, header_len: int, meta: dict) -> Iterator[tuple[
         yield name, data[start:end].view(dtype).view(info["shape"])
 
 
+# Below this many elements a tensor is copied on one thread. The paused engine's processes still
+# hold the other cores (vLLM's engine core spin-waits), so a parallel copy_ of a small tensor waits
+# for a core each time: 45 ms instead of 1.5 ms for a 2 MiB model on 2 cores. Large tensors are
+# worth the wait (481 MiB: 0.10 s with two threads, 0.15 s with one).
+_PARALLEL_COPY_NUMEL = 1 << 20
+
+
+def _copy_and_digest(slot: torch.Tensor, tensor: torch.Tensor) -> str:
+    slot.copy_(tensor.detach().reshape(slot.shape))
+    return tensor_digest(slot)
+
+
+@contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class SharedUpdateFile:
     """The trainer's side: one file in `folder`, reused while the layout stays the same."""
 
@@ -84,11 +107,16 @@ class SharedUpdateFile:
         if self._buffer is None or self._buffer.numel() != size:
             self._remap(size)
         buffer = self._buffer
-        buffer[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
         digests = {}
-        for name, slot in _views(buffer, len(header), meta):
-            slot.copy_(tensors[name].detach().reshape(slot.shape))
-            digests[name] = tensor_digest(slot)
+        buffer[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+        slots = list(_views(buffer, len(header), meta))
+        small = [(n, v) for n, v in slots if v.numel() < _PARALLEL_COPY_NUMEL]
+        large = [(n, v) for n, v in slots if v.numel() >= _PARALLEL_COPY_NUMEL]
+        with _one_thread():
+            for name, slot in small:
+                digests[name] = _copy_and_digest(slot, tensors[name])
+        for name, slot in large:
+            digests[name] = _copy_and_digest(slot, tensors[name])
         return self.path, digests
 
     def _remap(self, size: int) -> None:
