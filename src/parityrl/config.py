@@ -47,7 +47,8 @@ class ActorConfig(_Strict):
     max_lag: int = Field(1, ge=0, description="Max optimizer steps between a token's sampling "
                                               "policy and the policy that trains on it.")
     max_groups_in_flight: int | None = Field(
-        None, ge=1, description="Generation concurrency; default (max_lag + 1) * prompts_per_step.")
+        None, ge=1, description="Groups outstanding (in flight + queued); default "
+                                "max(max_lag, 1) * prompts_per_step.")
 
 
 class OptimConfig(_Strict):
