@@ -57,9 +57,11 @@ class RolloutEngine:
     async def start(cls, settings: EngineSettings) -> "RolloutEngine":
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        llm = AsyncLLM.from_engine_args(settings.to_engine_args())
-        engine = cls(settings, llm)
-        await llm.update_weight_version(str(engine.version))
+        # No local holds the AsyncLLM: an import inside vLLM keeps a traceback whose frames reach
+        # this one, and a local here would keep the engine alive past close() (its __del__ then
+        # fails at interpreter exit).
+        engine = cls(settings, AsyncLLM.from_engine_args(settings.to_engine_args()))
+        await engine.llm.update_weight_version(str(engine.version))
         return engine
 
     def resolved_settings(self) -> dict:
