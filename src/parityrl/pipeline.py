@@ -199,11 +199,9 @@ class Pipeline:
         anyway, so the wait moves time around rather than adding it, and it makes the parity
         measurement independent of how fast the engine happens to be.
         """
-        version = self.trainer.version
         deadline = time.perf_counter() + self.cfg.parity.probe_wait_s
         while True:
-            pure = [r for g in stream.peek() for r in g
-                    if r.num_tokens and r.min_version == r.max_version == version]
+            pure = [r for g in stream.peek() for r in g if r.num_tokens and self.trainer.is_pure(r)]
             if pure or time.perf_counter() >= deadline:
                 return pure[: self.cfg.parity.probe_rollouts]
             await asyncio.sleep(0.005)

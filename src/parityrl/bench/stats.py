@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 
 @dataclass
@@ -26,12 +24,6 @@ class Summary:
 
     def __str__(self) -> str:
         return f"{self.median:.4g} [{self.min:.4g}, {self.max:.4g}] (n={self.n})"
-
-
-def time_call(fn: Callable[[], object]) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
 
 
 def ratios(numerators: list[float], denominators: list[float]) -> Summary:

@@ -44,11 +44,6 @@ def memcpy_seconds(nbytes: int, reps: int) -> list[float]:
     return times
 
 
-def _bytes_sent(state_dict: dict[str, torch.Tensor]) -> int:
-    unique = {t.data_ptr(): t.numel() * t.element_size() for t in state_dict.values()}
-    return sum(unique.values())
-
-
 def _breakdown(reports) -> dict:
     """Medians of where a sync's seconds go."""
     def median(values):
@@ -68,13 +63,15 @@ def run(cfg: WeightSyncBench, loop: asyncio.AbstractEventLoop, say=print) -> dic
     from parityrl.engine.settings import EngineSettings
     from parityrl.models.load import load_policy
     from parityrl.models.tiny import make_model
+    from parityrl.weights.transfer import unique_tensors
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="parityrl-bench-") as tmp:
         for name, shape in cfg.sizes:
             folder = make_model(Path(tmp) / name, **shape)
             state = load_policy(folder, "float32").state_dict()
-            nbytes = _bytes_sent(state)
+            sent = unique_tensors(state).values()  # what an update carries (tied lm_head once)
+            nbytes = sum(t.numel() * t.element_size() for t in sent)
             say(f"weight sync [{name}]: {nbytes / 2**20:.1f} MiB, starting engine")
             settings = EngineSettings(model=str(folder))
             start = time.perf_counter()
@@ -90,18 +87,19 @@ def run(cfg: WeightSyncBench, loop: asyncio.AbstractEventLoop, say=print) -> dic
                 stop_seconds = time.perf_counter() - start
             sync = [r.pause_seconds for r in reports]
             copy = memcpy_seconds(nbytes, cfg.reps)
+            copy_median = Summary.of(copy).median
             restart = start_seconds + stop_seconds
             results[name] = {
                 "bytes": nbytes,
                 "sync_seconds": Summary.of(sync).as_dict(),
                 "memcpy_seconds": Summary.of(copy).as_dict(),
                 "restart_seconds": restart,
-                "sync_vs_memcpy": Summary.of([s / Summary.of(copy).median for s in sync]).as_dict(),
+                "sync_vs_memcpy": Summary.of([s / copy_median for s in sync]).as_dict(),
                 "sync_vs_restart": Summary.of([s / restart for s in sync]).as_dict(),
                 "breakdown_seconds": _breakdown(reports),
                 "model": shape,
             }
-            say(f"  sync {Summary.of(sync)} s, memcpy {Summary.of(copy).median:.4g} s, "
+            say(f"  sync {Summary.of(sync)} s, memcpy {copy_median:.4g} s, "
                 f"restart {restart:.1f} s")
             del state
     largest = cfg.sizes[-1][0]

@@ -19,7 +19,7 @@ from parityrl.rollouts.types import Rollout
 from parityrl.trainer.advantages import group_advantages
 from parityrl.trainer.batch import collate, rollout_logprobs
 from parityrl.trainer.logprobs import token_logprobs
-from parityrl.trainer.precision import precision_metrics
+from parityrl.trainer.precision import exact_logprobs, precision_metrics
 from parityrl.trainer.objectives import kl_k3, policy_loss
 
 
@@ -102,7 +102,7 @@ class Trainer:
         if tcfg.loss.entropy_coef > 0:
             loss = loss - tcfg.loss.entropy_coef * entropy
         (loss.sum() / total_tokens).backward()
-        pure = torch.tensor([self._is_pure(r) for r in chunk], device=device)[rows]
+        pure = torch.tensor([self.is_pure(r) for r in chunk], device=device)[rows]
         stats.add(lp=lp, lp_b=lp_b, versions=batch.versions[mask], pure=pure, ratio=terms.ratio,
                   clipped=terms.clipped, entropy=entropy, adv=adv, loss=loss, kl_ref=kl_ref,
                   is_weight=terms.is_weight, truncated=terms.truncated, masked=terms.masked)
@@ -133,7 +133,7 @@ class Trainer:
         sampled them: in pipeline mode most of a batch is one step old, so this is where exact
         parity is measured.
         """
-        pure = [r for r in rollouts if r.num_tokens and self._is_pure(r)]
+        pure = [r for r in rollouts if r.num_tokens and self.is_pure(r)]
         if not pure:
             return
         state.probe_rollouts.extend(pure)
@@ -142,19 +142,17 @@ class Trainer:
                                   fp32_lm_head=self.cfg.trainer.fp32_lm_head)
         self.model.train(was_training)
         state.probe_train.extend(r.logprobs for r in scored)
-        state.probe_engine.extend(torch.tensor(r.logprobs) for r in pure)
 
     def score_exact(self, state: "StepState") -> None:
         """With parity.fp64_reference: float64 logprobs of the parity tokens, before `apply`."""
-        from parityrl.trainer.precision import exact_logprobs
-
         if not self.cfg.parity.fp64_reference:
             return
         # The same rollouts, in the same order, as the tokens of the mismatch metrics.
-        parity = [r for r in state.rollouts if self._is_pure(r)] + state.probe_rollouts
+        parity = [r for r in state.rollouts if self.is_pure(r)] + state.probe_rollouts
         state.exact_lp = exact_logprobs(self.model, parity, self.cfg.sampling, pad_id=self.pad_id)
 
-    def _is_pure(self, r: Rollout) -> bool:
+    def is_pure(self, r: Rollout) -> bool:
+        """Sampled entirely by the weights the trainer holds now (the parity tokens)."""
         return r.min_version == r.max_version == self.version
 
     def apply(self, state: "StepState") -> dict[str, float]:
@@ -206,7 +204,8 @@ class Trainer:
         # sit in the KV cache as computed by the old weights.
         pure = s["pure"].bool()
         lp_parity = torch.cat([lp[pure], *state.probe_train])
-        lp_engine = torch.cat([lp_b[pure], *state.probe_engine])
+        probe_engine = [torch.tensor(r.logprobs) for r in state.probe_rollouts]
+        lp_engine = torch.cat([lp_b[pure], *probe_engine])
         m |= mismatch_metrics(lp_parity, lp_engine)
         m["mismatch/probe_tokens"] = float(sum(len(t) for t in state.probe_train))
         if state.exact_lp is not None:
@@ -220,6 +219,5 @@ class StepState:
     tokens: StepTokens
     version: int
     probe_train: list[torch.Tensor] = field(default_factory=list)
-    probe_engine: list[torch.Tensor] = field(default_factory=list)
     probe_rollouts: list[Rollout] = field(default_factory=list)
     exact_lp: torch.Tensor | None = None  # float64 logprobs of the parity tokens

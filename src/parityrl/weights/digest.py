@@ -2,8 +2,9 @@
 
 A digest is a 128-bit XXH3 hash of a tensor's bytes plus its dtype and shape, so any changed bit,
 cast or reshape shows. XXH3 is not cryptographic — it guards against bugs, not adversaries — and
-it hashes at memory speed (BLAKE2b, at 0.76 GB/s here, was half the time of a 480 MB update). The trainer digests what it sends; the engine's worker digests what it receives and
-hands to vLLM's loader; `compare_digests` says which tensors are missing, extra or different.
+it hashes at memory speed (BLAKE2b, at 0.76 GB/s here, was half the time of a 480 MB update).
+The trainer digests what it sends; the engine's worker digests what it receives and hands to
+vLLM's loader; `compare_digests` says which tensors are missing, extra or different.
 """
 
 from __future__ import annotations

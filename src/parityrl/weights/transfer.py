@@ -30,7 +30,10 @@ _SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 _TORCH_DTYPES = {v: k for k, v in _SAFETENSORS_NAMES.items()}
 
 
-def _unique_tensors(state_dict: dict[str, torch.Tensor], skip: set[str]) -> dict[str, torch.Tensor]:
+def unique_tensors(
+    state_dict: dict[str, torch.Tensor], skip: set[str] = frozenset()
+) -> dict[str, torch.Tensor]:
+    """The tensors an update sends: `state_dict` minus `skip`, a tied lm_head once."""
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, value in state_dict.items():
@@ -101,7 +104,7 @@ class SharedUpdateFile:
         self, state_dict: dict[str, torch.Tensor], dtype: str, skip: set[str] = frozenset()
     ) -> tuple[Path, dict[str, str]]:
         """Copy `state_dict` (minus `skip`) into the file in `dtype`; return it and the digests."""
-        tensors = _unique_tensors(state_dict, skip)
+        tensors = unique_tensors(state_dict, skip)
         header, meta = _header(tensors, _DTYPES[dtype])
         size = len(header) + (max(m["data_offsets"][1] for m in meta.values()) if meta else 0)
         if self._buffer is None or self._buffer.numel() != size:
