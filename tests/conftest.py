@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -39,3 +40,45 @@ def model_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(model_factory) -> str:
     return model_factory("qwen2")
+
+
+@pytest.fixture(scope="session")
+def real_model_4l() -> str:
+    """SmolLM2-135M-Instruct truncated to 4 layers: its real tokenizer, chat template and first
+    layers (converted once from the packaged GGUF, then cached like every built-in model)."""
+    from parityrl.models.builtin import resolve_model
+
+    return str(resolve_model("builtin:smollm2-135m-instruct-4layers"))
+
+
+@pytest.fixture(scope="session")
+def real_model() -> str:
+    """The whole 30-layer SmolLM2-135M-Instruct (where depth matters)."""
+    from parityrl.models.builtin import resolve_model
+
+    return str(resolve_model("builtin:smollm2-135m-instruct"))
+
+
+# --- the suite leaves /dev/shm as it found it ---
+
+SHM = "/dev/shm"
+
+
+def pytest_sessionstart(session):
+    session.config.shm_before = set(os.listdir(SHM)) if os.path.isdir(SHM) else None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "shm_before", None)
+    if before is None:
+        return
+    # Killed runs' guardians reclaim within seconds: give the last ones time to finish.
+    deadline = time.monotonic() + 15
+    while (left := set(os.listdir(SHM)) - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = f"the tests left {len(left)} entries in {SHM}: {', '.join(sorted(left))}"
+        if reporter is not None:
+            reporter.write_line(message, red=True)
+        session.exitstatus = 1

@@ -69,25 +69,63 @@ def test_help_is_instant():
     assert out.split() == ["False", "False"]
 
 
+def test_make_model_refuses_to_replace_a_folder(tmp_path, tiny_model):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _assert_one_line_error(run("make-model", str(out)), "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
 @pytest.mark.slow
-def test_doctor_end_to_end_writes_json_and_report(tmp_path, tiny_model):
+@pytest.mark.real
+def test_make_model_from_gguf_truncates_a_real_model(tmp_path):
+    from parityrl.models.gguf import packaged_smollm2
+
+    out = tmp_path / "smol-2l"
+    proc = run("make-model", str(out), "--from-gguf", str(packaged_smollm2()), "--layers", "2",
+               timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and config["vocab_size"] == 49152
+    assert "quantization_config" not in config
+    assert (out / "chat_template.jinja").exists() and (out / "model.safetensors").exists()
+    _assert_one_line_error(run("make-model", str(tmp_path / "x"), "--from-gguf",
+                               str(tmp_path / "missing.gguf")), "GGUF file not found")
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_doctor_on_a_real_model_with_chat_prompts_and_top_p(tmp_path, real_model_4l):
+    """The whole ladder from vLLM's real defaults, as a user runs it: exit 0, nothing
+    non-finite anywhere, the first rung's resolved settings, a verdict that says why."""
+    from test_real_model import PROMPTS
+
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "12+7="}\n{"prompt": "The quick brown fox"}\n')
-    proc = run("doctor", "--model", tiny_model, "--temperature", "0.7", "--num-samples", "3",
-               "--max-tokens", "16", "--prompts", str(prompts), "--json",
-               str(tmp_path / "d.json"), "--report", str(tmp_path / "report"), timeout=600)
+    prompts.write_text("".join(json.dumps({"messages": m}) + "\n" for m in PROMPTS[:3]))
+    proc = run("doctor", "--model", real_model_4l, "--temperature", "0.7", "--top-p", "0.9",
+               "--num-samples", "2", "--max-tokens", "16", "--prompts", str(prompts), "--json",
+               str(tmp_path / "d.json"), "--report", str(tmp_path / "report"), timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    data = json.loads((tmp_path / "d.json").read_text())
+
+    def no_constants(name):
+        raise AssertionError(f"non-finite {name} in the JSON")
+
+    data = json.loads((tmp_path / "d.json").read_text(), parse_constant=no_constants)
+    assert data["nonfinite"] == [] and data["passed"] is True
     assert [r["name"] for r in data["rungs"]] == [
-        "engine-defaults", "processed-logprobs", "explicit-runtime", "weight-sync", "fp32-lm-head"]
-    for rung in data["rungs"]:
-        assert {"mismatch/mean_abs_diff", "mismatch/kl_k3", "mismatch/clip_frac@0.2"} <= set(rung["metrics"])
-        assert rung["settings"]["logprobs_mode"] in ("raw_logprobs", "processed_logprobs")
-    assert data["passed"] is True
-    assert data["rungs"][0]["metrics"]["mismatch/mean_abs_diff"] >= 1e-2
+        "vllm-defaults", "processed-logprobs", "explicit-runtime", "weight-sync", "fp32-lm-head"]
+    first = data["rungs"][0]
+    assert first["settings"]["enforce_eager"] is False and first["settings"]["generation_config"] == "auto"
+    assert first["settings"]["enable_prefix_caching"] is True and first["baseline_notes"]
+    assert first["consistent"] is False  # raw logprobs: far from the processed float64 values
+    assert data["rungs"][2]["changes"]["enforce_eager"] == [False, True]
+    assert all(r["consistent"] for r in data["rungs"][1:])
+    assert data["verdict_sentences"][0].startswith("PASS: at the last rung 'fp32-lm-head'")
     assert "semantics" in data["verdict"]
     report = (tmp_path / "report" / "report.md").read_text()
     assert report.startswith("# parityrl doctor: PASS")
+    assert "nan" not in report.lower().replace("nans", "") and "inf " not in report
     for png in ("abs_diff_hist.png", "abs_diff_by_position.png"):
         assert (tmp_path / "report" / png).stat().st_size > 10_000
-    assert "PASS" in proc.stdout
+    assert "PASS" in proc.stdout and "engine.logprobs_mode" in proc.stdout

@@ -35,7 +35,7 @@ def _hf_processed(logits: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
 def test_processing_matches_transformers_warpers(sampling):
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 100, generator=gen) * 3
-    ours = process_logits(logits, sampling)
+    ours, _ = process_logits(logits, sampling)
     theirs = _hf_processed(logits, sampling)
     assert torch.equal(torch.isinf(ours), torch.isinf(theirs)), "different kept token sets"
     kept = ~torch.isinf(ours)
@@ -47,13 +47,13 @@ def test_processing_matches_transformers_warpers(sampling):
 
 def test_top_k_keeps_ties_like_vllm():
     logits = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.5]])
-    out = process_logits(logits, SamplingConfig(top_k=2))
+    out, _ = process_logits(logits, SamplingConfig(top_k=2))
     assert (~torch.isinf(out)).sum().item() == 3  # all three tied maxima survive
 
 
 def test_greedy_is_plain_log_softmax():
     logits = torch.randn(4, 50)
-    assert torch.equal(process_logits(logits, SamplingConfig(temperature=0.0)), logits)
+    assert torch.equal(process_logits(logits, SamplingConfig(temperature=0.0))[0], logits)
 
 
 @pytest.fixture(scope="module")
@@ -87,21 +87,32 @@ def test_token_logprobs_match_a_plain_forward(policy, sampling):
         got = out.logprobs[i, : len(s) - 1]
         mask = out.mask[i, : len(s) - 1]
         assert mask.sum().item() == len(s) - prompt_len[i]
-        torch.testing.assert_close(got[mask], ref[prompt_len[i] - 1 :], rtol=0, atol=2e-6)
+        ref = ref[prompt_len[i] - 1 :]
+        outside = out.outside_nucleus[i, : len(s) - 1][mask]
+        # These hand-picked tokens were not sampled: where the warpers mask one, the nucleus
+        # rule keeps it (finite) and flags it; everywhere else the values agree.
+        assert torch.equal(outside, torch.isinf(ref))
+        assert torch.isfinite(got[mask]).all()
+        torch.testing.assert_close(got[mask][~outside], ref[~outside], rtol=0, atol=2e-6)
     assert (out.logprobs[~out.mask] == 0).all()
 
 
 def test_entropy_is_entropy_of_processed_distribution(policy):
     sampling = SamplingConfig(temperature=0.8, top_k=5)
-    seqs, _, ids, attn, comp = _padded_batch()
+    seqs, prompt_len, ids, attn, comp = _padded_batch()
     out = token_logprobs(policy, ids, attn, comp, sampling)
-    with torch.no_grad():
-        logits = policy(torch.tensor([seqs[0]])).logits[0, :-1]
-    p = _hf_processed(logits, sampling).softmax(-1)
-    ref = -(p * p.clamp_min(1e-30).log()).sum(-1)
-    mask = out.mask[0, : len(seqs[0]) - 1]
-    torch.testing.assert_close(out.entropy[0, : len(seqs[0]) - 1][mask], ref[mask], atol=1e-5, rtol=0)
-    assert (out.entropy[out.mask] <= torch.log(torch.tensor(5.0)) + 1e-5).all()
+    for i, seq in enumerate(seqs):
+        with torch.no_grad():
+            logits = policy(torch.tensor([seq])).logits[0, :-1].float() / 0.8
+        # The top 5 plus the token that was sampled next (the nucleus rule), by hand.
+        kth = logits.topk(5, dim=-1).values[:, -1:]
+        keep = logits >= kth
+        keep[torch.arange(len(seq) - 1), torch.tensor(seq[1:])] = True
+        p = logits.masked_fill(~keep, float("-inf")).softmax(-1)
+        ref = -(p * p.clamp_min(1e-30).log()).sum(-1)[prompt_len[i] - 1:]
+        got = out.entropy[i, : len(seq) - 1][out.mask[i, : len(seq) - 1]]
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert (out.entropy[out.mask] <= torch.log(torch.tensor(6.0)) + 1e-5).all()
 
 
 def test_gradients_flow_through_token_logprobs(tiny_model):
@@ -128,3 +139,71 @@ def test_unsupported_logit_transforms_are_refused(tiny_model):
     _, _, ids, attn, comp = _padded_batch()
     with pytest.raises(UserError, match="final_logit_softcapping"):
         token_logprobs(model, ids, attn, comp, SamplingConfig())
+
+
+# --- the nucleus rule: the sampled token is always in the trainer's processed distribution ---
+
+def _logits_of(probs: list[float]) -> torch.Tensor:
+    return torch.tensor([probs]).log()
+
+
+def test_sampled_token_just_outside_the_trainers_nucleus_is_kept():
+    # Sorted ascending the mass is 0.05, 0.15, 0.30, 0.50: top-p 0.79 drops the two smallest.
+    logits = _logits_of([0.50, 0.30, 0.15, 0.05])
+    sampling = SamplingConfig(temperature=1.0, top_p=0.79)
+    own, outside = process_logits(logits, sampling)
+    assert torch.isinf(own[0, 2]) and torch.isinf(own[0, 3]) and not outside.any()
+    # The engine sampled token 2 (its logits put it inside its own nucleus): kept, renormalised
+    # over the trainer's set plus that token; token 3 stays out.
+    kept, outside = process_logits(logits, sampling, sampled=torch.tensor([2]))
+    assert outside.tolist() == [True]
+    lp = kept.log_softmax(-1)
+    assert torch.isinf(lp[0, 3])
+    torch.testing.assert_close(lp[0, 2], torch.tensor(0.15 / 0.95).log(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(lp[0, 0], torch.tensor(0.50 / 0.95).log(), rtol=0, atol=1e-6)
+
+
+def test_sampled_token_inside_the_nucleus_changes_nothing():
+    logits = _logits_of([0.50, 0.30, 0.15, 0.05])
+    sampling = SamplingConfig(temperature=1.0, top_p=0.79)
+    own, _ = process_logits(logits, sampling)
+    kept, outside = process_logits(logits, sampling, sampled=torch.tensor([1]))
+    assert outside.tolist() == [False]
+    assert torch.equal(own, kept)
+
+
+def test_sampled_token_outside_top_k_is_kept():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0], [3.0, 2.0, 1.0, 0.0]])
+    kept, outside = process_logits(logits, SamplingConfig(top_k=2), sampled=torch.tensor([2, 0]))
+    assert outside.tolist() == [True, False]
+    assert (~torch.isinf(kept[0])).tolist() == [True, True, True, False]
+    assert (~torch.isinf(kept[1])).tolist() == [True, True, False, False]
+    lp = kept.log_softmax(-1)
+    expected = 1.0 - torch.logsumexp(torch.tensor([3.0, 2.0, 1.0]), 0)
+    torch.testing.assert_close(lp[0, 2], expected, rtol=0, atol=1e-6)
+
+
+def test_token_logprobs_never_gives_a_sampled_token_minus_inf(policy):
+    # Force every completion token to sit outside a tiny nucleus: top-p 0.01 keeps one token.
+    _, _, ids, attn, comp = _padded_batch()
+    out = token_logprobs(policy, ids, attn, comp, SamplingConfig(temperature=1.0, top_p=0.01))
+    assert torch.isfinite(out.logprobs[out.mask]).all()
+    assert torch.isfinite(out.entropy[out.mask]).all()
+    # Those tokens that are not the argmax were outside the trainer's own set, and say so.
+    with torch.no_grad():
+        argmax = policy(ids, attention_mask=attn).logits[:, :-1].argmax(-1)
+    not_top = (argmax != ids[:, 1:]) & out.mask
+    assert torch.equal(out.outside_nucleus & out.mask, not_top)
+    assert (out.logprobs[not_top] < 0).all() and (out.logprobs[out.mask & ~not_top] == 0).all()
+
+
+def test_mismatch_metrics_count_nonfinite_tokens_and_average_the_rest():
+    from parityrl.mismatch import mismatch_metrics
+
+    lp_train = torch.tensor([-1.0, float("-inf"), -2.0, float("nan")])
+    lp_engine = torch.tensor([-1.5, -0.5, -2.0, -1.0])
+    m = mismatch_metrics(lp_train, lp_engine, torch.tensor([False, True, False, False]))
+    assert m["mismatch/nonfinite_tokens"] == 2 and m["mismatch/tokens"] == 2
+    assert m["mismatch/mean_abs_diff"] == pytest.approx(0.25)
+    assert m["mismatch/nucleus_boundary_frac"] == pytest.approx(0.25)
+    assert all(v == v and abs(v) != float("inf") for v in m.values())

@@ -3,7 +3,6 @@
 import torch
 
 from parityrl.doctor.ladder import RungResult
-from parityrl.doctor.report import tolerance_check
 from parityrl.models.load import load_policy
 from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
@@ -45,15 +44,51 @@ def test_precision_metrics_count_what_rounding_does_not_explain():
     assert m["mismatch/beyond_precision_frac"] == 0.25  # token 1 is within 1e-5 + 2 × 2e-5
 
 
-def _rung(diffs, errors):
-    return RungResult("fp32-lm-head", "numerics", SAMPLING, {}, {}, diffs, list(range(len(diffs))),
-                      precision_error=errors)
+def _rung(engine_error, trainer_error, **settings):
+    base = {"logprobs_mode": "processed_logprobs", "head_dtype": "float32",
+            "trainer_fp32_lm_head": True, "trainer_dtype": "float32"}
+    metrics = {"mismatch/mean_abs_diff": 1e-6, "mismatch/max_abs_diff": 3e-5,
+               "mismatch/mean_diff": 0.0, "mismatch/clip_frac@0.2": 0.0}
+    return RungResult("fp32-lm-head", "numerics", SAMPLING, base | settings, metrics, [], [],
+                      engine_error=engine_error, trainer_error=trainer_error)
 
 
-def test_doctor_passes_tokens_within_rounding_and_fails_the_rest():
-    assert tolerance_check([_rung([1e-6, 3e-5], [0.0, 2e-5])], 1e-5)["failing"] == 0
-    check = tolerance_check([_rung([1e-6, 3e-5], [0.0, 1e-6])], 1e-5)
-    assert (check["beyond_tol"], check["failing"]) == (1, 1)
-    # Without a float64 reference the tolerance alone decides.
-    assert tolerance_check([_rung([1e-6, 3e-5], None)], 1e-5)["failing"] == 1
+def _err(mean, p99):
+    return {"mean": mean, "p99": p99, "max": 2 * p99}
+
+
+def test_rule_passes_an_engine_as_close_to_float64_as_the_trainer():
+    from parityrl.doctor.verdict import ENGINE_ERROR_FACTOR, judge
+
+    ok = _rung(_err(3e-6, 2e-5), _err(1.5e-6, 1e-5))  # 2x: two float32 implementations
+    v = judge([ok], {}, "float32")
+    assert v.passed and v.sentence.startswith("PASS") and "2×" in v.sentence
+    far = ENGINE_ERROR_FACTOR * 1.5
+    bad = _rung(_err(1.5e-6 * far, 1e-5), _err(1.5e-6, 1e-5))
+    v = judge([ok, bad], {}, "float32")
+    assert not v.passed and v.culprit == "numerics" and "from rung 'fp32-lm-head'" in v.sentence
+    # The p99 counts too: a tail the trainer does not have.
+    assert not judge([_rung(_err(1.5e-6, 1e-5 * far), _err(1.5e-6, 1e-5))], {}, "float32").passed
+    # An exact match on both sides is consistent (no ratio of zeros).
+    assert judge([_rung(_err(0.0, 0.0), _err(0.0, 0.0))], {}, "float32").passed
+
+
+def test_rule_fails_settings_that_disagree_whatever_the_numbers():
+    from parityrl.doctor.verdict import judge
+
+    close = (_err(1e-2, 0.1), _err(1e-2, 0.1))
+    head = judge([_rung(*close, head_dtype="bfloat16", trainer_dtype="bfloat16")], {}, "bfloat16")
+    assert not head.passed and head.culprit == "numerics" and "bfloat16" in head.sentence
+    raw = judge([_rung(*close, logprobs_mode="raw_logprobs")], {}, "float32")
+    assert not raw.passed and raw.culprit == "semantics"
+    unpushed = judge([_rung(*close, weights_pushed=False)], {}, "float32")
+    assert not unpushed.passed and unpushed.culprit == "weight synchronisation"
+
+
+def test_absolute_tol_replaces_the_rule_when_given():
+    from parityrl.doctor.verdict import judge
+
+    r = _rung(_err(3e-6, 2e-5), _err(1.5e-6, 1e-5))  # max |Δ| 3e-5
+    assert not judge([r], {}, "float32", tol=1e-5).passed
+    assert judge([r], {}, "float32", tol=1e-4).passed
     assert bool(within_precision(torch.tensor(3e-5), torch.tensor(1e-5), 1e-5))

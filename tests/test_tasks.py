@@ -360,3 +360,79 @@ def test_reward_import_path_errors(tmp_path, monkeypatch):
     ok = write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "a", "answer": "1"}])
     with pytest.raises(UserError, match="no_such_module_xyz"):
         JsonlTask(JsonlConfig(path=ok, reward="no_such_module_xyz:f"))
+
+
+# --- chat formats ---
+
+def test_arithmetic_chat_variant_asks_in_words_and_reads_the_last_number():
+    task = ArithmeticTask(ArithmeticConfig(chat_template=True, system="Be brief."))
+    p = task.train_problem(0)
+    a, op, b = p.meta["a"], p.meta["op"], p.meta["b"]
+    assert p.messages == ({"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": f"What is {a} {op} {b}? Reply with just the number."})
+    assert task.reward(p, f"{a} {op} {b} = {p.answer}.") == 1.0
+    assert task.reward(p, f"The answer is {int(p.answer) + 1}") == 0.0
+    assert task.reward(p, "I do not know") == 0.0
+    plain = ArithmeticTask(ArithmeticConfig()).train_problem(0)
+    assert plain.messages is None and plain.prompt.endswith("=")
+
+
+def test_jsonl_chat_rows_messages_prompt_system_and_gsm8k(tmp_path):
+    rows = [
+        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}],
+         "answer": 1},
+        {"prompt": "Q2", "system": "T", "answer": "2"},
+        {"prompt": "Q3", "answer": "3"},
+    ]
+    task = JsonlTask(JsonlConfig(path=write_jsonl(tmp_path / "c.jsonl", rows), eval_fraction=0,
+                                 chat_template=True, shuffle=False))
+    p1, p2, p3 = (task.train_problem(i) for i in range(3))
+    assert p1.prompt == "Q1" and p1.messages[0] == {"role": "system", "content": "S"}
+    assert p2.messages == ({"role": "system", "content": "T"}, {"role": "user", "content": "Q2"})
+    assert p3.messages == ({"role": "user", "content": "Q3"},)
+    gsm = [{"question": "Tom has 3 apples and buys 4. How many?", "answer": "3+4=7\n#### 7"}]
+    cfg = JsonlConfig(path=write_jsonl(tmp_path / "g.jsonl", gsm * 2), prompt_field="question",
+                      answer_regex=r"####\s*(.+)$", chat_template=True, system="Think, then answer.")
+    p = JsonlTask(cfg).train_problem(0)
+    assert p.answer == "7" and p.prompt.startswith("Tom has")
+    assert p.messages[0] == {"role": "system", "content": "Think, then answer."}
+
+
+def test_jsonl_template_may_use_any_field_without_a_prompt_key(tmp_path):
+    rows = [{"question": "2+2", "answer": "4", "topic": "sums"}] * 2
+    task = JsonlTask(JsonlConfig(path=write_jsonl(tmp_path / "t.jsonl", rows),
+                                 prompt_template="[{topic}] {question} ="))
+    assert task.train_problem(0).prompt == "[sums] 2+2 ="
+
+
+def test_jsonl_chat_errors(tmp_path):
+    def build(**kw):
+        return JsonlTask(JsonlConfig(**kw))
+
+    msgs = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "q"}],
+                                               "answer": "1"}])
+    assert_user_error(r"m\.jsonl:1: .*needs task\.chat_template", build, path=msgs)
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"messages": "hi", "answer": "1"}])
+    assert_user_error(r'b\.jsonl:1: "messages" must be', build, path=bad, chat_template=True)
+    gsm = write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "no marker"}])
+    assert_user_error(r"g\.jsonl:1: answer_regex", build, path=gsm, prompt_field="question",
+                      answer_regex=r"####\s*(.+)$")
+
+
+def test_encode_problem_renders_the_chat_template_once():
+    from transformers import AutoTokenizer  # noqa: F401  (the tokenizer below is a real one)
+
+    from parityrl.models.tiny import build_tokenizer
+    from parityrl.tasks.prompts import encode_problem, render_text
+
+    tok = build_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<bos>{{ m['role'] }}:{{ m['content'] }}<eos>"
+                         "{% endfor %}{% if add_generation_prompt %}<bos>assistant:{% endif %}")
+    p = ArithmeticTask(ArithmeticConfig(chat_template=True, chat_prompt="{a}{op}{b}?")).train_problem(0)
+    text = render_text(tok, list(p.messages), True)
+    assert text == f"<bos>user:{p.prompt}<eos><bos>assistant:"
+    ids = encode_problem(tok, p)
+    assert ids.count(tok.bos_token_id) == 2  # the template's own, none added on top
+    assert tok.decode(ids) == text
+    plain = ArithmeticTask(ArithmeticConfig()).train_problem(0)
+    assert tok.decode(encode_problem(tok, plain)) == plain.prompt

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import torch
 
-from parityrl.doctor.ladder import LADDER, DoctorConfig, perturb_in_place, run_ladder
-from parityrl.doctor.report import verdict
+from parityrl.doctor.ladder import DoctorConfig, build_ladder, perturb_in_place, run_ladder
+from parityrl.doctor.verdict import judge
 from parityrl.engine.engine import RolloutEngine, WeightSyncError
 from parityrl.engine.settings import EngineSettings
 from parityrl.mismatch import mismatch_metrics
@@ -100,13 +100,13 @@ def test_a_tensor_left_out_of_the_update_is_caught(engine, tiny_model, loop):
 
 
 def test_weight_sync_rung_flags_a_broken_update(tiny_model):
-    rung = next(r for r in LADDER if r.name == "weight-sync")
+    rung = next(r for r in build_ladder() if r.name == "weight-sync")
     cfg = DoctorConfig(model=tiny_model, num_samples=2, prompts=["12+7=", "abc"],
                        sabotage_skip=frozenset({"model.layers.0.self_attn.q_proj.weight"}))
     results, floor = asyncio.run(run_ladder(cfg, rungs=[rung]))
     (result,) = results
     assert result.sync_ok is False and "q_proj" in result.sync_check
     assert result.metrics["mismatch/mean_abs_diff"] > 1e-4
-    text, passed = verdict(results, floor, tol=1e-5)
-    assert not passed
-    assert "Weight synchronisation is broken" in text
+    verdict = judge(results, floor, "float32")
+    assert not verdict.passed and verdict.culprit == "weight synchronisation"
+    assert "digest check" in verdict.sentence and "q_proj" in verdict.sentence

@@ -43,58 +43,106 @@ def _quiet_libraries() -> None:
 @app.command("make-model")
 def make_model_cmd(
     out_dir: Path = typer.Argument(..., help="Folder to write the model to."),
-    arch: str = typer.Option("qwen2", help="qwen2 or llama."),
+    from_gguf: Optional[Path] = typer.Option(
+        None, "--from-gguf", help="Dequantize this GGUF file (weights, tokenizer, chat template) "
+                                  "into an HF folder instead of building a tiny random model."),
+    arch: str = typer.Option("qwen2", help="Tiny model: qwen2 or llama."),
     tie_embeddings: bool = typer.Option(False, "--tie-embeddings", help="Share embedding and lm_head."),
-    layers: int = typer.Option(2, min=1),
+    layers: Optional[int] = typer.Option(
+        None, min=1, help="Tiny model: decoder layers (default 2). With --from-gguf: keep only "
+                          "the first N layers (a truncated copy; default all)."),
     hidden: int = typer.Option(64, min=8),
     heads: int = typer.Option(2, min=1),
     kv_heads: int = typer.Option(1, min=1),
     seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder."),
 ):
-    """Write a tiny random model (config, safetensors, character tokenizer) as an HF folder."""
-    _quiet_libraries()
-    from parityrl.models.tiny import make_model
-
+    """Write a model folder: a tiny random model (config, safetensors, character tokenizer), or
+    a real model converted from a GGUF file."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
     if arch not in ("qwen2", "llama"):
         raise UserError(f"unknown arch {arch!r}; choose qwen2 or llama")
-    path = make_model(out_dir, arch=arch, tie_embeddings=tie_embeddings, layers=layers,
+    _quiet_libraries()
+    if from_gguf is not None:
+        from parityrl.models.gguf import convert_gguf
+
+        path = convert_gguf(from_gguf, out_dir, layers=layers)
+        typer.echo(f"wrote {from_gguf.name} (dequantized{f', first {layers} layers' if layers else ''}) "
+                   f"to {path}")
+        return
+    from parityrl.models.tiny import make_model
+
+    path = make_model(out_dir, arch=arch, tie_embeddings=tie_embeddings, layers=layers or 2,
                       hidden=hidden, heads=heads, kv_heads=kv_heads, seed=seed)
     typer.echo(f"wrote {arch} model to {path}")
 
 
-def _read_prompts(path: Path) -> list[str]:
+def _read_prompts(path: Path) -> list:
+    """Doctor prompts: a text file (one prompt a line) or JSONL rows with "messages" (an
+    OpenAI-style list) or "prompt" (and an optional "system")."""
+    from parityrl.tasks.prompts import as_messages
+
     if not path.exists():
         raise UserError(f"prompts file not found: {path}")
-    text = path.read_text()
-    if path.suffix == ".jsonl":
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.suffix != ".jsonl":
+        prompts: list = [line for line in text.splitlines() if line.strip()]
+    else:
         prompts = []
         for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    prompts.append(str(json.loads(line)["prompt"]))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object with a 'prompt' key")
-    else:
-        prompts = [line for line in text.splitlines() if line.strip()]
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if isinstance(row, dict) and _is_messages(row.get("messages")):
+                prompts.append(row["messages"])
+            elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
+                system = row.get("system")
+                prompts.append(as_messages(row["prompt"], system) if system else row["prompt"])
+            else:
+                raise UserError(f'{path}:{lineno}: expected an object with "messages" (a list '
+                                f'of {{"role", "content"}}) or "prompt" (a string)')
     if not prompts:
         raise UserError(f"prompts file is empty: {path}")
     return prompts
 
 
+def _is_messages(value) -> bool:
+    return (isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value))
+
+
 @app.command()
 def doctor(
-    model: Path = typer.Option(..., help="Hugging Face model folder."),
+    model: str = typer.Option(..., help="Hugging Face model folder, or builtin:<name> "
+                                        "(tiny, arithmetic-warm, smollm2-135m-instruct, ...)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (both sides)."),
     temperature: float = typer.Option(0.7),
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k", help="0 disables top-k."),
-    prompts: Optional[Path] = typer.Option(None, help="Text file (one prompt a line) or JSONL "
-                                                     "with a 'prompt' key. Default: built-in."),
+    prompts: Optional[Path] = typer.Option(
+        None, help='Text file (one prompt a line) or JSONL rows with "messages" or "prompt" '
+                   '(+ "system"). Default: built-in.'),
+    chat_template: Optional[bool] = typer.Option(
+        None, "--chat-template/--no-chat-template",
+        help="Render prompts with the tokenizer's chat template. Default: when it has one."),
     num_samples: int = typer.Option(4, min=1, help="Samples per prompt."),
     max_tokens: int = typer.Option(32, min=1),
     seed: int = typer.Option(0),
-    tol: Optional[float] = typer.Option(None, help="Bound on the last rung's max |Δ|. Default: "
-                                                    "1e-5 for float32, 0.05 float16, 0.1 bfloat16."),
+    tol: Optional[float] = typer.Option(
+        None, help="An absolute bound on the last rung's max |Δ| instead of the float64 rule "
+                   "(the engine as close to exact arithmetic as the trainer)."),
+    withhold: list[str] = typer.Option(
+        [], "--withhold", help="Leave a fix out to see what it is worth (repeatable): "
+                               "processed-logprobs, explicit-runtime, weight-sync, fp32-lm-head, "
+                               "prefix-cache-reset."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
     report: Optional[Path] = typer.Option(None, help="Write report.md and PNG plots here."),
 ):
@@ -103,7 +151,6 @@ def doctor(
     from parityrl.models.load import TORCH_DTYPES, check_model_folder
     from parityrl.sampling import make_sampling
 
-    model = check_model_folder(resolve_model(str(model)))
     if dtype not in TORCH_DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
     sampling = make_sampling(temperature=temperature, top_p=top_p, top_k=top_k,
@@ -112,39 +159,46 @@ def doctor(
     if tol is not None and tol < 0:
         raise UserError(f"--tol must be >= 0, got {tol}")
     _quiet_libraries()
+    folder = check_model_folder(resolve_model(model, say=typer.echo))
 
     from rich.console import Console
 
-    from parityrl.doctor.ladder import LADDER, DoctorConfig, run_ladder_sync
-    from parityrl.doctor.report import print_table, to_json, verdict, write_report
+    from parityrl.doctor.ladder import DoctorConfig, build_ladder, run_ladder_sync
+    from parityrl.doctor.report import (advice, judge_all, print_table, to_json, write_json,
+                                        write_report)
 
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    cfg = DoctorConfig(model=str(model), dtype=dtype, samplings=[sampling], num_samples=num_samples,
-                       seed=seed, tol=tol, **({"prompts": prompt_list} if prompt_list else {}))
-    with console.status(f"rung 1/{len(LADDER)}: {LADDER[0].name} (starting vLLM engine)") as status:
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    cfg = DoctorConfig(model=str(folder), dtype=dtype, samplings=[sampling],
+                       num_samples=num_samples, seed=seed, tol=tol, chat_template=chat_template,
+                       withhold=frozenset(withhold),
+                       **({"prompts": prompt_list} if prompt_list else {}))
+    rungs = build_ladder(cfg.withhold)
+    with console.status(f"rung 1/{len(rungs)}: {rungs[0].name} (starting vLLM engine)") as status:
         done = []
 
         def on_rung(result):
             done.append(result)
             m = result.metrics
             console.print(f"  [green]✓[/green] {result.name}: mean |Δ| "
-                          f"{m['mismatch/mean_abs_diff']:.2e}, max |Δ| {m['mismatch/max_abs_diff']:.2e}")
-            if len(done) < len(LADDER):
-                status.update(f"rung {len(done) + 1}/{len(LADDER)}: {LADDER[len(done)].name}")
+                          f"{m['mismatch/mean_abs_diff']:.2e}, max |Δ| "
+                          f"{m['mismatch/max_abs_diff']:.2e}", highlight=False)
+            if len(done) < len(rungs):
+                status.update(f"rung {len(done) + 1}/{len(rungs)}: {rungs[len(done)].name}")
 
-        results, floor = run_ladder_sync(cfg, on_rung)
+        results, floor = run_ladder_sync(cfg, on_rung, rungs)
     print_table(results, floor, console)
-    text, passed = verdict(results, floor, cfg.tolerance)
-    console.print(text, highlight=False)
-    header = {"model": str(model), "dtype": dtype, "temperature": temperature, "top_p": top_p,
-              "top_k": top_k, "samples": f"{len(cfg.prompts)}×{num_samples}",
-              "max_tokens": max_tokens, "tolerance": cfg.tolerance}
+    passed, verdicts = judge_all(results, floor, dtype, tol)
+    for v in verdicts:
+        console.print(v.text, highlight=False)
+    console.print(advice(), highlight=False)
+    header = {"model": model, "dtype": dtype, "temperature": temperature, "top_p": top_p,
+              "top_k": top_k, "chat_template": results[0].settings["chat_template"],
+              "samples": f"{len(cfg.prompts)}×{num_samples}", "max_tokens": max_tokens,
+              "rule": f"--tol {tol:g}" if tol is not None else "float64 reference"}
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(to_json(results, floor, text, passed, {"config": header}),
-                                       indent=2))
+        write_json(json_out, to_json(results, floor, verdicts, passed, {"config": header}))
     if report:
-        path = write_report(results, floor, text, passed, report, header)
+        path = write_report(results, floor, verdicts, passed, report, header)
         console.print(f"report: {path}")
     raise typer.Exit(0 if passed else 1)
 
@@ -177,13 +231,11 @@ def train(
         typer.echo(dump_config(cfg), nl=False)
         return
     _quiet_libraries()
-    from parityrl.models.builtin import PREFIX, resolve_model
+    from parityrl.models.builtin import resolve_model
     from parityrl.models.load import check_model_folder
 
-    if cfg.model.startswith(PREFIX):
-        typer.echo(f"model {cfg.model} (built locally on first use)")
-    check_model_folder(resolve_model(cfg.model))
-    from parityrl.pipeline import ParityAlarm, run_training
+    check_model_folder(resolve_model(cfg.model, say=typer.echo))
+    from parityrl.pipeline import ParityAlarm, RunStopped, run_training
     from parityrl.progress import training_progress
     from parityrl.runlog import new_run_dir
 
@@ -194,6 +246,9 @@ def train(
                                   on_message=say)
         except ParityAlarm:
             typer.echo(f"stopped by the parity alarm; metrics so far in {run_dir}", err=True)
+            raise typer.Exit(1)
+        except RunStopped as e:
+            typer.echo(f"error: {e}; metrics so far in {run_dir}", err=True)
             raise typer.Exit(1)
     typer.echo(f"{result.steps} steps done; run directory: {run_dir}")
 

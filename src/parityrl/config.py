@@ -49,6 +49,16 @@ class ActorConfig(_Strict):
     max_groups_in_flight: int | None = Field(
         None, ge=1, description="Groups outstanding (in flight + queued); default "
                                 "max(max_lag, 1) * prompts_per_step.")
+    max_rejected_frac: float = Field(
+        0.5, ge=0, le=1, description="Stop the run when more than this share of groups was "
+                                     "rejected (prompt too long, reward error or timeout, engine "
+                                     "refusal), judged from 8 groups on.")
+    request_timeout_s: float | None = Field(
+        600.0, gt=0, description="A group still generating after this long means a stuck "
+                                 "engine: it is restarted. None = wait forever.")
+    max_restarts: int = Field(3, ge=0, description="Engine restarts allowed within "
+                                                   "restart_window_s before the run stops.")
+    restart_window_s: float = Field(600.0, gt=0)
 
 
 class OptimConfig(_Strict):
@@ -57,11 +67,17 @@ class OptimConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     tokens_per_microbatch: int = Field(8192, ge=1, description="Gradient accumulation budget.")
+    master_weights: Literal["float32", "model"] = Field(
+        "float32", description="bfloat16/float16 models: the optimizer steps float32 master "
+                               "weights (model = step the low-precision weights themselves).")
 
 
 class TrainerConfig(_Strict):
     fp32_lm_head: bool = Field(True, description="lm_head projection in float32.")
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="Consecutive steps with a non-finite gradient (not applied) before "
+                             "the run stops.")
     loss: LossConfig = LossConfig()
     correction: CorrectionConfig = CorrectionConfig()
     advantage: AdvantageConfig = AdvantageConfig()
@@ -118,6 +134,24 @@ class RunConfig(_Strict):
         if isinstance(data, dict) and isinstance(data.get("task"), dict):
             data = {**data, "task": {"type": "arithmetic", **data["task"]}}
         return data
+
+
+    @model_validator(mode="after")
+    def _honourable(self) -> "RunConfig":
+        """Refuse at load what the code cannot do, instead of hanging or failing mid-run."""
+        a = self.actor
+        if self.mode == "async" and self.sync_every > a.max_lag + 1:
+            raise ValueError(
+                f"sync_every={self.sync_every} with actor.max_lag={a.max_lag}: in async mode every "
+                f"batch would be more than max_lag steps old when trained on and no step would "
+                f"ever be taken; use sync_every <= max_lag + 1")
+        if a.group_size == 1 and self.trainer.advantage.std_normalize:
+            raise ValueError("actor.group_size=1 with trainer.advantage.std_normalize: a group of "
+                             "one has no spread, every advantage would be 0; use group_size >= 2")
+        if self.sampling.max_tokens >= self.engine.max_model_len:
+            raise ValueError(f"sampling.max_tokens={self.sampling.max_tokens} leaves no room for a "
+                             f"prompt in engine.max_model_len={self.engine.max_model_len}")
+        return self
 
 
 def _default_task():

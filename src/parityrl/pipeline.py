@@ -22,7 +22,17 @@ import torch
 
 from parityrl.config import RunConfig, engine_settings
 from parityrl.errors import UserError
+from parityrl.rollouts.actor import ActorLimits, RunStopped, is_engine_death
 from parityrl.rollouts.stream import Group
+
+
+def actor_limits(cfg: RunConfig) -> ActorLimits:
+    a = cfg.actor
+    return ActorLimits(max_model_len=cfg.engine.max_model_len,
+                       request_timeout_s=a.request_timeout_s,
+                       reward_timeout_s=cfg.task.reward_timeout_s,
+                       max_rejected_frac=a.max_rejected_frac, max_restarts=a.max_restarts,
+                       restart_window_s=a.restart_window_s)
 
 
 class ParityAlarm(RuntimeError):
@@ -79,7 +89,7 @@ class Pipeline:
         cfg = self.cfg
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.model_dir = resolve_model(cfg.model)
+        self.model_dir = resolve_model(cfg.model, say=self.on_message)
         self.tokenizer = load_tokenizer(self.model_dir)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         model = load_policy(self.model_dir, cfg.dtype, cfg.trainer.attn_implementation)
@@ -92,6 +102,7 @@ class Pipeline:
             if ckpt is None:
                 raise UserError(f"nothing to resume: no checkpoint in {self.run_dir / 'checkpoints'}")
             state = load_checkpoint(ckpt, model, self.trainer.optimizer)
+            self.trainer.load_master_state(state.master)
             self.start_step, self.data_position = state.step, state.data_position
             self.trainer.version = state.step
             self.on_message(f"resuming {self.run_dir} from step {state.step}")
@@ -103,63 +114,84 @@ class Pipeline:
 
     # -- the loop -------------------------------------------------------------------------------
     async def run(self) -> TrainResult:
-        from parityrl.engine.engine import RolloutEngine
         from parityrl.plots import plot_run
         from parityrl.rollouts.actor import Actor
-        from parityrl.runlog import MetricsWriter, write_run_files
+        from parityrl.runlog import ErrorLog, MetricsWriter, write_run_files
         from parityrl.tasks.registry import build_task
 
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._build_trainer()
         task = build_task(cfg.task)
-        engine = await RolloutEngine.start(engine_settings(cfg, self.model_dir))
+        limits = actor_limits(cfg)
+        self.weights_lock = asyncio.Lock()  # a restart reads weights no optimizer step is writing
+        self.errors = ErrorLog(self.run_dir / "errors.log", self.on_message)
+        engine = await self._start_engine(push=bool(self.start_step))
         writer = None
+        actor = Actor(engine, task, self.tokenizer, self._sampling(), cfg.actor.group_size,
+                      cfg.seed, limits, start_index=self.data_position,
+                      restart_engine=self._restart_engine, on_error=self.errors.record)
+        self.actor = actor
         try:
-            if self.start_step:
-                await engine.update_weights(self.trainer.model.state_dict(),
-                                            version=self.trainer.version)
             write_run_files(self.run_dir, cfg, engine.resolved_settings())
             writer = MetricsWriter(self.run_dir, cfg.tensorboard, resume_step=self.start_step)
-            actor = Actor(engine, task, self.tokenizer, self._sampling(), cfg.actor.group_size,
-                          cfg.seed, start_index=self.data_position)
-            self._evaluator = (engine, task)
+            self._task = task
             before = None
             if cfg.eval_every and not self.start_step:
                 before = await self._evaluate()
                 writer.write(0, {"eval/accuracy": before})
                 self.on_message(f"held-out greedy accuracy before training: {before:.3f}")
             if cfg.mode == "async":
-                last = await self._run_async(engine, actor, writer)
+                last = await self._run_async(actor, writer)
             else:
-                last = await self._run_sync(engine, actor, writer)
+                last = await self._run_sync(actor, writer)
         finally:
             if writer is not None:
                 writer.close()
-            await engine.close()
+            await actor.engine.close()
         plot_run(self.run_dir)
         return TrainResult(self.run_dir, self.trainer.version, last, before,
                            last.get("eval/accuracy"))
 
+    async def _start_engine(self, push: bool):
+        from parityrl.engine.engine import RolloutEngine
+
+        engine = await RolloutEngine.start(engine_settings(self.cfg, self.model_dir))
+        if push:  # the trainer's weights, not the folder's (resume, restart)
+            await engine.update_weights(self.trainer.model.state_dict(),
+                                        version=self.trainer.version)
+        return engine
+
+    async def _restart_engine(self):
+        """A new engine holding the trainer's current weights and version (the old one died)."""
+        old = self.actor.engine
+        self.on_message(f"the vLLM engine died; starting a new one at version "
+                        f"{self.trainer.version}")
+        try:
+            await old.close()
+        except Exception:  # noqa: BLE001 - it is dead; what matters is the new one
+            pass
+        async with self.weights_lock:
+            return await self._start_engine(push=True)
+
     async def _evaluate(self) -> float:
         from parityrl.rollouts.evaluate import greedy_accuracy
 
-        engine, task = self._evaluator
-        problems = task.eval_problems()[: self.cfg.eval_size]
-        return await greedy_accuracy(engine, task, self.tokenizer, problems,
+        problems = self._task.eval_problems()[: self.cfg.eval_size]
+        return await greedy_accuracy(self.actor.engine, self._task, self.tokenizer, problems,
                                      self.cfg.sampling.max_tokens)
 
-    async def _run_sync(self, engine, actor, writer) -> dict:
+    async def _run_sync(self, actor, writer) -> dict:
         metrics: dict = {}
-        for _ in range(self.start_step, self.cfg.max_steps):
+        while self.trainer.version < self.cfg.max_steps:
             start = time.perf_counter()
             busy_before = actor.busy_seconds_now()
             groups = await actor.generate_batch(self.cfg.actor.prompts_per_step)
-            metrics = await self._train_step(engine, actor, writer, groups, 0, start, busy_before,
+            metrics = await self._train_step(actor, writer, groups, 0, start, busy_before,
                                              stream=None)
         return metrics
 
-    async def _run_async(self, engine, actor, writer) -> dict:
+    async def _run_async(self, actor, writer) -> dict:
         from parityrl.rollouts.stream import InProcessStream
 
         a = self.cfg.actor
@@ -174,7 +206,7 @@ class Pipeline:
                 busy_before = actor.busy_seconds_now()
                 groups = await self._next_groups(stream, budget, producer)
                 fresh, dropped = split_stale(groups, self.trainer.version, a.max_lag)
-                metrics = await self._train_step(engine, actor, writer, fresh, dropped, start,
+                metrics = await self._train_step(actor, writer, fresh, dropped, start,
                                                  busy_before, stream)
         finally:
             producer.cancel()
@@ -206,13 +238,14 @@ class Pipeline:
                 return pure[: self.cfg.parity.probe_rollouts]
             await asyncio.sleep(0.005)
 
-    async def _train_step(self, engine, actor, writer, groups, dropped, start, busy_before,
+    async def _train_step(self, actor, writer, groups, dropped, start, busy_before,
                           stream) -> dict:
         from parityrl.trainer.checkpoint import save_checkpoint
 
         cfg = self.cfg
-        if not groups:  # every group was too stale: nothing to learn from this round
-            self.on_message(f"all {dropped} samples exceeded max_lag; no step taken")
+        if not groups:  # every group was too stale or rejected: nothing to learn from this round
+            self.on_message(f"all {dropped} samples exceeded max_lag; no step taken" if dropped
+                            else "every group of this round was rejected; no step taken")
             return {}
         trainer = self.trainer
         # Worker threads for the heavy phases: the event loop keeps feeding the engine meanwhile.
@@ -221,12 +254,27 @@ class Pipeline:
             probe = await self._probe_rollouts(stream)
             await asyncio.to_thread(trainer.probe_parity, state, probe)
         await asyncio.to_thread(trainer.score_exact, state)
-        metrics = await asyncio.to_thread(trainer.apply, state)
-        step = trainer.version
-        sync_seconds = 0.0
-        if step % cfg.sync_every == 0:
-            report = await engine.update_weights(self.trainer.model.state_dict(), version=step)
-            sync_seconds = report.pause_seconds
+        died: BaseException | None = None
+        async with self.weights_lock:
+            metrics = await asyncio.to_thread(trainer.apply, state)
+            step = trainer.version
+            sync_seconds = 0.0
+            generation = actor.engine_generation
+            if step % cfg.sync_every == 0:
+                try:
+                    report = await actor.engine.update_weights(self.trainer.model.state_dict(),
+                                                               version=step)
+                    sync_seconds = report.pause_seconds
+                except Exception as e:
+                    if not is_engine_death(e):
+                        raise
+                    died = e
+        if died is not None:  # the replacement starts with these weights and this version
+            await actor.replace_engine(generation, died)
+        if trainer.nonfinite_streak >= cfg.trainer.max_nonfinite_steps:
+            raise RunStopped(f"{trainer.nonfinite_streak} optimizer steps in a row had a "
+                             "non-finite gradient and were not applied; diagnose with `parityrl "
+                             f"doctor --model {cfg.model} --dtype {cfg.dtype}`")
         elapsed = time.perf_counter() - start
         samples = sum(len(g) for g in groups)
         busy = actor.busy_seconds_now() - busy_before
@@ -238,6 +286,7 @@ class Pipeline:
             "throughput/engine_idle_frac": max(0.0, 1.0 - busy / elapsed),
             "time/step_seconds": elapsed,
             "data/position": float(actor.next_index),
+            **actor.metrics(),
         }
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             metrics["eval/accuracy"] = await self._evaluate()
@@ -250,7 +299,8 @@ class Pipeline:
                 raise ParityAlarm(alarm)
         if step % cfg.checkpoint.every == 0 or step == cfg.max_steps:
             save_checkpoint(self.run_dir, self.trainer.model, self.trainer.optimizer, step,
-                            actor.next_index, cfg.checkpoint.keep)
+                            actor.next_index, cfg.checkpoint.keep,
+                            master=self.trainer.master_state())
         return metrics
 
 

@@ -81,17 +81,46 @@ class MetricsWriter:
             self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        row = {"step": step, "time": time.time(),
-               **{k: (None if isinstance(v, float) and math.isnan(v) else v)
-                  for k, v in metrics.items()}}
+        """One row; a non-finite value is not written as a number but named in `nonfinite`."""
+        finite = {k: v for k, v in metrics.items()
+                  if not (isinstance(v, float) and not math.isfinite(v))}
+        row = {"step": step, "time": time.time(), **finite}
+        bad = sorted(set(metrics) - set(finite))
+        if bad:
+            row["nonfinite"] = bad
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and not math.isnan(value):
+            for key, value in finite.items():
+                if isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class ErrorLog:
+    """errors.log in the run directory: the first traceback of each kind of failure, once, and a
+    one-line announcement of it on the console. Later failures of a kind are only counted (the
+    step metrics carry the counts)."""
+
+    def __init__(self, path: Path, announce) -> None:
+        self.path = path
+        self.announce = announce
+        self.seen: set[str] = set()
+
+    def record(self, kind: str, error: BaseException) -> None:
+        if kind in self.seen:
+            return
+        self.seen.add(kind)
+        import traceback
+
+        cause = getattr(error, "cause", None) or error
+        text = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
+        with self.path.open("a") as f:
+            f.write(f"== {kind} ({time.strftime('%Y-%m-%d %H:%M:%S')}): {error}\n{text}\n")
+        self.announce(f"{kind}: {error} (first of its kind; traceback in {self.path}, later ones "
+                      f"counted as rollouts/rejected_{kind})" if kind != "engine_restart" else
+                      f"engine restart: {type(error).__name__} (traceback in {self.path})")

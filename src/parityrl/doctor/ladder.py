@@ -1,13 +1,19 @@
 """The doctor's ladder: measure the engine/trainer mismatch, adding one fix per rung.
 
-    engine-defaults     vLLM's own defaults (raw logprobs, prefix caching, model-dtype lm_head)
-    processed-logprobs  + logprobs of the distribution the sampler actually sampled from  (semantics)
-    explicit-runtime    + prefix caching off, async scheduling off, eager, fixed seed  (inference path)
-    weight-sync         + trainer perturbs its weights and pushes them in place  (inference path)
-    fp32-lm-head        + lm_head in float32 on both sides  (numerics)
+    vllm-defaults       what vLLM V1 gives a user who passes nothing (read back from vLLM)
+    processed-logprobs  + logprobs of the distribution the sampler sampled from      (semantics)
+    explicit-runtime    + prefix caching, chunked prefill, async scheduling off, eager, the
+                          neutral generation config, a fixed seed                    (inference path)
+    weight-sync         + the trainer perturbs its weights and pushes them in place   (weight sync)
+    fp32-lm-head        + lm_head in float32 on both sides                           (numerics)
 
 Every rung is measured, none is assumed: the engine generates, the trainer recomputes the same
-tokens with `token_logprobs` (the function the RL trainer uses), and `mismatch_metrics` compares.
+tokens with `token_logprobs` (the function the RL trainer uses), `mismatch_metrics` compares, and
+a float64 evaluation of the same weights says how far each side is from exact arithmetic.
+
+A fix can be withheld (`DoctorConfig.withhold`): its engine-side change and its weight push are
+left out of its rung and every later one, while the trainer still does what the fix assumes. That
+is how one shows what each fix is worth, and how the tests show that each broken layer fails.
 """
 
 from __future__ import annotations
@@ -22,10 +28,9 @@ from parityrl.engine.settings import EngineSettings
 from parityrl.mismatch import mismatch_metrics
 from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
+from parityrl.tasks.prompts import Messages, encode_prompt, has_chat_template
 from parityrl.trainer.batch import rollout_logprobs
-from parityrl.trainer.precision import exact_logprobs
-
-DEFAULT_TOL = {"float32": 1e-5, "bfloat16": 0.1, "float16": 0.05}
+from parityrl.trainer.precision import Float64Reference, error_stats
 
 DEFAULT_PROMPTS = [
     "12+7=", "What is 3*4? ", "The quick brown fox", "def add(a, b):\n",
@@ -34,34 +39,69 @@ DEFAULT_PROMPTS = [
 
 
 @dataclass(frozen=True)
+class Fix:
+    name: str
+    layer: str  # which layer of a mismatch it belongs to
+    what: str  # in words, for the verdict
+    engine: dict = field(default_factory=dict)  # EngineSettings fields it sets
+    trainer_fp32_lm_head: bool = False
+    pushes_weights: bool = False
+
+
+FIXES = [
+    Fix("processed-logprobs", "semantics", "logprobs of the processed distribution",
+        {"logprobs_mode": "processed_logprobs"}),
+    Fix("explicit-runtime", "inference path",
+        "prefix caching, chunked prefill and async scheduling off, eager mode, the neutral "
+        "generation config, a fixed seed",
+        {"enable_prefix_caching": False, "enable_chunked_prefill": False,
+         "async_scheduling": False, "enforce_eager": True, "generation_config": "vllm"}),
+    Fix("weight-sync", "weight synchronisation",
+        "the trainer's weights pushed in place (pause(keep), prefix-cache reset, digests)",
+        pushes_weights=True),
+    Fix("fp32-lm-head", "numerics", "lm_head in float32 on both sides",
+        {"lm_head_dtype": "float32"}, trainer_fp32_lm_head=True),
+]
+FIX_NAMES = tuple(f.name for f in FIXES)
+# Besides whole fixes, one part of the weight-sync fix can be withheld on its own.
+WITHHOLDABLE = FIX_NAMES + ("prefix-cache-reset",)
+BASELINE = "vllm-defaults"
+
+
+@dataclass(frozen=True)
 class Rung:
     name: str
-    layer: str  # which layer of a mismatch this rung's fix belongs to
-    fix: str  # the fix in words, for the verdict
-    engine: dict  # EngineSettings overrides relative to vLLM's defaults
-    fp32_lm_head: bool = False  # trainer side
-    push_weights: bool = False
+    layer: str
+    fixes: tuple[Fix, ...]  # applied (cumulative), withheld ones removed
+    withheld: tuple[str, ...]  # names of fixes up to this rung that were withheld
+    trainer_fp32_lm_head: bool
+    perturbs: bool  # the trainer moves its weights at this rung (and pushes unless withheld)
+
+    def engine_overrides(self, seed: int) -> dict:
+        overrides: dict = {}
+        for fix in self.fixes:
+            overrides |= fix.engine
+            if fix.name == "explicit-runtime":
+                overrides["seed"] = seed
+        return overrides
+
+    @property
+    def pushes(self) -> bool:
+        return any(f.pushes_weights for f in self.fixes)
 
 
-LADDER = [
-    Rung("engine-defaults", "baseline", "nothing changed", {}),
-    Rung("processed-logprobs", "semantics", "logprobs_mode=processed_logprobs",
-         {"logprobs_mode": "processed_logprobs"}),
-    Rung("explicit-runtime", "inference path",
-         "prefix caching off, async scheduling off, chunked prefill off, eager, fixed seed",
-         {"logprobs_mode": "processed_logprobs", "enable_prefix_caching": False,
-          "async_scheduling": False, "enable_chunked_prefill": False, "enforce_eager": True}),
-    Rung("weight-sync", "weight synchronisation",
-         "in-place weight update with pause(keep), prefix-cache reset and digest check",
-         {"logprobs_mode": "processed_logprobs", "enable_prefix_caching": False,
-          "async_scheduling": False, "enable_chunked_prefill": False, "enforce_eager": True},
-         push_weights=True),
-    Rung("fp32-lm-head", "numerics", "lm_head in float32 on both sides (head_dtype=float32)",
-         {"logprobs_mode": "processed_logprobs", "enable_prefix_caching": False,
-          "async_scheduling": False, "enable_chunked_prefill": False, "enforce_eager": True,
-          "lm_head_dtype": "float32"},
-         fp32_lm_head=True, push_weights=True),
-]
+def build_ladder(withhold: frozenset[str] = frozenset()) -> list[Rung]:
+    rungs = [Rung(BASELINE, "baseline", (), (), False, False)]
+    for i, fix in enumerate(FIXES):
+        upto = FIXES[: i + 1]
+        rungs.append(Rung(
+            fix.name, fix.layer,
+            fixes=tuple(f for f in upto if f.name not in withhold),
+            withheld=tuple(f.name for f in upto if f.name in withhold),
+            trainer_fp32_lm_head=any(f.trainer_fp32_lm_head for f in upto),
+            perturbs=any(f.pushes_weights for f in upto),
+        ))
+    return rungs
 
 
 @dataclass
@@ -71,19 +111,35 @@ class DoctorConfig:
     # Every rung is measured under each of these (sampling is per request: one engine serves all).
     samplings: list[SamplingConfig] = field(
         default_factory=lambda: [SamplingConfig(temperature=0.7, max_tokens=32)])
-    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    prompts: list[str | Messages] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    # Render prompts with the tokenizer's chat template; None = when the tokenizer has one.
+    chat_template: bool | None = None
     num_samples: int = 4
     seed: int = 0
-    tol: float | None = None
-    perturb_scale: float = 0.02  # relative size of the weight-sync rung's perturbation
-    # Score the last rung's tokens in float64 too: the trainer's own rounding error per token.
-    # None = when the model has at most 1e9 parameters (a float64 copy costs 8 bytes a parameter).
+    tol: float | None = None  # an absolute bound on the last rung's max |Δ|, instead of the rule
+    # Relative size of the weight-sync rung's perturbation; None = 0.02 in float32, 0.1 in lower
+    # precision, where a missed update must stand out from the dtype's own rounding.
+    perturb_scale: float | None = None
+    # Score every rung's tokens in float64 too: how far each side is from exact arithmetic. The
+    # verdict rests on it. None = when the model has at most 1e9 parameters (8 bytes a parameter).
     fp64_reference: bool | None = None
+    withhold: frozenset[str] = frozenset()  # fixes left out (see the module docstring)
     sabotage_skip: frozenset[str] = frozenset()  # tests: leave these tensors out of the push
+    max_model_len: int = 512
 
     @property
-    def tolerance(self) -> float:
-        return self.tol if self.tol is not None else DEFAULT_TOL[self.dtype]
+    def perturbation(self) -> float:
+        if self.perturb_scale is not None:
+            return self.perturb_scale
+        return 0.02 if self.dtype == "float32" else 0.1
+
+    def __post_init__(self) -> None:
+        unknown = set(self.withhold) - set(WITHHOLDABLE)
+        if unknown:
+            from parityrl.errors import UserError
+
+            raise UserError(f"cannot withhold {', '.join(sorted(unknown))}; choose from "
+                            f"{', '.join(WITHHOLDABLE)}")
 
 
 @dataclass
@@ -91,15 +147,17 @@ class RungResult:
     name: str
     layer: str
     sampling: SamplingConfig
-    settings: dict
+    settings: dict  # what vLLM resolved, plus the trainer's side
     metrics: dict
     abs_diffs: list[float]  # per token, for the report's plots
     positions: list[int]  # completion position of each token
+    withheld: tuple[str, ...] = ()
     sync_check: str | None = None
     sync_ok: bool | None = None
-    # Per token |lp(trainer, dtype) − lp(trainer, float64)|: how far the trainer itself is from
-    # exact arithmetic. Filled on the last rung when DoctorConfig.fp64_reference holds.
-    precision_error: list[float] | None = None
+    # |lp − lp_float64| per side over the finite tokens (mean, p99, max); None without float64.
+    engine_error: dict | None = None
+    trainer_error: dict | None = None
+    prefix_reuse_possible: bool = False  # prefix caching on across a weight update, no reset
 
 
 def perturb_in_place(model, scale: float, seed: int) -> dict[str, torch.Tensor]:
@@ -112,88 +170,142 @@ def perturb_in_place(model, scale: float, seed: int) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def _measure(model, rollouts: list[Rollout], sampling: SamplingConfig, pad_id: int,
-             fp32_lm_head: bool):
-    recomputed = rollout_logprobs(model, rollouts, sampling, pad_id=pad_id,
-                                  fp32_lm_head=fp32_lm_head)
-    lp_train = torch.cat([r.logprobs for r in recomputed])
-    lp_engine = torch.tensor([lp for r in rollouts for lp in r.logprobs])
-    positions = [i for r in rollouts for i in range(r.num_tokens)]
-    return (mismatch_metrics(lp_train, lp_engine), (lp_train - lp_engine).abs().tolist(), positions,
-            lp_train)
-
-
 def _wants_fp64(cfg: DoctorConfig, model) -> bool:
     if cfg.fp64_reference is not None:
         return cfg.fp64_reference
     return sum(p.numel() for p in model.parameters()) <= 1e9
 
 
-def noise_floor(model, rollouts: list[Rollout], sampling: SamplingConfig, pad_id: int) -> dict:
+def noise_floor(model, rollouts: list[Rollout], sampling: SamplingConfig, pad_id: int,
+                fp32_lm_head: bool) -> dict:
     """The trainer against itself: the same tokens batched together vs one sequence at a time."""
-    together = rollout_logprobs(model, rollouts, sampling, pad_id=pad_id, batch_size=16)
-    alone = rollout_logprobs(model, rollouts, sampling, pad_id=pad_id, batch_size=1)
+    together = rollout_logprobs(model, rollouts, sampling, pad_id=pad_id, batch_size=16,
+                                fp32_lm_head=fp32_lm_head)
+    alone = rollout_logprobs(model, rollouts, sampling, pad_id=pad_id, batch_size=1,
+                             fp32_lm_head=fp32_lm_head)
     return mismatch_metrics(torch.cat([r.logprobs for r in together]),
                             torch.cat([r.logprobs for r in alone]))
 
 
+class _Session:
+    """The state one ladder run carries from rung to rung: model, engine, float64 copy."""
+
+    def __init__(self, cfg: DoctorConfig) -> None:
+        from parityrl.models.load import load_policy
+        from parityrl.models.tiny import load_tokenizer
+
+        self.cfg = cfg
+        tokenizer = load_tokenizer(cfg.model)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.chat_template = (has_chat_template(tokenizer) if cfg.chat_template is None
+                              else cfg.chat_template)
+        self.prompt_ids = [encode_prompt(tokenizer, p, self.chat_template) for p in cfg.prompts]
+        self.model = load_policy(cfg.model, cfg.dtype)
+        self.exact = Float64Reference(self.model) if _wants_fp64(cfg, self.model) else None
+        self.engine = None
+        self.engine_overrides: dict | None = None
+        self.engine_has_trainer_weights = True  # false once the trainer moved and did not push
+
+    async def engine_for(self, rung: Rung):
+        from parityrl.engine.engine import RolloutEngine
+
+        overrides = rung.engine_overrides(self.cfg.seed)
+        if self.engine is None or overrides != self.engine_overrides:
+            if self.engine is not None:
+                await self.engine.close()
+            settings = EngineSettings.vllm_defaults(self.cfg.model, dtype=self.cfg.dtype,
+                                                    max_model_len=self.cfg.max_model_len,
+                                                    **overrides)
+            self.engine = await RolloutEngine.start(settings)
+            self.engine_overrides = overrides
+            # A fresh engine loads the folder's weights: give it the trainer's if they moved.
+            if rung.pushes and not self.engine_has_trainer_weights:
+                await self.engine.update_weights(self.model.state_dict())
+                self.engine_has_trainer_weights = True
+        return self.engine
+
+    async def move_weights(self, rung: Rung, index: int) -> tuple[str | None, bool | None]:
+        """Perturb the trainer's weights; push them unless the push is withheld."""
+        cfg, engine = self.cfg, self.engine
+        if engine.resolved_settings()["enable_prefix_caching"]:
+            # Cache the prompts under the old weights first: without a reset after the update,
+            # the engine would reuse their KV blocks.
+            warm = cfg.samplings[0].model_copy(update={"max_tokens": 1})
+            await engine.generate_many(self.prompt_ids, warm, n=1, seed=cfg.seed)
+        state = perturb_in_place(self.model, cfg.perturbation, seed=cfg.seed + index)
+        self.engine_has_trainer_weights = False
+        if not rung.pushes:
+            return None, None
+        report = await engine.update_weights(
+            state, verify=False, skip=cfg.sabotage_skip,
+            reset_prefix_cache="prefix-cache-reset" not in cfg.withhold)
+        self.engine_has_trainer_weights = not cfg.sabotage_skip
+        return report.check.summary(), report.check.ok
+
+    def measure(self, rung: Rung, rollouts: list[Rollout], sampling: SamplingConfig):
+        recomputed = rollout_logprobs(self.model, rollouts, sampling, pad_id=self.pad_id,
+                                      fp32_lm_head=rung.trainer_fp32_lm_head)
+        lp_train = torch.cat([r.logprobs for r in recomputed])
+        outside = torch.cat([r.outside_nucleus for r in recomputed])
+        lp_engine = torch.tensor([lp for r in rollouts for lp in r.logprobs], dtype=torch.float64)
+        metrics = mismatch_metrics(lp_train, lp_engine, outside)
+        diffs = (lp_train.double() - lp_engine).abs()
+        engine_error = trainer_error = None
+        if self.exact is not None:
+            self.exact.refresh(self.model)
+            lp_exact = self.exact.logprobs(rollouts, sampling, pad_id=self.pad_id,
+                                           fp32_lm_head=rung.trainer_fp32_lm_head)
+            engine_error = error_stats(lp_engine, lp_exact)
+            trainer_error = error_stats(lp_train, lp_exact)
+        positions = [i for r in rollouts for i in range(r.num_tokens)]
+        return metrics, diffs.tolist(), positions, engine_error, trainer_error
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            await self.engine.close()
+
+
 async def run_ladder(
     cfg: DoctorConfig, on_rung: Callable[[RungResult], None] | None = None,
-    rungs: list[Rung] = LADDER,
+    rungs: list[Rung] | None = None,
 ) -> tuple[list[RungResult], dict]:
-    """Run `rungs` in order; returns one result per rung and sampling, and the trainer's noise
+    """Run the ladder in order; returns one result per rung and sampling, and the trainer's noise
     floor (measured on the first rung's rollouts of the first sampling)."""
-    from parityrl.engine.engine import RolloutEngine
-    from parityrl.models.load import load_policy
-    from parityrl.models.tiny import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in cfg.prompts]
-    model = load_policy(cfg.model, cfg.dtype)
+    rungs = rungs if rungs is not None else build_ladder(cfg.withhold)
+    session = _Session(cfg)
     results: list[RungResult] = []
     floor: dict = {}
-    engine, engine_overrides = None, None
-    perturbed = False  # once the trainer's weights moved, a fresh engine must receive them
     try:
         for index, rung in enumerate(rungs):
-            settings = EngineSettings.vllm_defaults(cfg.model, dtype=cfg.dtype, seed=cfg.seed,
-                                                    **rung.engine)
-            if engine is None or rung.engine != engine_overrides:
-                if engine is not None:
-                    await engine.close()
-                engine = await RolloutEngine.start(settings)
-                engine_overrides = rung.engine
-                if perturbed:
-                    await engine.update_weights(model.state_dict())
+            engine = await session.engine_for(rung)
             sync_check = sync_ok = None
-            if rung.push_weights:
-                state = perturb_in_place(model, cfg.perturb_scale, seed=cfg.seed + index)
-                perturbed = True
-                report = await engine.update_weights(state, verify=False, skip=cfg.sabotage_skip)
-                sync_check, sync_ok = report.check.summary(), report.check.ok
-            resolved = engine.resolved_settings() | {"trainer_fp32_lm_head": rung.fp32_lm_head,
-                                                     "trainer_dtype": cfg.dtype}
+            if rung.perturbs:
+                sync_check, sync_ok = await session.move_weights(rung, index)
+            resolved = engine.resolved_settings() | {
+                "trainer_fp32_lm_head": rung.trainer_fp32_lm_head, "trainer_dtype": cfg.dtype,
+                "chat_template": session.chat_template,
+                "weights_pushed": rung.pushes if rung.perturbs else None,
+                "prefix_cache_reset_after_update":
+                    ("prefix-cache-reset" not in cfg.withhold) if rung.perturbs else None}
             for sampling in cfg.samplings:
-                rollouts = await engine.generate_many(prompt_ids, sampling, n=cfg.num_samples,
-                                                      seed=cfg.seed)
-                metrics, abs_diffs, positions, lp_train = _measure(model, rollouts, sampling,
-                                                                   pad_id, rung.fp32_lm_head)
-                result = RungResult(rung.name, rung.layer, sampling, resolved, metrics, abs_diffs,
-                                    positions, sync_check, sync_ok)
-                if index == len(rungs) - 1 and _wants_fp64(cfg, model):
-                    lp_exact = exact_logprobs(model, rollouts, sampling, pad_id=pad_id)
-                    result.precision_error = (lp_train.double() - lp_exact).abs().tolist()
+                rollouts = await engine.generate_many(session.prompt_ids, sampling,
+                                                      n=cfg.num_samples, seed=cfg.seed)
+                metrics, diffs, positions, e_err, t_err = session.measure(rung, rollouts, sampling)
+                result = RungResult(
+                    rung.name, rung.layer, sampling, resolved, metrics, diffs, positions,
+                    rung.withheld, sync_check, sync_ok, e_err, t_err,
+                    prefix_reuse_possible=bool(rung.perturbs and resolved["enable_prefix_caching"]
+                                               and "prefix-cache-reset" in cfg.withhold))
                 results.append(result)
                 if on_rung:
                     on_rung(result)
                 if not floor:
-                    floor = noise_floor(model, rollouts, sampling, pad_id)
+                    floor = noise_floor(session.model, rollouts, sampling, session.pad_id,
+                                        rungs[-1].trainer_fp32_lm_head)
     finally:
-        if engine is not None:
-            await engine.close()
+        await session.close()
     return results, floor
 
 
-def run_ladder_sync(cfg: DoctorConfig, on_rung=None, rungs: list[Rung] = LADDER):
+def run_ladder_sync(cfg: DoctorConfig, on_rung=None, rungs: list[Rung] | None = None):
     return asyncio.run(run_ladder(cfg, on_rung, rungs))

@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import torch
 
 from parityrl.engine.settings import EngineSettings, resolved_engine_settings
+from parityrl.shm_guard import ensure_guard, shm_folder
 from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
 from parityrl.weights.digest import DigestCheck
@@ -39,6 +38,10 @@ class UpdateReport:
     worker_digest_seconds: float  # the part of load_seconds spent on digests
 
 
+# An engine control call (pause, reload, resume) taking longer than this means a stuck engine.
+CONTROL_TIMEOUT_S = 300.0
+
+
 class WeightSyncError(RuntimeError):
     """The engine does not hold what the trainer sent."""
 
@@ -50,13 +53,14 @@ class RolloutEngine:
         self.version = 0
         self._request_ids = itertools.count()
         self._expected_names = checkpoint_tensor_names(settings.model)
-        self._update_dir = Path(tempfile.mkdtemp(prefix="parityrl-weights-", dir=_shm_dir()))
+        self._update_dir = shm_folder("weights")
         self._update_file = SharedUpdateFile(self._update_dir)
 
     @classmethod
     async def start(cls, settings: EngineSettings) -> "RolloutEngine":
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        ensure_guard()  # before the engine creates its shared memory: reclaimed on any exit
         # No local holds the AsyncLLM: an import inside vLLM keeps a traceback whose frames reach
         # this one, and a local here would keep the engine alive past close() (its __del__ then
         # fails at interpreter exit).
@@ -112,7 +116,7 @@ class RolloutEngine:
 
     async def update_weights(
         self, state_dict: dict[str, torch.Tensor], *, version: int | None = None,
-        verify: bool = True, skip: set[str] = frozenset(),
+        verify: bool = True, skip: set[str] = frozenset(), reset_prefix_cache: bool = True,
     ) -> UpdateReport:
         """Push `state_dict` into the running engine without aborting requests in flight.
 
@@ -120,21 +124,25 @@ class RolloutEngine:
         reloaded in place, the prefix cache is reset (cached prefixes were computed by the old
         weights, and vLLM does not drop them on a reload), the version increments, and generation
         resumes. `version` labels the new weights (default: the current version + 1; the trainer
-        passes its optimizer step). `skip` leaves tensors out on purpose: tests use it to prove
-        that a broken update is caught.
+        passes its optimizer step). `skip` leaves tensors out on purpose and
+        `reset_prefix_cache=False` keeps stale prefixes: the doctor uses both to show that a broken
+        update is caught.
         """
         start = time.perf_counter()
-        await self.llm.pause_generation(mode="keep", clear_cache=False)
+        await self._control(self.llm.pause_generation(mode="keep", clear_cache=False))
         try:
             write_start = time.perf_counter()
             path, sent = self._update_file.write(state_dict, self.settings.dtype, skip=skip)
             written = time.perf_counter()
-            (result,) = await self.llm.collective_rpc("parityrl_load_weights", args=(str(path),))
-            await self.llm.reset_prefix_cache()
+            (result,) = await self._control(
+                self.llm.collective_rpc("parityrl_load_weights", args=(str(path),)))
+            if reset_prefix_cache:
+                await self._control(self.llm.reset_prefix_cache())
             self.version = self.version + 1 if version is None else version
-            await self.llm.update_weight_version(str(self.version))
+            await self._control(self.llm.update_weight_version(str(self.version)))
         finally:
-            await self.llm.resume_generation()
+            if not self.llm.errored:
+                await self._control(self.llm.resume_generation())
         from parityrl.weights.digest import compare_digests
 
         check = compare_digests(sent, result["digests"], self._expected_names)
@@ -144,6 +152,25 @@ class RolloutEngine:
         if verify and not check.ok:
             raise WeightSyncError(check.summary())
         return report
+
+    async def _control(self, call, timeout: float = CONTROL_TIMEOUT_S):
+        """Await an engine control call, but not on a dead engine: a utility call sent just before
+        the engine-core process died is never answered. Raises EngineDeadError when vLLM marks the
+        engine dead, asyncio.TimeoutError after `timeout` seconds."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        task = asyncio.ensure_future(call)
+        deadline = time.monotonic() + timeout
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.2)
+            if done:
+                return task.result()
+            if self.llm.errored or time.monotonic() > deadline:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                if self.llm.errored:
+                    raise EngineDeadError()
+                raise asyncio.TimeoutError(f"an engine control call took more than {timeout} s")
 
     async def close(self) -> None:
         """Stop the engine process and let its output task finish inside this event loop."""
@@ -168,8 +195,3 @@ class RolloutEngine:
         for leftover in self._update_dir.glob("*"):
             leftover.unlink(missing_ok=True)
         self._update_dir.rmdir()
-
-
-def _shm_dir() -> str | None:
-    # Shared memory keeps the weight hand-over off the disk when the OS offers it.
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None

@@ -16,32 +16,36 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 
 
 class EngineSettings(BaseModel):
-    """Settings of one vLLM V1 engine. Defaults are the parity settings (the doctor's last rung)."""
+    """Settings of one vLLM V1 engine. Defaults are the parity settings (the doctor's last rung).
+
+    A numerics field set to None is not passed to vLLM at all: vLLM's own default applies, and
+    only `resolved_engine_settings` says what it was. Only the doctor's first rung does that.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="Path of a Hugging Face model folder.")
     dtype: Dtype = Field("float32", description="Weights and activations dtype.")
-    lm_head_dtype: Literal["model", "float32"] = Field(
+    lm_head_dtype: Literal["model", "float32"] | None = Field(
         "float32", description="Dtype of the final projection (vLLM hf_overrides head_dtype)."
     )
-    logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = Field(
+    logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] | None = Field(
         "processed_logprobs",
         description="vLLM's default is raw_logprobs: logprobs of the unprocessed distribution.",
     )
-    enable_prefix_caching: bool = Field(
+    enable_prefix_caching: bool | None = Field(
         False, description="vLLM default on; cached prefixes survive weight updates."
     )
-    async_scheduling: bool = Field(False, description="Recent vLLM default on; not batch invariant.")
-    enable_chunked_prefill: bool = Field(False, description="Split long prefills across steps.")
-    enforce_eager: bool = Field(True, description="No torch.compile / CUDA graphs.")
-    seed: int = Field(0, description="Engine seed (requests may carry their own).")
+    async_scheduling: bool | None = Field(False, description="Recent vLLM default on; not batch invariant.")
+    enable_chunked_prefill: bool | None = Field(False, description="Split long prefills across steps.")
+    enforce_eager: bool | None = Field(True, description="No torch.compile / CUDA graphs.")
+    seed: int | None = Field(0, description="Engine seed (requests may carry their own).")
     max_model_len: int = Field(512, ge=16, description="Prompt + completion token limit.")
     max_num_seqs: int = Field(64, ge=1, description="Sequences decoded concurrently.")
     max_num_batched_tokens: int = Field(4096, ge=16, description="Tokens per engine step.")
     kv_cache_gib: float = Field(0.25, gt=0, description="KV cache space (CPU: RAM, GPU: VRAM).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU only.")
-    generation_config: Literal["vllm", "auto"] = Field(
+    generation_config: Literal["vllm", "auto"] | None = Field(
         "vllm",
         description="'auto' lets the model folder's generation_config.json change sampling defaults.",
     )
@@ -52,15 +56,10 @@ class EngineSettings(BaseModel):
 
     @classmethod
     def vllm_defaults(cls, model: str, **overrides) -> "EngineSettings":
-        """What a user gets from vLLM V1 without saying anything (the doctor's first rung)."""
-        base = dict(
-            model=model,
-            lm_head_dtype="model",
-            logprobs_mode="raw_logprobs",
-            enable_prefix_caching=True,
-            enable_chunked_prefill=True,
-        )
-        return cls(**{**base, **overrides})
+        """What a user gets from vLLM V1 without saying anything (the doctor's first rung):
+        every numerics knob left to vLLM. Model, dtype and the resource limits are still passed."""
+        unset = {name: None for name in NUMERICS_KNOBS}
+        return cls(**{"model": model, **unset, **overrides})
 
     def to_engine_args(self):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -68,28 +67,39 @@ class EngineSettings(BaseModel):
         return AsyncEngineArgs(**self.engine_kwargs())
 
     def engine_kwargs(self) -> dict:
-        """The vLLM engine arguments, as keywords (`vllm.LLM(**kwargs)` takes the same)."""
-        return dict(
-            model=self.model,
-            tokenizer=self.model,
-            dtype=self.dtype,
-            hf_overrides={"head_dtype": self.lm_head_dtype},
+        """The vLLM engine arguments, as keywords (`vllm.LLM(**kwargs)` takes the same).
+
+        Knobs left at None are omitted, so vLLM applies its own default.
+        """
+        numerics = dict(
+            hf_overrides=None if self.lm_head_dtype is None else {"head_dtype": self.lm_head_dtype},
             logprobs_mode=self.logprobs_mode,
             enable_prefix_caching=self.enable_prefix_caching,
             async_scheduling=self.async_scheduling,
             enable_chunked_prefill=self.enable_chunked_prefill,
             enforce_eager=self.enforce_eager,
             seed=self.seed,
+            generation_config=self.generation_config,
+        )
+        return dict(
+            model=self.model,
+            tokenizer=self.model,
+            dtype=self.dtype,
+            **{k: v for k, v in numerics.items() if v is not None},
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             kv_cache_memory_bytes=int(self.kv_cache_gib * (1 << 30)),
             gpu_memory_utilization=self.gpu_memory_utilization,
-            generation_config=self.generation_config,
             worker_extension_cls=self.worker_extension,
             tensor_parallel_size=1,
             disable_log_stats=True,
         )
+
+
+# The fields that change what the engine computes or reports; None leaves them to vLLM.
+NUMERICS_KNOBS = ("lm_head_dtype", "logprobs_mode", "enable_prefix_caching", "async_scheduling",
+                  "enable_chunked_prefill", "enforce_eager", "seed", "generation_config")
 
 
 def resolved_engine_settings(vllm_config) -> dict:
@@ -117,6 +127,9 @@ def resolved_engine_settings(vllm_config) -> dict:
         "max_num_batched_tokens": sched.max_num_batched_tokens,
         "compilation_mode": str(vllm_config.compilation_config.mode),
         "worker_extension_cls": vllm_config.parallel_config.worker_extension_cls,
+        # Sampling defaults the model folder imposes on requests that leave them unset (vLLM's
+        # OpenAI server, LLM.get_default_sampling_params()); empty with generation_config="vllm".
+        "generation_config_sampling_defaults": model.get_diff_sampling_param(),
     }
 
 

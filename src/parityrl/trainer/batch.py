@@ -68,5 +68,6 @@ def rollout_logprobs(
             for i in range(len(chunk)):
                 row = result.mask[i]
                 out.append(TokenLogprobs(result.logprobs[i][row].cpu(), result.entropy[i][row].cpu(),
-                                         torch.ones(int(row.sum()), dtype=torch.bool)))
+                                         torch.ones(int(row.sum()), dtype=torch.bool),
+                                         result.outside_nucleus[i][row].cpu()))
     return out

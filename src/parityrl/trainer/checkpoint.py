@@ -3,6 +3,7 @@
     runs/x/checkpoints/step-000050/
         model.safetensors       trainer weights (HF names; loadable by the engine as well)
         optimizer.safetensors   AdamW state tensors, flattened as state.<param index>.<key>
+        master.safetensors      float32 master weights (bfloat16/float16 models only)
         state.json              step, data position, optimizer param groups, python/torch RNG
 
 A checkpoint is written to a temporary folder and renamed into place, so a crash leaves either
@@ -26,6 +27,7 @@ class TrainingState:
     step: int
     data_position: int
     extra: dict
+    master: dict[str, torch.Tensor] | None = None
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
@@ -48,7 +50,8 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path, groups: list
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, step: int, data_position: int,
-                    keep: int, extra: dict | None = None) -> Path:
+                    keep: int, extra: dict | None = None,
+                    master: dict[str, torch.Tensor] | None = None) -> Path:
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -58,6 +61,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, step: int, data_position: i
     save_model(model, str(tmp / "model.safetensors"))  # handles tied tensors
     opt_tensors, groups = _optimizer_tensors(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    if master is not None:
+        save_file({k: v.contiguous() for k, v in master.items()}, str(tmp / "master.safetensors"))
     save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps({
         "step": step, "data_position": data_position, "param_groups": groups,
@@ -81,7 +86,9 @@ def load_checkpoint(folder: Path, model, optimizer) -> TrainingState:
     _load_optimizer(optimizer, folder, state["param_groups"])
     torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch_rng"])
     random.setstate(_tupled(state["python_rng"]))
-    return TrainingState(state["step"], state["data_position"], state.get("extra", {}))
+    master_file = folder / "master.safetensors"
+    master = load_file(str(master_file)) if master_file.exists() else None
+    return TrainingState(state["step"], state["data_position"], state.get("extra", {}), master)
 
 
 def _jsonable(rng_state):

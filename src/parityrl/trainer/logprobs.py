@@ -10,6 +10,14 @@ steps `SamplingConfig` allows (see parityrl/sampling.py):
 Top-k keeps every token whose logit is >= the k-th largest (ties kept), top-p sorts ascending and
 masks tokens whose cumulative probability is <= 1 - p, always keeping the most likely one; both
 exactly as `apply_top_k_top_p_pytorch` in vllm/v1/sample/ops/topk_topp_sampler.py.
+
+The nucleus rule: the token the engine sampled is always kept. The engine drew it from its own
+kept set, computed from logits that differ from the trainer's by rounding; where the token sits at
+the edge of that set, the trainer's own set may leave it out, and its logprob would be -inf (seen
+on SmolLM2-135M in bfloat16 at top-p 0.9). The trainer's set is therefore its own set ∪ {the
+sampled token}, and how often that union was needed is reported (`outside_nucleus`,
+`mismatch/nucleus_boundary_frac`). vLLM 0.32 can return the engine's kept set only on GPU (Model
+Runner V2's `return_sampling_mask`), so the CPU engine cannot replay it exactly.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ class TokenLogprobs:
     logprobs: torch.Tensor
     entropy: torch.Tensor
     mask: torch.Tensor
+    # True where the sampled token lies outside the trainer's own top-k/top-p set (kept anyway).
+    outside_nucleus: torch.Tensor | None = None
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -40,25 +50,37 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def process_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """Apply the engine sampler's processing to float32 logits [N, V]; masked tokens become -inf."""
+def process_logits(logits: torch.Tensor, sampling: SamplingConfig,
+                   sampled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the engine sampler's processing to logits [N, V]; masked tokens become -inf.
+
+    `sampled` ([N] token ids) are never masked (the nucleus rule above). Returns the processed
+    float32 (or float64) logits and, per row, whether the sampled token was outside the set that
+    top-k/top-p alone would keep (all False without `sampled` or without top-k/top-p).
+    """
     logits = _at_least_fp32(logits)
+    outside = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     if sampling.is_greedy:
         # vLLM skips temperature (and, in all-greedy batches, top-k/top-p) for greedy requests.
-        return logits
+        return logits, outside
     logits = logits / sampling.temperature
     if sampling.top_k <= 0 and sampling.top_p >= 1.0:
-        return logits
+        return logits, outside
     sorted_logits, order = logits.sort(dim=-1, descending=False)
+    drop_sorted = torch.zeros_like(sorted_logits, dtype=torch.bool)
     if 0 < sampling.top_k < logits.shape[-1]:
         kth_largest = sorted_logits[:, -sampling.top_k].unsqueeze(-1)
-        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
+        drop_sorted |= sorted_logits < kth_largest
     if sampling.top_p < 1.0:
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= 1.0 - sampling.top_p
-        drop[:, -1] = False  # the most likely token always survives
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+        cumulative = sorted_logits.masked_fill(drop_sorted, float("-inf")).softmax(-1).cumsum(-1)
+        drop_sorted |= cumulative <= 1.0 - sampling.top_p
+        drop_sorted[:, -1] = False  # the most likely token always survives
+    drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    if sampled is not None:
+        picked = sampled.view(-1, 1)
+        outside = drop.gather(-1, picked).squeeze(-1)
+        drop.scatter_(-1, picked, False)
+    return logits.masked_fill(drop, float("-inf")), outside
 
 
 def _entropy(logprobs: torch.Tensor) -> torch.Tensor:
@@ -127,15 +149,20 @@ def token_logprobs(
     wanted = completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
     # Only completion positions are projected: the [N, V] float32 logits are the memory peak.
     logits = project_to_vocab(model, hidden[:, :-1][wanted], fp32_lm_head)
+    sampled = targets[wanted]
+    outside = torch.zeros_like(sampled, dtype=torch.bool)
     if logprobs_mode == "raw_logprobs":
         logprobs_all = _at_least_fp32(logits).log_softmax(-1)
     else:
-        logprobs_all = process_logits(logits, sampling).log_softmax(-1)
-    picked = logprobs_all.gather(-1, targets[wanted].unsqueeze(-1)).squeeze(-1)
+        processed, outside = process_logits(logits, sampling, sampled)
+        logprobs_all = processed.log_softmax(-1)
+    picked = logprobs_all.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
 
     out_lp = torch.zeros(targets.shape, dtype=picked.dtype, device=input_ids.device)
     out_lp[wanted] = picked
     out_ent = torch.zeros_like(out_lp)
     if with_entropy:
         out_ent[wanted] = _entropy(logprobs_all)
-    return TokenLogprobs(logprobs=out_lp, entropy=out_ent, mask=wanted)
+    out_outside = torch.zeros(targets.shape, dtype=torch.bool, device=input_ids.device)
+    out_outside[wanted] = outside
+    return TokenLogprobs(logprobs=out_lp, entropy=out_ent, mask=wanted, outside_nucleus=out_outside)

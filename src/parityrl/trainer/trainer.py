@@ -28,6 +28,7 @@ class StepTokens:
     """Detached per-token tensors of one step, concatenated over micro-batches."""
 
     parts: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    skipped_samples: int = 0  # samples left out of the loss: a non-finite logprob on either side
 
     def add(self, **tensors: torch.Tensor | None) -> None:
         for name, value in tensors.items():
@@ -62,9 +63,17 @@ class Trainer:
         self.ref_model = ref_model
         self.pad_id = pad_id
         opt = cfg.trainer.optim
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas,
-                                           weight_decay=opt.weight_decay)
+        self.params = list(model.parameters())
+        # In bfloat16/float16 an AdamW update is mostly below the weights' resolution: the
+        # optimizer steps float32 master copies and the model (what the forward and the engine
+        # see) gets them rounded to its own dtype after each step.
+        low_precision = any(p.dtype != torch.float32 for p in self.params)
+        self.master = ([torch.nn.Parameter(p.detach().float().clone()) for p in self.params]
+                       if low_precision and opt.master_weights == "float32" else None)
+        self.optimizer = torch.optim.AdamW(self.master or self.params, lr=opt.lr,
+                                           betas=opt.betas, weight_decay=opt.weight_decay)
         self.version = 0  # optimizer steps taken; the engine holds the same number after a push
+        self.nonfinite_streak = 0  # consecutive steps whose gradient was not finite
 
     # -- phases ---------------------------------------------------------------------------------
     def _assign_advantages(self, groups: list[Group]) -> list[Rollout]:
@@ -84,36 +93,74 @@ class Trainer:
                              batch.completion_mask, self.cfg.sampling,
                              fp32_lm_head=tcfg.fp32_lm_head)
         mask = out.mask
-        lp = out.logprobs[mask]
-        lp_b = batch.engine_logprobs[mask]
         rows = torch.arange(len(chunk), device=device).unsqueeze(1).expand_as(mask)[mask]
+        # A sample with a non-finite logprob on either side never reaches the loss or a mean.
+        finite = torch.isfinite(out.logprobs[mask].detach()) & torch.isfinite(
+            batch.engine_logprobs[mask])
+        bad_rows = rows[~finite].unique()
+        stats.skipped_samples += int(bad_rows.numel())
+        keep = ~torch.isin(rows, bad_rows)
+        if not keep.any():
+            return
+        lp = out.logprobs[mask][keep]
+        lp_b = batch.engine_logprobs[mask][keep]
+        outside = out.outside_nucleus[mask][keep]
+        rows = rows[keep]
         adv = torch.tensor([r.meta["advantage"] for r in chunk], device=device)[rows]
         terms = policy_loss(lp, lp_b, adv, rows, len(chunk), tcfg.loss, tcfg.correction)
         loss = terms.loss
-        entropy = out.entropy[mask]
+        entropy = out.entropy[mask][keep]
         kl_ref = None
         if tcfg.loss.kl_coef > 0 and self.ref_model is not None:
             with torch.no_grad():
                 ref = token_logprobs(self.ref_model, batch.input_ids, batch.attention_mask,
                                      batch.completion_mask, self.cfg.sampling,
                                      fp32_lm_head=tcfg.fp32_lm_head, with_entropy=False)
-            kl_ref = kl_k3(lp, ref.logprobs[mask])
+            kl_ref = kl_k3(lp, ref.logprobs[mask][keep])
             loss = loss + tcfg.loss.kl_coef * kl_ref
         if tcfg.loss.entropy_coef > 0:
             loss = loss - tcfg.loss.entropy_coef * entropy
         (loss.sum() / total_tokens).backward()
         pure = torch.tensor([self.is_pure(r) for r in chunk], device=device)[rows]
-        stats.add(lp=lp, lp_b=lp_b, versions=batch.versions[mask], pure=pure, ratio=terms.ratio,
-                  clipped=terms.clipped, entropy=entropy, adv=adv, loss=loss, kl_ref=kl_ref,
-                  is_weight=terms.is_weight, truncated=terms.truncated, masked=terms.masked)
+        stats.add(lp=lp, lp_b=lp_b, versions=batch.versions[mask][keep], pure=pure,
+                  outside=outside, ratio=terms.ratio, clipped=terms.clipped, entropy=entropy,
+                  adv=adv, loss=loss, kl_ref=kl_ref, is_weight=terms.is_weight,
+                  truncated=terms.truncated, masked=terms.masked)
 
-    def _optimizer_step(self) -> float:
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   self.cfg.trainer.optim.grad_clip)
-        self.optimizer.step()
+    def _optimizer_step(self) -> tuple[float, bool]:
+        """Clip and step; a non-finite gradient norm is not applied (the weights stay as they
+        are, the version still advances so that step numbers and engine versions stay aligned)."""
+        if self.master is not None:
+            for master, param in zip(self.master, self.params):
+                master.grad = None if param.grad is None else param.grad.float()
+                param.grad = None
+        stepped = self.master or self.params
+        grad_norm = torch.nn.utils.clip_grad_norm_(stepped, self.cfg.trainer.optim.grad_clip)
+        applied = bool(torch.isfinite(grad_norm))
+        if applied:
+            self.optimizer.step()
+            if self.master is not None:
+                with torch.no_grad():
+                    for master, param in zip(self.master, self.params):
+                        param.copy_(master)
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
-        return float(grad_norm)
+        return float(grad_norm), applied
+
+    def master_state(self) -> dict[str, torch.Tensor] | None:
+        """The float32 master weights by parameter name (None when the model itself is float32)."""
+        if self.master is None:
+            return None
+        names = [n for n, _ in self.model.named_parameters()]
+        return {n: m.detach() for n, m in zip(names, self.master)}
+
+    def load_master_state(self, tensors: dict[str, torch.Tensor] | None) -> None:
+        """Restore master weights (from a checkpoint, or from the model when it has none)."""
+        if self.master is None:
+            return
+        with torch.no_grad():
+            for (name, param), master in zip(self.model.named_parameters(), self.master):
+                master.copy_(tensors[name] if tensors and name in tensors else param.float())
 
     # -- the step -------------------------------------------------------------------------------
     def accumulate(self, groups: list[Group]) -> "StepState":
@@ -142,6 +189,7 @@ class Trainer:
                                   fp32_lm_head=self.cfg.trainer.fp32_lm_head)
         self.model.train(was_training)
         state.probe_train.extend(r.logprobs for r in scored)
+        state.probe_outside.extend(r.outside_nucleus for r in scored)
 
     def score_exact(self, state: "StepState") -> None:
         """With parity.fp64_reference: float64 logprobs of the parity tokens, before `apply`."""
@@ -158,7 +206,12 @@ class Trainer:
     def apply(self, state: "StepState") -> dict[str, float]:
         """Clip, take the optimizer step; returns the step's metrics (before the version bump)."""
         metrics = self._metrics(state) if "lp" in state.tokens else {}
-        metrics["rl/grad_norm"] = self._optimizer_step()
+        grad_norm, applied = self._optimizer_step()
+        if applied:
+            metrics["rl/grad_norm"] = grad_norm
+        metrics["rl/skipped_nonfinite"] = float(state.tokens.skipped_samples)
+        metrics["rl/skipped_nonfinite_step"] = 0.0 if applied else 1.0
+        self.nonfinite_streak = 0 if applied else self.nonfinite_streak + 1
         return metrics
 
     def _metrics(self, state: "StepState") -> dict[str, float]:
@@ -177,8 +230,6 @@ class Trainer:
             "rl/clip_frac": s["clipped"].mean().item(),
             # Over rollouts sampled entirely by the current weights (see the parity note below):
             # in parity this is exactly 0, whatever the loss.
-            "rl/clip_frac_on_policy": s["clipped"][s["pure"].bool()].mean().item()
-            if s["pure"].any() else float("nan"),
             "rl/kl_k3": (d.double().exp() - 1 - d.double()).mean().item(),
             "rl/entropy": s["entropy"].mean().item(),
             "rl/logprob_mean": lp.mean().item(),
@@ -192,6 +243,8 @@ class Trainer:
             / len(rollouts),
             "lag/on_policy_token_frac": on_policy.float().mean().item(),
         }
+        if s["pure"].any():
+            m["rl/clip_frac_on_policy"] = s["clipped"][s["pure"].bool()].mean().item()
         if "kl_ref" in s:
             m["kl/ref_k3"] = s["kl_ref"].mean().item()
         if "is_weight" in s:
@@ -206,7 +259,10 @@ class Trainer:
         lp_parity = torch.cat([lp[pure], *state.probe_train])
         probe_engine = [torch.tensor(r.logprobs) for r in state.probe_rollouts]
         lp_engine = torch.cat([lp_b[pure], *probe_engine])
-        m |= mismatch_metrics(lp_parity, lp_engine)
+        outside = torch.cat([s["outside"].bool()[pure], *state.probe_outside])
+        parity = mismatch_metrics(lp_parity, lp_engine, outside)
+        # No parity tokens this step (all of it one step old, no probe): nothing to report.
+        m |= {k: v for k, v in parity.items() if v == v}
         m["mismatch/probe_tokens"] = float(sum(len(t) for t in state.probe_train))
         if state.exact_lp is not None:
             m |= precision_metrics(lp_parity, lp_engine, state.exact_lp, self.cfg.parity.tolerance)
@@ -220,4 +276,5 @@ class StepState:
     version: int
     probe_train: list[torch.Tensor] = field(default_factory=list)
     probe_rollouts: list[Rollout] = field(default_factory=list)
+    probe_outside: list[torch.Tensor] = field(default_factory=list)
     exact_lp: torch.Tensor | None = None  # float64 logprobs of the parity tokens

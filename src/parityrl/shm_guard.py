@@ -1,0 +1,216 @@
+"""Reclaim a run's shared memory in /dev/shm, whatever ends the run.
+
+    from parityrl.shm_guard import ensure_guard
+    ensure_guard()          # once per process, before it creates shared memory (engine start)
+
+A run creates files in /dev/shm that outlive it when it is killed (SIGKILL, SIGTERM, a crash): the
+weight hand-over folder (a full copy of the weights), vLLM's `psm_*` message queues and
+multiprocessing semaphores (`sem.*`). `ensure_guard` starts a guardian process in its own session,
+so that a signal sent to the run's process group does not reach it. Every POLL_S the guardian
+records the /dev/shm files (by inode) that a process of the run's tree maps or holds open, read from
+/proc/<pid>/maps and /proc/<pid>/fd, and the `parityrl-<kind>-<pid>-*` folders named after a process
+of the tree (`shm_folder`). When the run's root process is gone it waits up to GRACE_S for the
+tree's other processes to exit, then removes each recorded file that no live process uses, and the
+recorded folders once empty. A path is only ever recorded while a process of this run uses or owns
+it, so files of other processes are never touched.
+
+    python -m parityrl.shm_guard ROOT_PID      # what ensure_guard runs
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHM = "/dev/shm"
+POLL_S = 0.25
+GRACE_S = 5.0
+
+_guard: subprocess.Popen | None = None
+
+
+def ensure_guard() -> None:
+    """Start this process's guardian (once); a no-op where /dev/shm or /proc do not exist."""
+    global _guard
+    if _guard is not None or not (os.path.isdir(SHM) and os.path.isdir("/proc/self")):
+        return
+    _guard = subprocess.Popen(
+        [sys.executable, "-m", "parityrl.shm_guard", str(os.getpid())],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, close_fds=True)
+
+
+def shm_folder(kind: str) -> Path:
+    """A new folder in /dev/shm (else the temp dir) named after this process, for the guardian."""
+    import tempfile
+
+    base = SHM if os.path.isdir(SHM) and os.access(SHM, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix=f"parityrl-{kind}-{os.getpid()}-", dir=base))
+
+
+def _owned_folders(pids: set[int]) -> set[str]:
+    found = set()
+    try:
+        names = os.listdir(SHM)
+    except OSError:
+        return found
+    for name in names:
+        parts = name.split("-")
+        if name.startswith("parityrl-") and len(parts) >= 4 and parts[2].isdigit() \
+                and int(parts[2]) in pids:
+            found.add(os.path.join(SHM, name))
+    return found
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (field 22 of /proc/pid/stat): tells a reused PID apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _shm_inodes(pid: int) -> set[int]:
+    """Inodes of the /dev/shm files that process `pid` maps or holds open.
+
+    Inodes, not names: glibc's sem_open maps a temporary file and then links it under the
+    semaphore's name, so the mapping shows a deleted name for a file that lives on.
+    """
+    found: set[int] = set()
+    try:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith(SHM + "/"):
+                found.add(int(fields[4]))
+    except (OSError, ValueError):
+        pass
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(SHM + "/"):
+                    found.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return found
+
+
+def _entries(folders: set[str]) -> dict[int, str]:
+    """inode → path of the files directly in /dev/shm and in `folders`."""
+    out: dict[int, str] = {}
+    for folder in {SHM, *folders}:
+        try:
+            with os.scandir(folder) as it:
+                for entry in it:
+                    if entry.is_file(follow_symlinks=False):
+                        out[entry.inode()] = entry.path
+        except OSError:
+            continue
+    return out
+
+
+class Tree:
+    """The processes of one run: the root and every descendant seen so far (PID + start time,
+    so that a PID the kernel hands to another process later is not mistaken for ours)."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.members: dict[int, str] = {}
+        start = _start_time(root)
+        if start is not None:
+            self.members[root] = start
+
+    def refresh(self) -> None:
+        children: dict[int, list[int]] = {}
+        for pid in _pids():
+            parent = _parent(pid)
+            if parent is not None:
+                children.setdefault(parent, []).append(pid)
+        stack = [pid for pid in self.members if self.alive(pid)]
+        while stack:
+            pid = stack.pop()
+            for child in children.get(pid, []):
+                if child not in self.members and child != os.getpid():
+                    start = _start_time(child)
+                    if start is not None:
+                        self.members[child] = start
+                        stack.append(child)
+
+    def alive(self, pid: int) -> bool:
+        return pid in self.members and _start_time(pid) == self.members[pid]
+
+    def live(self) -> list[int]:
+        return [pid for pid in self.members if self.alive(pid)]
+
+
+def _in_use(inodes: set[int]) -> set[int]:
+    """Which of `inodes` a live process (any process at all) still maps or holds open."""
+    used: set[int] = set()
+    for pid in _pids():
+        if pid != os.getpid():
+            used |= _shm_inodes(pid) & inodes
+    return used
+
+
+def reclaim(inodes: set[int], folders: set[str]) -> list[str]:
+    """Remove the recorded files nobody uses (in /dev/shm and in `folders`), every file of
+    `folders` nobody uses, then `folders` once empty."""
+    entries = _entries(folders)
+    wanted = {ino for ino, path in entries.items()
+              if ino in inodes or os.path.dirname(path) in folders}
+    removed = []
+    for ino in sorted(wanted - _in_use(wanted)):
+        try:
+            os.unlink(entries[ino])
+            removed.append(entries[ino])
+        except OSError:
+            pass
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+            removed.append(folder)
+        except OSError:
+            pass
+    return removed
+
+
+def guard(root: int) -> None:
+    tree = Tree(root)
+    inodes: set[int] = set()
+    folders: set[str] = set()
+
+    def record() -> None:
+        for pid in tree.live():
+            inodes.update(_shm_inodes(pid))
+        folders.update(_owned_folders(set(tree.members)))
+
+    while tree.alive(root):
+        tree.refresh()
+        record()
+        time.sleep(POLL_S)
+    deadline = time.monotonic() + GRACE_S
+    while tree.live() and time.monotonic() < deadline:
+        record()
+        time.sleep(POLL_S)
+    record()
+    reclaim(inodes, folders)
+
+
+if __name__ == "__main__":
+    guard(int(sys.argv[1]))

@@ -1,0 +1,120 @@
+"""The doctor on a real pretrained model: SmolLM2-135M-Instruct (30 layers, GQA, tied embeddings,
+49k-token BPE, chat template), with chat-templated prompts, top-p/top-k, float32 and bfloat16.
+
+Most tests use a 4-layer truncation (real tokenizer, real weights); the whole model is used where
+depth matters (float32's rounding grows with it). Each layer's fix, withheld, must fail and be
+named.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from parityrl.doctor.ladder import DoctorConfig, build_ladder, run_ladder_sync
+from parityrl.doctor.report import judge_all
+from parityrl.doctor.verdict import consistency
+from parityrl.sampling import SamplingConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.real]
+
+# Long enough that every rendered prompt fills a 128-token KV block: prefix caching has something
+# to reuse across a weight update.
+SYSTEM = ("You are a careful, friendly assistant. You answer questions about science, history, "
+          "mathematics, programming and language. Keep answers short: one or two sentences unless "
+          "the user asks for more. When a question is ambiguous, say which reading you answer. "
+          "Never invent facts; if you do not know, say so. Use plain words, avoid jargon, and give "
+          "numbers with their units. When you write code, use Python and explain it in one line. "
+          "If the user writes in another language, answer in that language. Do not repeat the "
+          "question back. Prefer examples over definitions, and end without a follow-up question.")
+QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "What is 12 + 7?",
+             "Who wrote Hamlet?"]
+PROMPTS = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+           for q in QUESTIONS]
+TOP_P = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=24)
+TOP_K = SamplingConfig(temperature=0.7, top_k=20, max_tokens=24)
+
+
+def _finite(results, floor: dict | None = None) -> bool:
+    import math
+
+    dicts = [r.metrics for r in results] + [floor or {}]
+    return all(math.isfinite(v) for d in dicts for v in d.values() if isinstance(v, float))
+
+
+def test_full_depth_float32_with_top_p_passes(real_model):
+    # Only the last rung: the false FAIL of a per-token bound was at full depth in float32.
+    cfg = DoctorConfig(model=real_model, samplings=[TOP_P], prompts=PROMPTS[:3], num_samples=3)
+    results, floor = run_ladder_sync(cfg, rungs=build_ladder()[-1:])
+    passed, (verdict,) = judge_all(results, floor, "float32")
+    assert passed, verdict.text
+    assert _finite(results)
+    assert results[0].settings["chat_template"] is True
+
+
+def test_bfloat16_with_top_p_and_top_k_is_finite_and_passes(real_model_4l):
+    cfg = DoctorConfig(model=real_model_4l, dtype="bfloat16", samplings=[TOP_P, TOP_K],
+                       prompts=PROMPTS, num_samples=3)
+    results, floor = run_ladder_sync(cfg, rungs=build_ladder()[3:])
+    assert _finite(results, floor)
+    assert all(r.metrics["mismatch/nonfinite_tokens"] == 0 for r in results)
+    assert all("mismatch/nucleus_boundary_frac" in r.metrics for r in results)
+    passed, verdicts = judge_all(results, floor, "bfloat16")
+    assert passed, "\n".join(v.text for v in verdicts)
+
+
+# (fixes withheld, dtype, rung kept from the ladder, layer the verdict must name, measured too)
+WITHHELD = {
+    "raw logprobs": ({"processed-logprobs"}, "float32", "weight-sync", "semantics", True),
+    "missing weight sync": ({"weight-sync"}, "float32", "weight-sync", "weight synchronisation",
+                            True),
+    "prefix cache across an update": ({"explicit-runtime", "prefix-cache-reset"}, "float32",
+                                      "weight-sync", "weight synchronisation", True),
+    # Measured, a bfloat16 engine head against the trainer's float32 one is within the rule's
+    # factor here; the settings the two sides resolved are what fails it.
+    "lm_head dtypes differ": ({"fp32-lm-head"}, "bfloat16", "fp32-lm-head", "numerics", False),
+}
+
+
+@pytest.mark.parametrize("case", list(WITHHELD))
+def test_each_withheld_fix_fails_and_names_its_layer(real_model_4l, case):
+    withhold, dtype, rung_name, layer, measured = WITHHELD[case]
+    cfg = DoctorConfig(model=real_model_4l, dtype=dtype, samplings=[TOP_P], prompts=PROMPTS,
+                       num_samples=2, withhold=frozenset(withhold))
+    rungs = [r for r in build_ladder(cfg.withhold) if r.name == rung_name]
+    results, floor = run_ladder_sync(cfg, rungs=rungs)
+    passed, (verdict,) = judge_all(results, floor, dtype)
+    assert not passed
+    assert verdict.culprit == layer, verdict.text
+    assert verdict.sentence.startswith(f"FAIL at the {layer} layer")
+    if measured:
+        state = consistency(results[-1])
+        assert not state.ok and state.ratio > 10, state.why
+    assert _finite(results)
+
+
+def test_bfloat16_training_with_top_p_keeps_every_metric_finite(real_model_4l, tmp_path):
+    """The shipped real-model recipe (configs/smollm2-chat.yaml), shortened and on the 4-layer
+    copy: chat-templated task, bfloat16 on both sides, top-p 0.9, sync mode."""
+    import math
+    from pathlib import Path
+
+    from parityrl.config import load_config
+    from parityrl.pipeline import run_training
+    from parityrl.runlog import read_metrics
+
+    recipe = Path(__file__).parent.parent / "configs" / "smollm2-chat.yaml"
+    cfg = load_config(recipe, [f"model={real_model_4l}", "max_steps=3", "actor.group_size=4",
+                               "actor.prompts_per_step=4", "eval_every=0",
+                               "checkpoint.every=3", "tensorboard=false"])
+    assert cfg.dtype == "bfloat16" and cfg.sampling.top_p == 0.9 and cfg.task.chat_template
+    run_training(cfg, tmp_path / "run", on_message=lambda m: None)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert "nonfinite" not in row, row["nonfinite"]
+        assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))
+        assert "mismatch/nucleus_boundary_frac" in row
+        assert row["mismatch/nonfinite_tokens"] == 0 and row["rl/skipped_nonfinite"] == 0
+        assert row["lag/max"] == 0  # sync: every token sampled by the weights being trained
+        assert row["rl/clip_frac_on_policy"] <= 0.02
+    assert (tmp_path / "run" / "checkpoints" / "step-000003" / "master.safetensors").exists()

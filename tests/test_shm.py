@@ -1,0 +1,171 @@
+"""A killed or crashed run leaves nothing behind in /dev/shm (parityrl/shm_guard.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from parityrl.runlog import read_metrics
+from parityrl.shm_guard import _entries, _owned_folders, _shm_inodes
+
+SHM = Path("/dev/shm")
+pytestmark = pytest.mark.skipif(not SHM.is_dir(), reason="no /dev/shm on this system")
+
+
+def tree_of(root: int) -> list[int]:
+    """The PIDs of `root` and its descendants, now."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(name))
+    out, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        out.append(pid)
+        stack += children.get(pid, [])
+    return out
+
+
+def shm_of(root: int) -> set[str]:
+    """What the run rooted at `root` holds in /dev/shm right now: paths of the files it maps or
+    holds open, and its parityrl-* folders."""
+    pids = tree_of(root)
+    inodes = set().union(*(_shm_inodes(p) for p in pids))
+    folders = _owned_folders(set(pids))
+    return {path for ino, path in _entries(folders).items() if ino in inodes} | folders
+
+
+def wait_gone(paths: set[str], seconds: float = 10.0) -> set[str]:
+    deadline = time.monotonic() + seconds
+    left = {p for p in paths if os.path.exists(p)}
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = {p for p in left if os.path.exists(p)}
+    return left
+
+
+def test_guardian_reclaims_segments_folders_and_semaphores_of_a_killed_process_group(tmp_path):
+    # A parent and a child that hold what a run holds: a psm_ segment, a semaphore, a file in a
+    # parityrl-<kind>-<pid>-* folder; SIGKILL to the whole group.
+    script = tmp_path / "holder.py"
+    script.write_text(textwrap.dedent("""
+        import mmap, multiprocessing as mp, os, sys, time
+        from multiprocessing import shared_memory
+        from parityrl.shm_guard import ensure_guard, shm_folder
+        ensure_guard()
+        folder = shm_folder("test")
+        f = open(folder / "weights.bin", "w+b"); f.truncate(4096)
+        m = mmap.mmap(f.fileno(), 4096)
+        seg = shared_memory.SharedMemory(create=True, size=8192)
+        lock = mp.get_context("spawn").Semaphore(1)
+        def child():
+            other = shared_memory.SharedMemory(create=True, size=4096)
+            time.sleep(600)
+        p = mp.get_context("fork").Process(target=child); p.start()
+        print("ready", flush=True)
+        time.sleep(600)
+    """))
+    other = SHM / f"not-ours-{os.getpid()}"
+    other.write_bytes(b"x")  # another process's file: must survive
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(1.0)  # the guardian's first polls
+        held = shm_of(proc.pid)
+        names = [Path(p).name for p in held]
+        assert len([n for n in names if n.startswith("psm_")]) == 2, held
+        assert any(n.startswith("sem.") for n in names), held
+        assert any(n.startswith(f"parityrl-test-{proc.pid}-") for n in names), held
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert wait_gone(held) == set()
+    assert other.exists()
+    other.unlink()
+
+
+def _train_config(model: str, prompts: Path, tmp_path: Path, max_steps: int) -> Path:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "shm", "max_steps": max_steps, "mode": "async", "model": model,
+        "sampling": {"temperature": 0.7, "max_tokens": 48},
+        "task": {"type": "jsonl", "path": str(prompts)},
+        # No engine restart: a dead engine ends the run (test_reliability covers restarts).
+        "actor": {"group_size": 4, "prompts_per_step": 4, "max_restarts": 0},
+        "engine": {"max_model_len": 128, "kv_cache_gib": 0.1},
+        "checkpoint": {"every": 100},
+    }))
+    return config
+
+
+@pytest.fixture()
+def prompts(tmp_path) -> Path:
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1)}) + "\n"
+                            for a in range(50)))
+    return path
+
+
+def _start_train(config: Path, run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", "parityrl.cli", "train", str(config), "--out",
+                             str(run_dir)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_steps(proc, run_dir: Path, steps: int) -> None:
+    deadline = time.time() + 300
+    while len(read_metrics(run_dir / "metrics.jsonl")) < steps:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline, "training too slow"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkilled_training_run_leaves_nothing_in_dev_shm(tiny_model, prompts, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start_train(_train_config(tiny_model, prompts, tmp_path, 50), run_dir)
+    try:
+        _wait_for_steps(proc, run_dir, 2)
+        held = shm_of(proc.pid)
+        assert any("parityrl-weights-" in p for p in held) and any("psm_" in p for p in held), held
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert wait_gone(held) == set()
+
+
+@pytest.mark.slow
+def test_run_whose_engine_core_dies_exits_and_leaves_nothing(tiny_model, prompts, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start_train(_train_config(tiny_model, prompts, tmp_path, 50), run_dir)
+    try:
+        _wait_for_steps(proc, run_dir, 2)
+        held = shm_of(proc.pid)
+        cores = [p for p in tree_of(proc.pid)
+                 if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"VLLM::EngineCore")]
+        assert cores, "no engine-core process found"
+        os.kill(cores[0], signal.SIGKILL)
+        proc.wait(timeout=120)
+        assert proc.returncode == 1
+        errors = [line for line in proc.stderr.read().splitlines() if line.startswith("error:")]
+        assert errors and "engine died" in errors[0], errors
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert wait_gone(held) == set()
