@@ -68,13 +68,41 @@ def pytest_sessionstart(session):
     session.config.shm_before = set(os.listdir(SHM)) if os.path.isdir(SHM) else None
 
 
+def _held_by_others(names: set[str]) -> set[str]:
+    """Of `names` (entries of /dev/shm), those a live process outside this test session uses or
+    owns (another run on the machine): not this session's leak."""
+    from parityrl.shm_guard import Tree, _pids, _shm_inodes
+
+    session = Tree(os.getpid())
+    session.refresh()
+    others = [p for p in _pids() if p not in session.members]
+    used = set().union(*(_shm_inodes(p) for p in others)) if others else set()
+    held = set()
+    for name in names:
+        path = os.path.join(SHM, name)
+        parts = name.split("-")
+        owner = int(parts[2]) if name.startswith("parityrl-") and len(parts) > 3 \
+            and parts[2].isdigit() else None
+        try:
+            inode = os.stat(path).st_ino
+        except OSError:
+            continue
+        if inode in used or (owner is not None and owner in others):
+            held.add(name)
+    return held
+
+
 def pytest_sessionfinish(session, exitstatus):
     before = getattr(session.config, "shm_before", None)
     if before is None:
         return
     # Killed runs' guardians reclaim within seconds: give the last ones time to finish.
     deadline = time.monotonic() + 15
-    while (left := set(os.listdir(SHM)) - before) and time.monotonic() < deadline:
+    while True:
+        left = set(os.listdir(SHM)) - before
+        left -= _held_by_others(left)
+        if not left or time.monotonic() > deadline:
+            break
         time.sleep(0.2)
     if left:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")

@@ -23,6 +23,7 @@ import torch
 from parityrl.config import RunConfig, engine_settings
 from parityrl.errors import UserError
 from parityrl.rollouts.actor import ActorLimits, RunStopped, is_engine_death
+from parityrl.rollouts.ledger import Ledger
 from parityrl.rollouts.stream import Group
 
 
@@ -48,11 +49,11 @@ class TrainResult:
     eval_after: float | None = None
 
 
-def split_stale(groups: list[Group], version: int, max_lag: int) -> tuple[list[Group], int]:
-    """Groups whose every token is at most `max_lag` versions old, and the count of samples dropped."""
+def split_stale(groups: list[Group], version: int, max_lag: int) -> tuple[list[Group], list[Group]]:
+    """Groups whose every token is at most `max_lag` versions old, and the groups that are not."""
     fresh = [g for g in groups if all(version - r.min_version <= max_lag for r in g)]
-    dropped = sum(len(g) for g in groups) - sum(len(g) for g in fresh)
-    return fresh, dropped
+    stale = [g for g in groups if not all(version - r.min_version <= max_lag for r in g)]
+    return fresh, stale
 
 
 def parity_alarm(metrics: dict, cfg: RunConfig) -> str | None:
@@ -96,14 +97,15 @@ class Pipeline:
         ref = (load_policy(self.model_dir, cfg.dtype, cfg.trainer.attn_implementation)
                if cfg.trainer.loss.kl_coef > 0 else None)
         self.trainer = Trainer(cfg, model, pad_id, ref)
-        self.start_step, self.data_position = 0, 0
+        self.start_step, self.ledger = 0, Ledger()
         if self.resume:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is None:
                 raise UserError(f"nothing to resume: no checkpoint in {self.run_dir / 'checkpoints'}")
             state = load_checkpoint(ckpt, model, self.trainer.optimizer)
             self.trainer.load_master_state(state.master)
-            self.start_step, self.data_position = state.step, state.data_position
+            self.start_step = state.step
+            self.ledger = Ledger(state.data_position, state.extra.get("done_above", []))
             self.trainer.version = state.step
             self.on_message(f"resuming {self.run_dir} from step {state.step}")
 
@@ -116,7 +118,7 @@ class Pipeline:
     async def run(self) -> TrainResult:
         from parityrl.plots import plot_run
         from parityrl.rollouts.actor import Actor
-        from parityrl.runlog import ErrorLog, MetricsWriter, write_run_files
+        from parityrl.runlog import ErrorLog, JsonlLog, MetricsWriter, write_run_files
         from parityrl.tasks.registry import build_task
 
         cfg = self.cfg
@@ -129,12 +131,13 @@ class Pipeline:
         engine = await self._start_engine(push=bool(self.start_step))
         writer = None
         actor = Actor(engine, task, self.tokenizer, self._sampling(), cfg.actor.group_size,
-                      cfg.seed, limits, start_index=self.data_position,
+                      cfg.seed, limits, ledger=self.ledger,
                       restart_engine=self._restart_engine, on_error=self.errors.record)
         self.actor = actor
         try:
             write_run_files(self.run_dir, cfg, engine.resolved_settings())
             writer = MetricsWriter(self.run_dir, cfg.tensorboard, resume_step=self.start_step)
+            self.problems_log = JsonlLog(self.run_dir / "problems.jsonl", self.start_step)
             self._task = task
             before = None
             if cfg.eval_every and not self.start_step:
@@ -148,6 +151,7 @@ class Pipeline:
         finally:
             if writer is not None:
                 writer.close()
+                self.problems_log.close()
             await actor.engine.close()
         plot_run(self.run_dir)
         return TrainResult(self.run_dir, self.trainer.version, last, before,
@@ -205,9 +209,12 @@ class Pipeline:
                 start = time.perf_counter()
                 busy_before = actor.busy_seconds_now()
                 groups = await self._next_groups(stream, budget, producer)
-                fresh, dropped = split_stale(groups, self.trainer.version, a.max_lag)
-                metrics = await self._train_step(actor, writer, fresh, dropped, start,
-                                                 busy_before, stream)
+                fresh, stale = split_stale(groups, self.trainer.version, a.max_lag)
+                for group in stale:
+                    self.ledger.mark(group[0].meta["problem_index"], "dropped")
+                metrics = await self._train_step(actor, writer, fresh,
+                                                 sum(len(g) for g in stale), start, busy_before,
+                                                 stream)
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
@@ -269,6 +276,9 @@ class Pipeline:
                     if not is_engine_death(e):
                         raise
                     died = e
+        for group in groups:
+            self.ledger.mark(group[0].meta["problem_index"], "trained")
+        self.problems_log.write(step, self.ledger.flush())
         if died is not None:  # the replacement starts with these weights and this version
             await actor.replace_engine(generation, died)
         if trainer.nonfinite_streak >= cfg.trainer.max_nonfinite_steps:
@@ -285,7 +295,7 @@ class Pipeline:
             "throughput/tokens_per_s": metrics.get("rl/tokens", 0.0) / elapsed,
             "throughput/engine_idle_frac": max(0.0, 1.0 - busy / elapsed),
             "time/step_seconds": elapsed,
-            "data/position": float(actor.next_index),
+            "data/position": float(self.ledger.position),
             **actor.metrics(),
         }
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
@@ -299,7 +309,8 @@ class Pipeline:
                 raise ParityAlarm(alarm)
         if step % cfg.checkpoint.every == 0 or step == cfg.max_steps:
             save_checkpoint(self.run_dir, self.trainer.model, self.trainer.optimizer, step,
-                            actor.next_index, cfg.checkpoint.keep,
+                            self.ledger.position, cfg.checkpoint.keep,
+                            extra={"done_above": self.ledger.state()["done_above"]},
                             master=self.trainer.master_state())
         return metrics
 

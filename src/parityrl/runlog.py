@@ -5,6 +5,8 @@
         engine_settings.json   what vLLM resolved (not what we asked for)
         versions.json          python, torch, vllm, transformers, platform
         metrics.jsonl          one JSON object per optimizer step
+        problems.jsonl         per step, the problem indices trained on, rejected, dropped as stale
+        errors.log             the first traceback of each kind of failure (when there was one)
         tb/                    TensorBoard events
         checkpoints/           see trainer/checkpoint.py
         plots/                 PNGs made from metrics.jsonl
@@ -64,16 +66,31 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-class MetricsWriter:
-    """Appends one JSON line per step (and mirrors scalars to TensorBoard)."""
+class JsonlLog:
+    """One JSON object per step, appended; rows after `resume_step` are dropped at open (a resumed
+    run does those steps again)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0) -> None:
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, path: Path, resume_step: int = 0) -> None:
+        self.path = path
         if resume_step or self.path.exists():
-            # Steps after the checkpoint we resume from will be done again: drop their rows.
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
+
+    def write(self, step: int, row: dict) -> None:
+        self._file.write(json.dumps({"step": step, **row}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class MetricsWriter:
+    """Appends one JSON line per step to metrics.jsonl (and mirrors scalars to TensorBoard)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self._log = JsonlLog(self.path, resume_step)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -84,19 +101,18 @@ class MetricsWriter:
         """One row; a non-finite value is not written as a number but named in `nonfinite`."""
         finite = {k: v for k, v in metrics.items()
                   if not (isinstance(v, float) and not math.isfinite(v))}
-        row = {"step": step, "time": time.time(), **finite}
+        row = {"time": time.time(), **finite}
         bad = sorted(set(metrics) - set(finite))
         if bad:
             row["nonfinite"] = bad
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        self._log.write(step, row)
         if self._tb is not None:
             for key, value in finite.items():
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
-        self._file.close()
+        self._log.close()
         if self._tb is not None:
             self._tb.close()
 

@@ -190,6 +190,13 @@ def reclaim(inodes: set[int], folders: set[str]) -> list[str]:
     return removed
 
 
+def held_by_this_process_tree() -> set[int]:
+    """Inodes of the /dev/shm files this process and its descendants use now."""
+    tree = Tree(os.getpid())
+    tree.refresh()
+    return set().union(*(_shm_inodes(pid) for pid in tree.live()))
+
+
 def guard(root: int) -> None:
     tree = Tree(root)
     inodes: set[int] = set()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from parityrl.engine.engine import RolloutEngine
+from parityrl.rollouts.ledger import Ledger
 from parityrl.rollouts.stream import Group, RolloutStream
 from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
@@ -67,13 +68,21 @@ async def call_with_timeout(fn, *args, timeout: float | None):
     loop = asyncio.get_running_loop()
     future = loop.create_future()
 
+    def settle(error: BaseException | None, result=None) -> None:
+        if future.done():  # timed out and cancelled already
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
     def work() -> None:
         try:
             result = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(lambda: future.done() or future.set_exception(e))
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, error)
         else:
-            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
+            loop.call_soon_threadsafe(settle, None, result)
 
     threading.Thread(target=work, daemon=True, name="parityrl-reward").start()
     return await asyncio.wait_for(future, timeout)
@@ -81,7 +90,7 @@ async def call_with_timeout(fn, *args, timeout: float | None):
 
 class Actor:
     def __init__(self, engine: RolloutEngine, task: Task, tokenizer, sampling: SamplingConfig,
-                 group_size: int, seed: int, limits: ActorLimits, start_index: int = 0,
+                 group_size: int, seed: int, limits: ActorLimits, ledger: Ledger | None = None,
                  restart_engine: Callable[[], Awaitable[RolloutEngine]] | None = None,
                  on_error: Callable[[str, BaseException], None] = lambda kind, e: None) -> None:
         self.engine = engine
@@ -93,11 +102,10 @@ class Actor:
         self.limits = limits
         self.restart_engine = restart_engine
         self.on_error = on_error
-        self.next_index = start_index  # data position: the next training problem to start
+        self.ledger = ledger or Ledger()  # which problems are done; the data position
         self.engine_busy_seconds = 0.0  # wall time with at least one group in flight
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
-        self.rejected_indices: list[int] = []
         self.restarts: list[float] = []  # monotonic times of engine restarts
         self._engine_generation = 0
         self._recovery = asyncio.Lock()
@@ -195,7 +203,7 @@ class Actor:
     # -- outcomes ---------------------------------------------------------------------------------
     def _rejected(self, index: int, error: GroupRejected) -> None:
         self.rejected[error.kind] += 1
-        self.rejected_indices.append(index)
+        self.ledger.mark(index, "rejected")
         self.on_error(error.kind, error)
         done = self.accepted + sum(self.rejected.values())
         share = sum(self.rejected.values()) / done
@@ -214,8 +222,7 @@ class Actor:
     # -- batches ----------------------------------------------------------------------------------
     async def generate_batch(self, num_groups: int) -> list[Group]:
         """Sync mode: the next `num_groups` problems, generated together (minus the rejected)."""
-        indices = range(self.next_index, self.next_index + num_groups)
-        self.next_index += num_groups
+        indices = [self.ledger.take() for _ in range(num_groups)]
         outcomes = await asyncio.gather(*[self.generate_group(i) for i in indices],
                                         return_exceptions=True)
         groups = []
@@ -247,8 +254,7 @@ class Actor:
                 if failed.done():
                     acquire.cancel()
                     failed.result()  # raises
-                index = self.next_index
-                self.next_index += 1
+                index = self.ledger.take()
                 task = asyncio.create_task(self._generate_into(index, stream, budget))
                 tasks.add(task)
                 task.add_done_callback(settle)

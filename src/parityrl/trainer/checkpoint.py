@@ -59,6 +59,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, step: int, data_position: i
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))  # handles tied tensors
+    _injected_fault(step)
     opt_tensors, groups = _optimizer_tensors(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     if master is not None:
@@ -73,6 +74,19 @@ def save_checkpoint(run_dir: Path, model, optimizer, step: int, data_position: i
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _injected_fault(step: int) -> None:
+    """Tests only: PARITYRL_FAULT_CHECKPOINT_SLEEP="STEP:SECONDS" stalls the write of checkpoint
+    STEP half-way (after the model, before the optimizer), so a test can kill the process there."""
+    import os
+    import time
+
+    spec = os.environ.get("PARITYRL_FAULT_CHECKPOINT_SLEEP")
+    if spec:
+        at, seconds = spec.split(":")
+        if int(at) == step:
+            time.sleep(float(seconds))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -1,0 +1,257 @@
+"""Nothing hangs, nothing is lost: engine death, failing and hanging rewards, non-finite numbers,
+a kill during a checkpoint write, impossible configurations."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from parityrl.config import build_config
+from parityrl.runlog import read_metrics
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("task") / "prompts.jsonl"
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 40) for b in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def reward_module_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FIXTURES),
+                                                      os.environ.get("PYTHONPATH", "")]))
+
+
+def config(model: str, prompts: Path, **overrides) -> dict:
+    cfg = {
+        "name": "rel", "seed": 0, "max_steps": 6, "mode": "async", "model": model,
+        "sampling": {"temperature": 0.7, "max_tokens": 32},
+        "task": {"type": "jsonl", "path": str(prompts), "reward": "rewards:digit_share"},
+        "actor": {"group_size": 4, "prompts_per_step": 4},
+        "trainer": {"optim": {"lr": 1e-3}},
+        "checkpoint": {"every": 2},
+        "engine": {"max_model_len": 128, "kv_cache_gib": 0.1},
+        "tensorboard": False,
+    }
+    for dotted, value in overrides.items():
+        node = cfg
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return cfg
+
+
+def train_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "parityrl.cli", "train", *args]
+
+
+def outcomes(run_dir: Path) -> dict[str, list[int]]:
+    rows = read_metrics(run_dir / "problems.jsonl")
+    return {kind: [i for r in rows for i in r[kind]] for kind in ("trained", "rejected", "dropped")}
+
+
+def assert_each_index_once(run_dir: Path) -> int:
+    done = outcomes(run_dir)
+    position = int(read_metrics(run_dir / "metrics.jsonl")[-1]["data/position"])
+    seen = [i for kind in done.values() for i in kind]
+    assert len(seen) == len(set(seen)), "an index accounted for twice"
+    assert set(range(position)) <= set(seen), sorted(set(range(position)) - set(seen))
+    return position
+
+
+# --- configurations the code cannot honour -----------------------------------------------------
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["mode=async", "sync_every=3", "actor.max_lag=1"], "sync_every=3 with actor.max_lag=1"),
+    (["actor.group_size=1"], "group_size=1"),
+    (["sampling.max_tokens=300", "engine.max_model_len=256"], "no room for a prompt"),
+])
+def test_impossible_configurations_are_refused_at_load(tmp_path, overrides, fragment):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: x\n")
+    proc = subprocess.run(train_cmd(str(cfg), "--out", str(tmp_path / "run"), *overrides),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# --- non-finite numbers never reach the weights ------------------------------------------------
+
+def _rollouts(n: int):
+    from parityrl.rollouts.types import Rollout
+
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        completion = torch.randint(3, 60, (5,), generator=gen).tolist()
+        r = Rollout([5, 6, 7], completion, [-1.0] * 5, [0] * 5, "length", group_id=i // 2)
+        r.reward = float(i % 2)
+        out.append(r)
+    return [out[i:i + 2] for i in range(0, n, 2)]
+
+
+def test_a_nonfinite_engine_logprob_skips_its_sample_and_a_nonfinite_gradient_its_step(tiny_model):
+    from parityrl.models.load import load_policy
+    from parityrl.trainer.trainer import Trainer
+
+    cfg = build_config({"model": tiny_model, "sampling": {"temperature": 1.0}})
+    trainer = Trainer(cfg, load_policy(tiny_model), pad_id=0)
+    groups = _rollouts(4)
+    groups[0][0].logprobs[2] = float("nan")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    metrics = trainer.apply(trainer.accumulate(groups))
+    assert metrics["rl/skipped_nonfinite"] == 1 and metrics["rl/skipped_nonfinite_step"] == 0
+    assert all(v == v for v in metrics.values())  # nothing NaN among the metrics
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+    # A non-finite gradient (whatever produced it) is not applied, and counted.
+    state = trainer.accumulate(_rollouts(4))
+    param = next(trainer.model.parameters())
+    param.grad.view(-1)[0] = float("inf")
+    unchanged = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    metrics = trainer.apply(state)
+    assert metrics["rl/skipped_nonfinite_step"] == 1 and "rl/grad_norm" not in metrics
+    assert trainer.nonfinite_streak == 1 and trainer.version == 2
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, unchanged[k]), k
+    assert all(p.grad is None for p in trainer.model.parameters())  # not carried over
+    trainer.apply(trainer.accumulate(_rollouts(4)))
+    assert trainer.nonfinite_streak == 0
+
+
+# --- engine death, failing rewards, a kill during a checkpoint write ---------------------------
+
+@pytest.mark.slow
+def test_engine_core_killed_mid_run_is_replaced_and_nothing_is_lost(tiny_model, prompts_file,
+                                                                   tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(config(tiny_model, prompts_file, max_steps=8)))
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(str(cfg), "--out", str(run_dir)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while len(read_metrics(run_dir / "metrics.jsonl")) < 2:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        from test_shm import tree_of
+
+        cores = [p for p in tree_of(proc.pid)
+                 if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"VLLM::EngineCore")]
+        os.kill(cores[0], signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["engine/restarts"] == 1
+    assert "engine restart" in out + err
+    assert (run_dir / "errors.log").read_text().startswith("== engine_restart")
+    assert assert_each_index_once(run_dir) >= 8 * 4
+    # After the restart the engine holds the trainer's weights: parity on fresh rollouts.
+    assert max(r.get("mismatch/max_abs_diff", 0.0) for r in rows) <= 1e-5
+
+
+@pytest.mark.slow
+def test_rewards_that_raise_or_hang_are_rejected_and_counted(tiny_model, prompts_file, tmp_path):
+    from parityrl.pipeline import run_training
+    from parityrl.tasks.registry import build_task
+
+    cfg = build_config(config(tiny_model, prompts_file, mode="sync", max_steps=4,
+                              **{"task.reward": "rewards:flaky", "task.reward_timeout_s": 2.0,
+                                 "actor.prompts_per_step": 8, "actor.max_rejected_frac": 0.9}))
+    messages: list[str] = []
+    run_training(cfg, tmp_path, on_message=messages.append)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    done = outcomes(tmp_path)
+    task = build_task(cfg.task)
+    prompt = {i: task.train_problem(i).prompt for i in done["trained"] + done["rejected"]}
+    assert sorted(done["rejected"]) == sorted(i for i, p in prompt.items()
+                                              if p.startswith(("13", "17")))
+    raised = sum(p.startswith("13") for i, p in prompt.items() if i in done["rejected"])
+    hung = sum(p.startswith("17") for i, p in prompt.items() if i in done["rejected"])
+    assert raised and hung
+    assert rows[-1]["rollouts/rejected_reward_error"] == raised
+    assert rows[-1]["rollouts/rejected_reward_timeout"] == hung
+    log = (tmp_path / "errors.log").read_text()
+    assert log.count("== reward_error") == 1 and log.count("== reward_timeout") == 1
+    assert "ValueError: cannot score" in log
+    assert sum("reward_error" in m for m in messages) == 1
+    assert_each_index_once(tmp_path)
+
+
+@pytest.mark.slow
+def test_kill_during_a_checkpoint_write_then_resume_restores_the_saved_state(
+        tiny_model, prompts_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from parityrl.pipeline import Pipeline, run_training
+
+    plain = config(tiny_model, prompts_file, mode="sync", max_steps=6)
+    # The uninterrupted run, for the problem sequence.
+    run_training(build_config(plain), tmp_path / "whole", on_message=lambda m: None)
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(plain))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PARITYRL_FAULT_CHECKPOINT_SLEEP": "4:60"}
+    proc = subprocess.Popen(train_cmd(str(cfg_file), "--out", str(run_dir)), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoints" / ".tmp-step-000004" / "model.safetensors").exists():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    saved = run_dir / "checkpoints" / "step-000002"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        ".tmp-step-000004", "step-000002"]
+
+    # What --resume restores equals what was saved, tensor by tensor.
+    pipeline = Pipeline(build_config(plain), run_dir, resume=True, on_message=lambda m: None)
+    pipeline._build_trainer()
+    trainer = pipeline.trainer
+    for name, tensor in load_file(str(saved / "model.safetensors")).items():
+        assert torch.equal(trainer.model.state_dict()[name], tensor), name
+    opt_saved = load_file(str(saved / "optimizer.safetensors"))
+    for key, value in opt_saved.items():
+        _, pid, field = key.split(".", 2)
+        assert torch.equal(trainer.optimizer.state_dict()["state"][int(pid)][field], value), key
+    assert torch.equal(torch.get_rng_state(), load_file(str(saved / "rng.safetensors"))["torch_rng"])
+    state = json.loads((saved / "state.json").read_text())
+    assert trainer.version == 2 and pipeline.ledger.position == state["data_position"]
+
+    resumed = subprocess.run(train_cmd("--resume", str(run_dir)), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    # The engine got the restored weights before generating: step 3 is on-policy and in parity.
+    assert rows[2]["lag/max"] == 0 and rows[2]["mismatch/max_abs_diff"] <= 1e-5
+    per_step = [r["trained"] for r in read_metrics(run_dir / "problems.jsonl")]
+    whole = [r["trained"] for r in read_metrics(tmp_path / "whole" / "problems.jsonl")]
+    assert per_step == whole  # the same problems, in the same steps, as without the kill
