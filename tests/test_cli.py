@@ -129,3 +129,34 @@ def test_doctor_on_a_real_model_with_chat_prompts_and_top_p(tmp_path, real_model
     for png in ("abs_diff_hist.png", "abs_diff_by_position.png"):
         assert (tmp_path / "report" / png).stat().st_size > 10_000
     assert "PASS" in proc.stdout and "engine.logprobs_mode" in proc.stdout
+
+
+def test_train_refuses_an_existing_run_and_leaves_it_byte_identical(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step-000006").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("name: old\n")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: new\n")
+    proc = run("train", str(cfg), "--out", str(run_dir), "max_steps=2")
+    _assert_one_line_error(proc, "--resume")
+    assert "--overwrite" in proc.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000006"]
+
+
+def test_dry_run_checks_the_files_a_config_names(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: x\ntask:\n  type: jsonl\n  path: {tmp_path / 'missing.jsonl'}\n")
+    _assert_one_line_error(run("train", str(cfg), "--dry-run"), "missing.jsonl: no such file")
+    cfg.write_text(f"name: x\nmodel: {tmp_path / 'no-model'}\n")
+    _assert_one_line_error(run("train", str(cfg), "--dry-run"), "model folder not found")
+
+
+def test_resuming_a_finished_run_says_so_before_starting_anything(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step-000005").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("name: x\nmax_steps: 5\n")
+    proc = run("train", "--resume", str(run_dir), timeout=30)
+    assert proc.returncode == 0 and "nothing to do" in proc.stdout, proc.stderr

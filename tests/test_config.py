@@ -34,12 +34,17 @@ def test_resolved_config_round_trips(tmp_path):
     [
         ("trainer:\n  optim:\n    lrr: 1\n", [], "trainer.optim.lrr"),
         ("max_steps: many\n", [], "max_steps"),
-        ("", ["mode=turbo"], "mode"),
-        ("", ["task.type=chess"], "task"),
-        ("", ["sampling.top_p=2"], "top_p"),
+        ("name: x\n", ["mode=turbo"], "mode"),
+        ("name: x\n", ["task.type=chess"], "task"),
+        ("name: x\n", ["sampling.top_p=2"], "top_p"),
         ("- a\n- b\n", [], "top level must be a mapping"),
         ("a: [1,\n", [], "invalid YAML"),
-        ("", ["novalue"], "key.sub=value"),
+        ("name: x\n", ["novalue"], "key.sub=value"),
+        ("", [], "the config file is empty"),
+        ("# only a comment\n", [], "the config file is empty"),
+        ("name: x\ntrainer:\n\toptim: {}\n", [], "run.yaml:3:1: invalid YAML"),
+        ("name: x\n", ["task.prompt_template={question}="], "quote it"),
+        ("\ufeffname: x\nmax_steps: 0\n", [], "max_steps"),  # a BOM is fine, 0 is not
     ],
 )
 def test_bad_config_is_one_line_error(tmp_path, text, overrides, fragment):
@@ -70,3 +75,38 @@ def test_train_cli_dry_run_prints_resolved_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "name: dry" in proc.stdout and "max_steps: 3" in proc.stdout
     assert "logprobs_mode: processed_logprobs" in proc.stdout
+
+
+# --- property-based: whatever the input, a config or one line ---------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+KEYS = st.sampled_from(["name", "max_steps", "mode", "seed", "dtype", "sampling.temperature",
+                        "sampling.top_p", "sampling.top_k", "actor.group_size", "actor.max_lag",
+                        "sync_every", "trainer.optim.lr", "task.type", "task.digits",
+                        "engine.max_model_len", "sampling.max_tokens", "no.such.key", "trainer"])
+VALUES = st.one_of(st.integers(-5, 5000), st.floats(allow_nan=True), st.booleans(),
+                   st.text(max_size=12), st.sampled_from(["async", "sync", "jsonl", "float32",
+                                                         "{a: 1}", "[1, 2", "null", "~"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(KEYS, VALUES), max_size=6))
+def test_any_overrides_give_a_config_or_one_line_error(pairs):
+    overrides = [f"{k}={v}" for k, v in pairs]
+    try:
+        load_config(None, overrides)
+    except UserError as e:
+        assert "\n" not in str(e) and str(e)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_any_yaml_text_gives_a_config_or_one_line_error(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("y") / "c.yaml"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    try:
+        load_config(path)
+    except UserError as e:
+        assert "\n" not in str(e) and str(e)

@@ -255,3 +255,37 @@ def test_kill_during_a_checkpoint_write_then_resume_restores_the_saved_state(
     per_step = [r["trained"] for r in read_metrics(run_dir / "problems.jsonl")]
     whole = [r["trained"] for r in read_metrics(tmp_path / "whole" / "problems.jsonl")]
     assert per_step == whole  # the same problems, in the same steps, as without the kill
+
+
+# --- disk faults -------------------------------------------------------------------------------
+
+def test_an_unwritable_run_directory_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: x\n")
+    proc = subprocess.run(train_cmd(str(cfg), "--out", str(blocker / "run")), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot write the run directory" in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_one(
+        tiny_model, prompts_file, tmp_path, monkeypatch):
+    from parityrl.pipeline import RunStopped, run_training
+    from parityrl.trainer.checkpoint import latest_checkpoint, load_checkpoint
+
+    monkeypatch.setenv("PARITYRL_FAULT_CHECKPOINT_ERROR", "4")
+    cfg = build_config(config(tiny_model, prompts_file, mode="sync", max_steps=6))
+    with pytest.raises(RunStopped, match="cannot write checkpoint step 4: No space left"):
+        run_training(cfg, tmp_path, on_message=lambda m: None)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]
+    from parityrl.models.load import load_policy
+
+    model = load_policy(tiny_model)
+    state = load_checkpoint(latest_checkpoint(tmp_path), model,
+                            torch.optim.AdamW(model.parameters()))
+    assert state.step == 2
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]

@@ -436,3 +436,56 @@ def test_encode_problem_renders_the_chat_template_once():
     assert tok.decode(ids) == text
     plain = ArithmeticTask(ArithmeticConfig()).train_problem(0)
     assert tok.decode(encode_problem(tok, plain)) == plain.prompt
+
+
+# --- bad input: one line naming file:line, never a traceback ----------------------------------
+
+@pytest.mark.parametrize("raw, fragment", [
+    (b'{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": \xff}\n', r"b\.jsonl:2: not UTF-8"),
+    (b'{"prompt": 5, "answer": "1"}\n', r'b\.jsonl:1: "prompt" must be a string'),
+    (b'{"prompt": "a", "answer": [1]}\n', r'b\.jsonl:1: "answer" must be a string or a number'),
+    (b'{"prompt": "a", "answer": true}\n', r'b\.jsonl:1: "answer" must be a string or a number'),
+    (b'{"prompt": "a", "answer": "1"\n', r"b\.jsonl:1: invalid JSON"),
+    (b"\n\n   \n", r"b\.jsonl: no rows"),
+    (b"", r"b\.jsonl: no rows"),
+    (b'"just a string"\n', r"b\.jsonl:1: expected a JSON object, got str"),
+])
+def test_jsonl_bad_input_is_one_line_with_its_location(tmp_path, raw, fragment):
+    path = tmp_path / "b.jsonl"
+    path.write_bytes(raw)
+    assert_user_error(fragment, lambda: JsonlTask(JsonlConfig(path=str(path))))
+
+
+def test_jsonl_bom_crlf_and_very_long_lines_are_read(tmp_path):
+    long_prompt = "x" * 2_000_000
+    raw = ('\ufeff{"prompt": "a", "answer": "1"}\r\n'
+           + json.dumps({"prompt": long_prompt, "answer": "2"}) + "\r\n").encode()
+    path = tmp_path / "ok.jsonl"
+    path.write_bytes(raw)
+    task = JsonlTask(JsonlConfig(path=str(path), eval_fraction=0, shuffle=False))
+    assert task.train_problem(0).prompt == "a" and task.train_problem(0).answer == "1"
+    assert task.train_problem(1).prompt == long_prompt
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ROW_VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8),
+                       st.lists(st.integers(), max_size=2))
+ROWS = st.dictionaries(st.sampled_from(["prompt", "answer", "messages", "system", "q"]),
+                       ROW_VALUES, max_size=4)
+LINES = st.one_of(ROWS.map(json.dumps), st.text(max_size=30),
+                  st.binary(max_size=30).map(lambda b: b.decode("latin-1")))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(LINES, max_size=5), raw=st.binary(max_size=40), chat=st.booleans())
+def test_any_jsonl_file_gives_problems_or_one_line_error(tmp_path, lines, raw, chat):
+    path = tmp_path / "h.jsonl"
+    path.write_bytes("\n".join(lines).encode("utf-8", "surrogatepass") + raw)
+    try:
+        task = JsonlTask(JsonlConfig(path=str(path), eval_fraction=0, chat_template=chat))
+    except UserError as e:
+        assert "\n" not in str(e) and str(e).startswith(str(path))
+    else:
+        assert all(isinstance(task.train_problem(i).prompt, str) for i in range(len(task.train)))

@@ -209,9 +209,15 @@ def train(
     config: Optional[Path] = typer.Argument(None, help="YAML run config (omit with --resume)."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<name>-<time>)."),
     resume: Optional[Path] = typer.Option(None, help="Continue RUN_DIR from its last checkpoint."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace a run that already is in --out."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config, check the "
+                                                          "files it names, and exit."),
 ):
-    """Pipeline RL. Extra arguments are dotted overrides: trainer.optim.lr=1e-4 max_steps=20."""
+    """Pipeline RL. Extra arguments are dotted overrides: trainer.optim.lr=1e-4 max_steps=20.
+
+    Values are read as YAML: quote one that YAML would read as something else, e.g.
+    task.prompt_template='"{question} ="' (braces) or name='"1e3"' (a number)."""
     from parityrl.config import dump_config, load_config
 
     overrides = list(ctx.args)
@@ -227,19 +233,26 @@ def train(
         if config is None:
             raise UserError("missing CONFIG (a YAML file) or --resume RUN_DIR")
         cfg = load_config(config, overrides)
+    from parityrl.models.builtin import PREFIX, resolve_model
+    from parityrl.models.load import check_model_folder
+    from parityrl.tasks.registry import build_task
+
     if dry_run:
+        build_task(cfg.task)  # the task's files exist and parse
+        if not cfg.model.startswith(PREFIX):
+            check_model_folder(cfg.model)
         typer.echo(dump_config(cfg), nl=False)
         return
+    if resume is not None:
+        _nothing_left(resume, cfg.max_steps)
     _quiet_libraries()
-    from parityrl.models.builtin import resolve_model
-    from parityrl.models.load import check_model_folder
+    from parityrl.runlog import new_run_dir
 
+    run_dir = resume or new_run_dir(cfg, out, overwrite)
     check_model_folder(resolve_model(cfg.model, say=typer.echo))
     from parityrl.pipeline import ParityAlarm, RunStopped, run_training
     from parityrl.progress import training_progress
-    from parityrl.runlog import new_run_dir
 
-    run_dir = resume or new_run_dir(cfg, out)
     with training_progress(cfg.max_steps, description=cfg.name) as (on_step, say):
         try:
             result = run_training(cfg, run_dir, resume=resume is not None, on_step=on_step,
@@ -251,6 +264,18 @@ def train(
             typer.echo(f"error: {e}; metrics so far in {run_dir}", err=True)
             raise typer.Exit(1)
     typer.echo(f"{result.steps} steps done; run directory: {run_dir}")
+
+
+def _nothing_left(run_dir: Path, max_steps: int) -> None:
+    """Resuming a finished run: say so before starting anything."""
+    from parityrl.trainer.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(run_dir)
+    step = int(last.name.split("-")[-1]) if last is not None else 0
+    if step >= max_steps:
+        typer.echo(f"nothing to do: {run_dir} is at step {step} of max_steps={max_steps} "
+                   f"(raise it: parityrl train --resume {run_dir} max_steps=N)")
+        raise typer.Exit(0)
 
 
 @app.command()

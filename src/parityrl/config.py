@@ -185,7 +185,13 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"override {item!r} must look like key.sub=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            # e.g. task.prompt_template={question}= : YAML reads {...} as a mapping
+            raise UserError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)});"
+                            f" quote it: {key}='\"...\"'") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -216,12 +222,30 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not path.exists():
             raise UserError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: cannot read ({e})") from None
+        try:
+            data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{_yaml_where(path, e)}: invalid YAML ({_yaml_problem(e)})") from None
+        if data is None:
+            raise UserError(f"{path}: the config file is empty")
         if not isinstance(data, dict):
-            raise UserError(f"{path}: top level must be a mapping of keys")
+            raise UserError(f"{path}: top level must be a mapping of keys, got "
+                            f"{type(data).__name__}")
     return build_config(merge_trees(data, parse_overrides(list(overrides))))
+
+
+def _yaml_where(path, error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    return f"{context}: {problem}" if context else problem
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -300,7 +301,8 @@ class Pipeline:
         }
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             metrics["eval/accuracy"] = await self._evaluate()
-        writer.write(step, metrics)
+        with _disk("metrics.jsonl"):
+            writer.write(step, metrics)
         self.on_step(step, metrics)
         alarm = parity_alarm(metrics, cfg)
         if alarm:
@@ -308,11 +310,22 @@ class Pipeline:
             if cfg.parity.on_alarm == "stop":
                 raise ParityAlarm(alarm)
         if step % cfg.checkpoint.every == 0 or step == cfg.max_steps:
-            save_checkpoint(self.run_dir, self.trainer.model, self.trainer.optimizer, step,
-                            self.ledger.position, cfg.checkpoint.keep,
-                            extra={"done_above": self.ledger.state()["done_above"]},
-                            master=self.trainer.master_state())
+            with _disk(f"checkpoint step {step}"):
+                save_checkpoint(self.run_dir, self.trainer.model, self.trainer.optimizer, step,
+                                self.ledger.position, cfg.checkpoint.keep,
+                                extra={"done_above": self.ledger.state()["done_above"]},
+                                master=self.trainer.master_state())
         return metrics
+
+
+@contextmanager
+def _disk(what: str):
+    """A failed write stops the run with what failed (the last complete checkpoint stays)."""
+    try:
+        yield
+    except OSError as e:
+        raise RunStopped(f"cannot write {what}: {e.strerror or e}; the last complete "
+                         "checkpoint is intact (resume from it with --resume)") from e
 
 
 def run_training(cfg: RunConfig, run_dir: Path, resume: bool = False, on_step=None,

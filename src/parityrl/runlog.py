@@ -24,9 +24,36 @@ from pathlib import Path
 from parityrl.config import RunConfig, dump_config
 
 
-def new_run_dir(cfg: RunConfig, out: Path | None) -> Path:
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
+
+
+def holds_a_run(path: Path) -> bool:
+    return any((path / name).exists() for name in RUN_MARKERS)
+
+
+def new_run_dir(cfg: RunConfig, out: Path | None, overwrite: bool = False) -> Path:
+    """The directory of a new run, created and known to be writable before any work starts.
+
+    An existing run is never written over silently: that takes `overwrite` (which removes it)."""
+    import shutil
+
+    from parityrl.errors import UserError
+
     path = out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file, not a directory")
+    if path.is_dir() and holds_a_run(path):
+        if not overwrite:
+            raise UserError(f"{path} already holds a run; continue it with --resume {path}, or "
+                            f"replace it with --overwrite")
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".parityrl-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write the run directory {path}: {e.strerror or e}") from None
     return path
 
 

@@ -10,15 +10,30 @@ from parityrl.errors import UserError
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def check_model_folder(path: str | Path) -> Path:
     """A clear error for a missing folder or one that is not a model, before any heavy import."""
+    import json
+
     folder = Path(path)
     if not folder.exists():
         raise UserError(f"model folder not found: {folder}")
     if not folder.is_dir() or not (folder / "config.json").exists():
         raise UserError(f"not a Hugging Face model folder (no config.json): {folder}")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if not architectures or not all(str(a).endswith("ForCausalLM") for a in architectures):
+        raise UserError(f"{folder}: unsupported architecture {architectures!r}; parityrl trains "
+                        "causal language models (architectures ending in ForCausalLM)")
     if not any(folder.glob("*.safetensors")):
         raise UserError(f"model folder has no .safetensors weights: {folder}")
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise UserError(f"model folder has no tokenizer ({', '.join(TOKENIZER_FILES)}): {folder}")
     return folder
 
 

@@ -57,18 +57,23 @@ def save_checkpoint(run_dir: Path, model, optimizer, step: int, data_position: i
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied tensors
-    _injected_fault(step)
-    opt_tensors, groups = _optimizer_tensors(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    if master is not None:
-        save_file({k: v.contiguous() for k, v in master.items()}, str(tmp / "master.safetensors"))
-    save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({
-        "step": step, "data_position": data_position, "param_groups": groups,
-        "python_rng": _jsonable(random.getstate()), "extra": extra or {},
-    }, indent=1))
+    try:
+        tmp.mkdir()
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied tensors
+        _injected_fault(step)
+        opt_tensors, groups = _optimizer_tensors(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        if master is not None:
+            save_file({k: v.contiguous() for k, v in master.items()},
+                      str(tmp / "master.safetensors"))
+        save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({
+            "step": step, "data_position": data_position, "param_groups": groups,
+            "python_rng": _jsonable(random.getstate()), "extra": extra or {},
+        }, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays the latest
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in sorted(root.glob("step-*"))[:-keep]:
@@ -77,8 +82,10 @@ def save_checkpoint(run_dir: Path, model, optimizer, step: int, data_position: i
 
 
 def _injected_fault(step: int) -> None:
-    """Tests only: PARITYRL_FAULT_CHECKPOINT_SLEEP="STEP:SECONDS" stalls the write of checkpoint
-    STEP half-way (after the model, before the optimizer), so a test can kill the process there."""
+    """Tests only, half-way through writing checkpoint STEP (after the model, before the
+    optimizer): PARITYRL_FAULT_CHECKPOINT_SLEEP="STEP:SECONDS" stalls there, so a test can kill
+    the process; PARITYRL_FAULT_CHECKPOINT_ERROR="STEP" fails there as a full disk would."""
+    import errno
     import os
     import time
 
@@ -87,6 +94,8 @@ def _injected_fault(step: int) -> None:
         at, seconds = spec.split(":")
         if int(at) == step:
             time.sleep(float(seconds))
+    if os.environ.get("PARITYRL_FAULT_CHECKPOINT_ERROR") == str(step):
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
