@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 PARITYRL = [sys.executable, "-m", "parityrl.cli"]
 
@@ -160,3 +161,39 @@ def test_resuming_a_finished_run_says_so_before_starting_anything(tmp_path):
     (run_dir / "config.yaml").write_text("name: x\nmax_steps: 5\n")
     proc = run("train", "--resume", str(run_dir), timeout=30)
     assert proc.returncode == 0 and "nothing to do" in proc.stdout, proc.stderr
+
+
+@pytest.mark.slow
+def test_export_of_a_checkpoint_is_a_model_folder_the_doctor_passes(tmp_path, tiny_model,
+                                                                   monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "fixtures"))  # the dense test reward
+    from parityrl.config import build_config
+    from parityrl.pipeline import run_training
+
+    rows = "".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1)}) + "\n"
+                   for a in range(20))
+    (tmp_path / "p.jsonl").write_text(rows)
+    cfg = build_config({"model": tiny_model, "mode": "sync", "max_steps": 2,
+                        "sampling": {"temperature": 1.0, "max_tokens": 8},
+                        "task": {"type": "jsonl", "path": str(tmp_path / "p.jsonl"),
+                                 "reward": "rewards:digit_share"},
+                        "actor": {"group_size": 4, "prompts_per_step": 2},
+                        "trainer": {"optim": {"lr": 1e-2}}, "tensorboard": False})
+    run_training(cfg, tmp_path / "run", on_message=lambda m: None)
+    proc = run("export", str(tmp_path / "run" / "checkpoints" / "step-000002"),
+               str(tmp_path / "exported"))
+    assert proc.returncode == 0, proc.stderr
+    exported = tmp_path / "exported"
+    assert json.loads((exported / "parityrl_export.json").read_text())["step"] == 2
+    from safetensors.torch import load_file
+
+    from parityrl.models.load import load_policy
+
+    trained = load_policy(exported)  # transformers loads it, with the trained weights
+    original = load_file(str(Path(tiny_model) / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(trained.state_dict()[name], original[name])
+    doctor = run("doctor", "--model", str(exported), "--quick", "--num-samples", "2",
+                 "--max-tokens", "8", timeout=600)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    _assert_one_line_error(run("export", str(tmp_path / "run"), str(exported)), "--overwrite")

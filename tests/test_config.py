@@ -110,3 +110,11 @@ def test_any_yaml_text_gives_a_config_or_one_line_error(tmp_path_factory, text):
         load_config(path)
     except UserError as e:
         assert "\n" not in str(e) and str(e)
+
+
+def test_switching_the_task_type_on_the_command_line_replaces_the_section(tmp_path):
+    path = write(tmp_path, "name: x\ntask:\n  type: arithmetic\n  digits: 3\n")
+    cfg = load_config(path, ["task.type=jsonl", "task.path=data.jsonl"])
+    assert cfg.task.type == "jsonl" and cfg.task.path == "data.jsonl"
+    same = load_config(path, ["task.digits=2"])  # same type: refined, not replaced
+    assert same.task.type == "arithmetic" and same.task.digits == 2

@@ -4,6 +4,7 @@
     parityrl doctor --model runs/tiny             # layered engine/trainer logprob diagnosis
     parityrl train configs/reference.yaml         # pipeline RL
     parityrl compare runs/ref runs/cand --gate    # does a candidate run track the reference?
+    parityrl export runs/ref out/model            # a checkpoint as a Hugging Face model folder
     parityrl demo                                 # the whole story on a laptop
     parityrl bench                                # speed of every stage against its anchor
 """
@@ -139,6 +140,8 @@ def doctor(
     tol: Optional[float] = typer.Option(
         None, help="An absolute bound on the last rung's max |Δ| instead of the float64 rule "
                    "(the engine as close to exact arithmetic as the trainer)."),
+    quick: bool = typer.Option(False, "--quick", help="Only the last rung (the settings to use, "
+                                                      "weights pushed): one engine start."),
     withhold: list[str] = typer.Option(
         [], "--withhold", help="Leave a fix out to see what it is worth (repeatable): "
                                "processed-logprobs, explicit-runtime, weight-sync, fp32-lm-head, "
@@ -172,7 +175,7 @@ def doctor(
                        num_samples=num_samples, seed=seed, tol=tol, chat_template=chat_template,
                        withhold=frozenset(withhold),
                        **({"prompts": prompt_list} if prompt_list else {}))
-    rungs = build_ladder(cfg.withhold)
+    rungs = build_ladder(cfg.withhold)[-1:] if quick else build_ladder(cfg.withhold)
     with console.status(f"rung 1/{len(rungs)}: {rungs[0].name} (starting vLLM engine)") as status:
         done = []
 
@@ -276,6 +279,21 @@ def _nothing_left(run_dir: Path, max_steps: int) -> None:
         typer.echo(f"nothing to do: {run_dir} is at step {step} of max_steps={max_steps} "
                    f"(raise it: parityrl train --resume {run_dir} max_steps=N)")
         raise typer.Exit(0)
+
+
+@app.command()
+def export(
+    source: Path = typer.Argument(..., help="A run directory (its latest checkpoint) or one "
+                                            "checkpoint folder (runs/x/checkpoints/step-N)."),
+    out: Path = typer.Argument(..., help="The model folder to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder."),
+):
+    """Write a checkpoint as a Hugging Face model folder (vLLM, transformers, parityrl doctor)."""
+    _quiet_libraries()
+    from parityrl.export import export_checkpoint
+
+    path = export_checkpoint(source, out, overwrite)
+    typer.echo(f"wrote {path}")
 
 
 @app.command()

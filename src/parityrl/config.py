@@ -126,6 +126,10 @@ class RunConfig(_Strict):
     eval_every: int = Field(0, ge=0, description="Greedy accuracy on held-out problems before "
                                                  "training, every N steps and at the end; 0 = off.")
     eval_size: int = Field(200, ge=1, description="Held-out problems per evaluation (at most).")
+    samples_every: int = Field(10, ge=0, description="Write a few rollouts (prompt, completion, "
+                                                     "reward) to samples.jsonl every N steps "
+                                                     "(and at step 1); 0 = off.")
+    samples_per_log: int = Field(4, ge=1, description="Rollouts written each time.")
 
     @model_validator(mode="before")
     @classmethod
@@ -234,7 +238,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not isinstance(data, dict):
             raise UserError(f"{path}: top level must be a mapping of keys, got "
                             f"{type(data).__name__}")
-    return build_config(merge_trees(data, parse_overrides(list(overrides))))
+    extra = parse_overrides(list(overrides))
+    task_override = extra.get("task")
+    if isinstance(task_override, dict) and "type" in task_override:
+        current = data.get("task") if isinstance(data.get("task"), dict) else {}
+        if task_override["type"] != current.get("type", "arithmetic"):
+            # Another kind of task: the old section's keys mean nothing to it.
+            data = {**data, "task": {}}
+    return build_config(merge_trees(data, extra))
 
 
 def _yaml_where(path, error: yaml.YAMLError) -> str:

@@ -37,6 +37,9 @@ def actor_limits(cfg: RunConfig) -> ActorLimits:
                        restart_window_s=a.restart_window_s)
 
 
+ZERO_REWARD_WARN_STEPS = 3  # a reward of exactly 0 for this many first steps gets a warning
+
+
 class ParityAlarm(RuntimeError):
     """The live mismatch exceeded `parity.alarm_kl_k3` and `parity.on_alarm` is "stop"."""
 
@@ -139,6 +142,9 @@ class Pipeline:
             write_run_files(self.run_dir, cfg, engine.resolved_settings())
             writer = MetricsWriter(self.run_dir, cfg.tensorboard, resume_step=self.start_step)
             self.problems_log = JsonlLog(self.run_dir / "problems.jsonl", self.start_step)
+            self.samples_log = JsonlLog(self.run_dir / "samples.jsonl", self.start_step)
+            self.writer = writer
+            self.zero_reward_steps = 0
             self._task = task
             before = None
             if cfg.eval_every and not self.start_step:
@@ -153,6 +159,7 @@ class Pipeline:
             if writer is not None:
                 writer.close()
                 self.problems_log.close()
+                self.samples_log.close()
             await actor.engine.close()
         plot_run(self.run_dir)
         return TrainResult(self.run_dir, self.trainer.version, last, before,
@@ -232,6 +239,24 @@ class Pipeline:
             budget.release()
         return groups
 
+    def _log_samples(self, step: int, groups: list[Group], metrics: dict) -> None:
+        cfg = self.cfg
+        if cfg.samples_every and (step == 1 or step % cfg.samples_every == 0):
+            rows = sample_rows(groups, self.tokenizer, cfg.samples_per_log)
+            for row in rows:
+                self.samples_log.write(step, row)
+            self.writer.text(step, "samples", "\n\n".join(
+                f"**{r['prompt']}** → `{r['completion']}` (reward {r['reward']}, answer "
+                f"{r['answer']})" for r in rows))
+        self.zero_reward_steps = (self.zero_reward_steps + 1
+                                  if metrics.get("rl/reward_mean") == 0 else -10**9)
+        if self.zero_reward_steps == ZERO_REWARD_WARN_STEPS:
+            (row,) = sample_rows(groups, self.tokenizer, 1)
+            self.on_message(
+                f"the reward has been 0 for the first {ZERO_REWARD_WARN_STEPS} steps: does the "
+                f"model understand the prompt format? A sample: {row['prompt']!r} → "
+                f"{row['completion']!r} (answer {row['answer']!r}); more in samples.jsonl")
+
     async def _probe_rollouts(self, stream) -> list:
         """Queued rollouts sampled entirely by the trainer's current weights.
 
@@ -303,6 +328,7 @@ class Pipeline:
             metrics["eval/accuracy"] = await self._evaluate()
         with _disk("metrics.jsonl"):
             writer.write(step, metrics)
+            self._log_samples(step, groups, metrics)
         self.on_step(step, metrics)
         alarm = parity_alarm(metrics, cfg)
         if alarm:
@@ -316,6 +342,17 @@ class Pipeline:
                                 extra={"done_above": self.ledger.state()["done_above"]},
                                 master=self.trainer.master_state())
         return metrics
+
+
+def sample_rows(groups: list[Group], tokenizer, count: int) -> list[dict]:
+    """A few rollouts as a person reads them: one per group first, so prompts differ."""
+    picked = [g[0] for g in groups[:count]]
+    picked += [r for g in groups for r in g[1:]][: count - len(picked)]
+    return [{"problem_index": r.meta.get("problem_index"), "prompt": r.meta.get("prompt"),
+             "completion": tokenizer.decode(r.completion_ids, skip_special_tokens=True),
+             "answer": r.meta.get("answer"), "reward": r.reward,
+             "versions": [r.min_version, r.max_version], "finish_reason": r.finish_reason}
+            for r in picked]
 
 
 @contextmanager

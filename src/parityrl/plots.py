@@ -6,13 +6,17 @@ from pathlib import Path
 
 from parityrl.runlog import read_metrics
 
+LOG_FLOOR = 1e-12  # log panels draw smaller values (exact zeros included) at this value
 PANELS = [
     ("rl/reward_mean", "reward (mean over samples)", "linear"),
+    ("eval/accuracy", "held-out greedy accuracy", "linear"),
     ("rl/clip_frac", "clip rate (fraction of tokens)", "linear"),
+    ("rl/entropy", "entropy of the processed distribution (nats)", "linear"),
     ("mismatch/max_abs_diff", "mismatch max |Δ logprob| (same-version tokens, nats)", "log"),
     ("mismatch/kl_k3", "mismatch KL k3 (engine ‖ trainer)", "log"),
     ("lag/mean", "lag (optimizer steps, token mean)", "linear"),
-    ("rl/entropy", "entropy of the processed distribution (nats)", "linear"),
+    ("mismatch/nucleus_boundary_frac", "sampled tokens outside the trainer's top-k/top-p set",
+     "linear"),
 ]
 
 
@@ -27,15 +31,21 @@ def plot_run(run_dir: Path) -> list[Path]:
     out_dir.mkdir(exist_ok=True)
     if not rows:
         return []
-    fig, axes = plt.subplots(3, 2, figsize=(11, 9))
+    fig, axes = plt.subplots(4, 2, figsize=(11, 12))
     for ax, (key, title, scale) in zip(axes.flat, PANELS):
         points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         if scale == "log":
-            points = [(s, max(v, 1e-12)) for s, v in points]
+            floored = any(v < LOG_FLOOR for _, v in points)
+            points = [(s, max(v, LOG_FLOOR)) for s, v in points]
+            if floored:
+                title += f" (values < {LOG_FLOOR:g} drawn at {LOG_FLOOR:g})"
         if points:
             ax.plot(*zip(*points), marker=".", linewidth=1)
+        else:
+            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
         ax.set_yscale(scale)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     fig.suptitle(run_dir.name)

@@ -10,9 +10,32 @@ def _fmt(metrics: dict, key: str, spec: str) -> str:
     return "–" if value is None or value != value else format(value, spec)
 
 
+def _stats(metrics: dict) -> str:
+    stats = (f"reward {_fmt(metrics, 'rl/reward_mean', '.3f')}  "
+             f"clip {_fmt(metrics, 'rl/clip_frac', '.3f')}  "
+             f"mismatch {_fmt(metrics, 'mismatch/max_abs_diff', '.1e')}  "
+             f"lag {_fmt(metrics, 'lag/mean', '.2f')}")
+    if "eval/accuracy" in metrics:
+        stats += f"  eval {metrics['eval/accuracy']:.3f}"
+    return stats
+
+
 @contextmanager
 def training_progress(total: int, start: int = 0, description: str = "train"):
-    """Yields on_step(step, metrics) for the pipeline; draws a rich progress bar meanwhile."""
+    """Yields (on_step(step, metrics), say) for the pipeline: a live progress bar on a terminal,
+    one plain line per step otherwise (log files, CI), never cut to a width."""
+    import sys
+    import time
+
+    if not sys.stdout.isatty():
+        began = time.monotonic()
+
+        def on_line(step: int, metrics: dict) -> None:
+            print(f"{description} step {step}/{total} [{time.monotonic() - began:.0f} s] "
+                  f"{_stats(metrics)}", flush=True)
+
+        yield on_line, lambda message: print(message, flush=True)
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -20,12 +43,6 @@ def training_progress(total: int, start: int = 0, description: str = "train"):
         task = progress.add_task(description, total=total, completed=start, stats="")
 
         def on_step(step: int, metrics: dict) -> None:
-            stats = (f"reward {_fmt(metrics, 'rl/reward_mean', '.3f')}  "
-                     f"clip {_fmt(metrics, 'rl/clip_frac', '.3f')}  "
-                     f"mismatch {_fmt(metrics, 'mismatch/max_abs_diff', '.1e')}  "
-                     f"lag {_fmt(metrics, 'lag/mean', '.2f')}")
-            if "eval/accuracy" in metrics:
-                stats += f"  eval {metrics['eval/accuracy']:.3f}"
-            progress.update(task, completed=step, stats=stats)
+            progress.update(task, completed=step, stats=_stats(metrics))
 
         yield on_step, progress.console.print

@@ -6,6 +6,7 @@
         versions.json          python, torch, vllm, transformers, platform
         metrics.jsonl          one JSON object per optimizer step
         problems.jsonl         per step, the problem indices trained on, rejected, dropped as stale
+        samples.jsonl          a few rollouts (prompt, completion, reward) every samples_every steps
         errors.log             the first traceback of each kind of failure (when there was one)
         tb/                    TensorBoard events
         checkpoints/           see trainer/checkpoint.py
@@ -137,6 +138,10 @@ class MetricsWriter:
             for key, value in finite.items():
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self._tb is not None:
+            self._tb.add_text(tag, text, step)
 
     def close(self) -> None:
         self._log.close()
