@@ -17,28 +17,23 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import reward_fixtures_importable, with_overrides, write_addition_rows
 from parityrl.config import build_config
 from parityrl.pipeline import ParityAlarm, run_training
 from parityrl.runlog import read_metrics
 
 pytestmark = pytest.mark.slow
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("task") / "prompts.jsonl"
-    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 40) for b in range(3)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_addition_rows(tmp_path_factory.mktemp("task") / "prompts.jsonl")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def reward_module_importable():
-    """tests/fixtures/rewards.py importable here and in the `parityrl train` subprocesses."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(FIXTURES))
-        mp.setenv("PYTHONPATH", os.pathsep.join([str(FIXTURES), os.environ.get("PYTHONPATH", "")]))
+        reward_fixtures_importable(mp)
         yield
 
 
@@ -55,13 +50,7 @@ def make_config(model: str, prompts: Path, **overrides) -> dict:
         "checkpoint": {"every": 3},
         "engine": {"max_model_len": 160, "kv_cache_gib": 0.25},
     }
-    for dotted, value in overrides.items():
-        node = cfg
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
-    return cfg
+    return with_overrides(cfg, overrides)
 
 
 def measured(rows: list[dict], key: str) -> list[float]:

@@ -8,6 +8,9 @@ named.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from parityrl.doctor.ladder import DoctorConfig, build_ladder, run_ladder_sync
@@ -17,19 +20,11 @@ from parityrl.sampling import SamplingConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.real]
 
-# Long enough that every rendered prompt fills a 128-token KV block: prefix caching has something
-# to reuse across a weight update.
-SYSTEM = ("You are a careful, friendly assistant. You answer questions about science, history, "
-          "mathematics, programming and language. Keep answers short: one or two sentences unless "
-          "the user asks for more. When a question is ambiguous, say which reading you answer. "
-          "Never invent facts; if you do not know, say so. Use plain words, avoid jargon, and give "
-          "numbers with their units. When you write code, use Python and explain it in one line. "
-          "If the user writes in another language, answer in that language. Do not repeat the "
-          "question back. Prefer examples over definitions, and end without a follow-up question.")
-QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "What is 12 + 7?",
-             "Who wrote Hamlet?"]
-PROMPTS = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
-           for q in QUESTIONS]
+# examples/long_chat_prompts.jsonl: every rendered prompt fills a 128-token KV block, so prefix
+# caching has something to reuse across a weight update.
+EXAMPLES = Path(__file__).parent.parent / "examples"
+PROMPTS = [json.loads(line)["messages"]
+           for line in (EXAMPLES / "long_chat_prompts.jsonl").read_text().splitlines()]
 TOP_P = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=24)
 TOP_K = SamplingConfig(temperature=0.7, top_k=20, max_tokens=24)
 
@@ -54,7 +49,7 @@ def test_full_depth_float32_with_top_p_passes(real_model):
 def test_bfloat16_with_top_p_and_top_k_is_finite_and_passes(real_model_4l):
     cfg = DoctorConfig(model=real_model_4l, dtype="bfloat16", samplings=[TOP_P, TOP_K],
                        prompts=PROMPTS, num_samples=3)
-    results, floor = run_ladder_sync(cfg, rungs=build_ladder()[3:])
+    results, floor = run_ladder_sync(cfg, rungs=build_ladder()[-1:])
     assert _finite(results, floor)
     assert all(r.metrics["mismatch/nonfinite_tokens"] == 0 for r in results)
     assert all("mismatch/nucleus_boundary_frac" in r.metrics for r in results)
@@ -67,12 +62,21 @@ WITHHELD = {
     "raw logprobs": ({"processed-logprobs"}, "float32", "weight-sync", "semantics", True),
     "missing weight sync": ({"weight-sync"}, "float32", "weight-sync", "weight synchronisation",
                             True),
-    "prefix cache across an update": ({"explicit-runtime", "prefix-cache-reset"}, "float32",
-                                      "weight-sync", "weight synchronisation", True),
+    "prefix cache across an update": ({"prefix-cache-reset"}, "float32", "weight-sync",
+                                      "weight synchronisation", True),
     # Measured, a bfloat16 engine head against the trainer's float32 one is within the rule's
     # factor here; the settings the two sides resolved are what fails it.
     "lm_head dtypes differ": ({"fp32-lm-head"}, "bfloat16", "fp32-lm-head", "numerics", False),
 }
+
+
+def _with_engine(rung, **settings):
+    import dataclasses
+
+    from parityrl.doctor.ladder import Fix
+
+    extra = Fix("test-engine-settings", rung.layer, "test", dict(settings))
+    return dataclasses.replace(rung, fixes=(*rung.fixes, extra))
 
 
 @pytest.mark.parametrize("case", list(WITHHELD))
@@ -80,8 +84,11 @@ def test_each_withheld_fix_fails_and_names_its_layer(real_model_4l, case):
     withhold, dtype, rung_name, layer, measured = WITHHELD[case]
     cfg = DoctorConfig(model=real_model_4l, dtype=dtype, samplings=[TOP_P], prompts=PROMPTS,
                        num_samples=2, withhold=frozenset(withhold))
-    rungs = [r for r in build_ladder(cfg.withhold) if r.name == rung_name]
-    results, floor = run_ladder_sync(cfg, rungs=rungs)
+    (rung,) = [r for r in build_ladder(cfg.withhold) if r.name == rung_name]
+    if "prefix-cache-reset" in withhold:
+        # Prefix caching on (vLLM's default), everything else explicit: eager, one engine start.
+        rung = _with_engine(rung, enable_prefix_caching=True)
+    results, floor = run_ladder_sync(cfg, rungs=[rung])
     passed, (verdict,) = judge_all(results, floor, dtype)
     assert not passed
     assert verdict.culprit == layer, verdict.text
@@ -96,7 +103,6 @@ def test_bfloat16_training_with_top_p_keeps_every_metric_finite(real_model_4l, t
     """The shipped real-model recipe (configs/smollm2-chat.yaml), shortened and on the 4-layer
     copy: chat-templated task, bfloat16 on both sides, top-p 0.9, sync mode."""
     import math
-    from pathlib import Path
 
     from parityrl.config import load_config
     from parityrl.pipeline import run_training

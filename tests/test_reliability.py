@@ -15,25 +15,20 @@ import pytest
 import torch
 import yaml
 
+from helpers import engine_core_pids, reward_fixtures_importable, with_overrides, write_addition_rows
 from parityrl.config import build_config
 from parityrl.runlog import read_metrics
 
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("task") / "prompts.jsonl"
-    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 40) for b in range(3)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_addition_rows(tmp_path_factory.mktemp("task") / "prompts.jsonl")
 
 
 @pytest.fixture(autouse=True)
 def reward_module_importable(monkeypatch):
-    monkeypatch.syspath_prepend(str(FIXTURES))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FIXTURES),
-                                                      os.environ.get("PYTHONPATH", "")]))
+    reward_fixtures_importable(monkeypatch)
 
 
 def config(model: str, prompts: Path, **overrides) -> dict:
@@ -47,13 +42,7 @@ def config(model: str, prompts: Path, **overrides) -> dict:
         "engine": {"max_model_len": 128, "kv_cache_gib": 0.1},
         "tensorboard": False,
     }
-    for dotted, value in overrides.items():
-        node = cfg
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
-    return cfg
+    return with_overrides(cfg, overrides)
 
 
 def train_cmd(*args: str) -> list[str]:
@@ -151,11 +140,7 @@ def test_engine_core_killed_mid_run_is_replaced_and_nothing_is_lost(tiny_model, 
         while len(read_metrics(run_dir / "metrics.jsonl")) < 2:
             assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
             time.sleep(0.05)
-        from test_shm import tree_of
-
-        cores = [p for p in tree_of(proc.pid)
-                 if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"VLLM::EngineCore")]
-        os.kill(cores[0], signal.SIGKILL)
+        os.kill(engine_core_pids(proc.pid)[0], signal.SIGKILL)
         out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -289,3 +274,32 @@ def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_one(
                             torch.optim.AdamW(model.parameters()))
     assert state.step == 2
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_a_prompt_that_cannot_fit_is_rejected_before_the_engine(tmp_path):
+    import asyncio
+
+    from parityrl.models.tiny import build_tokenizer
+    from parityrl.rollouts.actor import Actor, ActorLimits, RunStopped
+    from parityrl.sampling import SamplingConfig
+    from parityrl.tasks.jsonl import JsonlConfig, JsonlTask
+
+    rows = tmp_path / "r.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": "x" * (100 + i), "answer": "1"}) + "\n"
+                            for i in range(10)))
+    task = JsonlTask(JsonlConfig(path=str(rows), eval_fraction=0, shuffle=False))
+    errors: list[str] = []
+    actor = Actor(engine=None, task=task, tokenizer=build_tokenizer(),
+                  sampling=SamplingConfig(max_tokens=16), group_size=2, seed=0,
+                  limits=ActorLimits(max_model_len=64, max_rejected_frac=0.5),
+                  on_error=lambda kind, e: errors.append(kind))
+    # Problem 0 (100 characters + 16 tokens > 64) never reaches the engine (there is none).
+    groups = asyncio.run(actor.generate_batch(1))
+    assert groups == [] and actor.rejected["too_long"] == 1 and errors == ["too_long"]
+    assert actor.ledger.state() == {"position": 1, "done_above": []}
+    assert actor.metrics()["rollouts/rejected_too_long"] == 1.0
+    # From MIN_GROUPS (8) groups on, a rejected share above max_rejected_frac stops the run.
+    for _ in range(6):
+        asyncio.run(actor.generate_batch(1))
+    with pytest.raises(RunStopped, match="100% of 8 groups were rejected.*too_long"):
+        asyncio.run(actor.generate_batch(1))

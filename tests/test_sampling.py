@@ -21,10 +21,24 @@ def test_bad_sampling_is_one_clear_error(kwargs, message):
     assert "\n" not in str(info.value)
 
 
-def test_every_vllm_processing_step_is_spelled_out():
+def test_every_vllm_processing_step_is_spelled_out(monkeypatch):
+    # Values equal to vLLM's defaults prove nothing: check what is *passed*, by name.
+    import vllm
+
+    passed: dict = {}
+    real = vllm.SamplingParams
+
+    def spy(**kwargs):
+        passed.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(vllm, "SamplingParams", spy)
     params = SamplingConfig(temperature=0.7, top_p=0.9, top_k=20, max_tokens=8).to_vllm(seed=1)
+    every_step = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                  "frequency_penalty", "presence_penalty", "min_tokens", "logit_bias",
+                  "allowed_token_ids", "bad_words", "logprobs", "seed", "stop_token_ids"}
+    assert every_step <= set(passed), every_step - set(passed)
     assert (params.temperature, params.top_p, params.top_k) == (0.7, 0.9, 20)
-    assert params.min_p == 0.0 and params.repetition_penalty == 1.0
     assert params.logprobs == 0 and params.seed == 1
 
 

@@ -14,29 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import engine_core_pids, tree_of
 from parityrl.runlog import read_metrics
 from parityrl.shm_guard import _entries, _owned_folders, _shm_inodes
 
 SHM = Path("/dev/shm")
 pytestmark = pytest.mark.skipif(not SHM.is_dir(), reason="no /dev/shm on this system")
-
-
-def tree_of(root: int) -> list[int]:
-    """The PIDs of `root` and its descendants, now."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                stat = Path(f"/proc/{name}/stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(name))
-    out, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        out.append(pid)
-        stack += children.get(pid, [])
-    return out
 
 
 def shm_of(root: int) -> set[str]:
@@ -135,13 +118,22 @@ def _wait_for_steps(proc, run_dir: Path, steps: int) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.slow
-def test_sigkilled_training_run_leaves_nothing_in_dev_shm(tiny_model, prompts, tmp_path):
+def _running_train(model: str, prompts: Path, tmp_path: Path):
+    """A `parityrl train` process two steps into its run, and what it holds in /dev/shm."""
     run_dir = tmp_path / "run"
-    proc = _start_train(_train_config(tiny_model, prompts, tmp_path, 50), run_dir)
+    proc = _start_train(_train_config(model, prompts, tmp_path, 50), run_dir)
     try:
         _wait_for_steps(proc, run_dir, 2)
-        held = shm_of(proc.pid)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc, shm_of(proc.pid)
+
+
+@pytest.mark.slow
+def test_sigkilled_training_run_leaves_nothing_in_dev_shm(tiny_model, prompts, tmp_path):
+    proc, held = _running_train(tiny_model, prompts, tmp_path)
+    try:
         assert any("parityrl-weights-" in p for p in held) and any("psm_" in p for p in held), held
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -151,13 +143,9 @@ def test_sigkilled_training_run_leaves_nothing_in_dev_shm(tiny_model, prompts, t
 
 @pytest.mark.slow
 def test_run_whose_engine_core_dies_exits_and_leaves_nothing(tiny_model, prompts, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = _start_train(_train_config(tiny_model, prompts, tmp_path, 50), run_dir)
+    proc, held = _running_train(tiny_model, prompts, tmp_path)
     try:
-        _wait_for_steps(proc, run_dir, 2)
-        held = shm_of(proc.pid)
-        cores = [p for p in tree_of(proc.pid)
-                 if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"VLLM::EngineCore")]
+        cores = engine_core_pids(proc.pid)
         assert cores, "no engine-core process found"
         os.kill(cores[0], signal.SIGKILL)
         proc.wait(timeout=120)

@@ -110,3 +110,26 @@ def test_weight_sync_rung_flags_a_broken_update(tiny_model):
     verdict = judge(results, floor, "float32")
     assert not verdict.passed and verdict.culprit == "weight synchronisation"
     assert "digest check" in verdict.sentence and "q_proj" in verdict.sentence
+
+
+def test_with_prefix_caching_a_prompt_seen_before_an_update_is_recomputed_after_it(tiny_model):
+    """vLLM keeps prefix-cache blocks across a weight reload; update_weights resets the cache, so
+    the same long prompt after an update is scored by the new weights, not by stale KV."""
+    prompt = [5 + (i % 60) for i in range(200)]  # fills a 128-token KV block
+    sampling = SamplingConfig(temperature=0.7, max_tokens=8)
+
+    async def scenario():
+        engine = await RolloutEngine.start(EngineSettings(model=tiny_model,
+                                                          enable_prefix_caching=True))
+        try:
+            assert engine.resolved_settings()["enable_prefix_caching"] is True
+            await engine.generate_many([prompt], sampling, n=2, seed=0)  # cached under old weights
+            model = load_policy(tiny_model)
+            perturb_in_place(model, 0.05, seed=4)
+            await engine.update_weights(model.state_dict())
+            return model, await engine.generate_many([prompt], sampling, n=2, seed=1)
+        finally:
+            await engine.close()
+
+    model, rollouts = asyncio.run(scenario())
+    assert _mismatch(model, rollouts, sampling)["mismatch/max_abs_diff"] <= 1e-5

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 SHM = "/dev/shm"
-POLL_S = 0.25
+POLL_S = 1.0
 GRACE_S = 5.0
 
 _guard: subprocess.Popen | None = None

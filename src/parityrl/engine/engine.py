@@ -16,7 +16,6 @@ import gc
 import itertools
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
