@@ -1,0 +1,133 @@
+"""The trainer and the pieces around it, without the engine: stale filtering, the in-process
+stream, micro-batching, the KL and entropy terms, corrections inside a real step, compare --ref."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from parityrl.config import build_config
+from parityrl.models.load import load_policy
+from parityrl.pipeline import split_stale
+from parityrl.rollouts.stream import InProcessStream
+from parityrl.rollouts.types import Rollout
+from parityrl.trainer.trainer import Trainer
+
+
+def rollout(version: int = 0, reward: float = 0.0, n: int = 5, seed: int = 0, lp: float = -1.0,
+            group: int = 0) -> Rollout:
+    gen = torch.Generator().manual_seed(seed)
+    completion = torch.randint(4, 90, (n,), generator=gen).tolist()
+    r = Rollout([5, 6, 7, 8], completion, [lp] * n, [version] * n, "length", group_id=group)
+    r.reward = reward
+    r.meta["problem_index"] = group
+    return r
+
+
+def groups(count: int = 4, size: int = 4, lp: float = -1.0) -> list[list[Rollout]]:
+    return [[rollout(reward=float(j % 2), seed=10 * g + j, lp=lp, group=g, n=3 + (g + j) % 4)
+             for j in range(size)] for g in range(count)]
+
+
+def test_split_stale_keeps_groups_within_max_lag():
+    fresh = [rollout(version=4), rollout(version=3)]
+    stale = [rollout(version=4), rollout(version=2)]  # one token two steps old
+    kept, dropped = split_stale([fresh, stale], version=4, max_lag=1)
+    assert kept == [fresh] and dropped == [stale]
+    assert split_stale([stale], version=4, max_lag=2) == ([stale], [])
+
+
+def test_in_process_stream_hands_over_in_order_and_peeks_without_taking():
+    async def scenario():
+        stream = InProcessStream()
+        a, b, c = [rollout(group=4)], [rollout(group=5)], [rollout(group=6)]
+        for g in (a, b, c):
+            await stream.put(g)
+        assert stream.peek() == [a, b, c]
+        assert await stream.get(2) == [a, b]
+        assert stream.peek() == [c]
+        waiter = asyncio.create_task(stream.get(2))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()  # waits for a second group
+        d = [rollout(group=7)]
+        await stream.put(d)
+        assert await waiter == [c, d] and stream.peek() == []
+
+    asyncio.run(scenario())
+
+
+def make_trainer(model_dir: str, **overrides) -> Trainer:
+    cfg = {"model": model_dir, "sampling": {"temperature": 1.0}, **overrides}
+    config = build_config(cfg)
+    ref = load_policy(model_dir) if config.trainer.loss.kl_coef > 0 else None
+    return Trainer(config, load_policy(model_dir), pad_id=0, ref_model=ref)
+
+
+def grads(trainer: Trainer, batch) -> dict[str, torch.Tensor]:
+    trainer.accumulate(batch)
+    out = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def test_the_gradient_does_not_depend_on_the_microbatch_split(tiny_model):
+    batch = groups()
+    whole = grads(make_trainer(tiny_model), batch)
+    small = make_trainer(tiny_model, trainer={"optim": {"tokens_per_microbatch": 20}})
+    from parityrl.trainer.trainer import microbatches
+
+    rollouts = [r for g in batch for r in g]
+    assert len(microbatches(rollouts, 20)) > 4  # really split
+    split = grads(small, batch)
+    assert whole.keys() == split.keys()
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-7)
+
+
+def test_kl_and_entropy_terms_change_the_gradient_and_are_reported(tiny_model):
+    batch = groups()
+    plain = grads(make_trainer(tiny_model), batch)
+    # The policy equals the reference at the start: the k3 KL and its gradient are zero there.
+    kl = make_trainer(tiny_model, trainer={"loss": {"kl_coef": 0.5}})
+    metrics = kl.apply(kl.accumulate(batch))
+    assert metrics["kl/ref_k3"] == pytest.approx(0.0, abs=1e-9)
+    metrics = kl.apply(kl.accumulate(batch))  # one step later the policy moved away
+    assert metrics["kl/ref_k3"] > 0
+    entropy = grads(make_trainer(tiny_model, trainer={"loss": {"entropy_coef": 0.1}}), batch)
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.allclose(entropy[name], plain[name])
+
+
+@pytest.mark.parametrize("kind", ["tis", "mis", "icepop"])
+def test_corrections_act_inside_a_real_step(tiny_model, kind):
+    # Engine logprobs far below the trainer's: behaviour→trainer ratios w well above 1.
+    batch = groups(lp=-8.0)
+    trainer = make_trainer(tiny_model, trainer={"correction": {"type": kind, "cap": 2.0}})
+    metrics = trainer.apply(trainer.accumulate(batch))
+    if kind == "tis":  # weights truncated at the cap
+        assert metrics["is/weight_max"] == 2.0
+        assert metrics["is/truncated_frac"] > 0.5 and metrics["is/masked_frac"] == 0.0
+    else:  # tokens (or sequences) with w outside the bounds dropped
+        assert metrics["is/weight_max"] > 2.0 and metrics["is/masked_frac"] > 0.5
+    # Without a correction the ratio is taken against the engine's logprobs: every token with a
+    # positive advantage (half of them) clips.
+    plain = make_trainer(tiny_model)
+    assert plain.apply(plain.accumulate(batch))["rl/clip_frac"] == pytest.approx(0.5)
+
+
+def test_compare_with_an_extra_reference_seed_widens_the_band(tmp_path):
+    from test_compare import METRICS, make_run
+
+    from parityrl.compare import compare_runs
+
+    ref = make_run(tmp_path / "ref", 60, seed=1)
+    cand = make_run(tmp_path / "cand", 60, seed=3, shift_at=30, shift=0.15)
+    alone = compare_runs(ref, [cand], metrics=["rl/reward_mean"])
+    # A second reference seed that itself sits 0.3 away: the noise between seeds is that large.
+    seed2 = make_run(tmp_path / "seed2", 60, seed=2, shift_at=1, shift=0.3)
+    widened = compare_runs(ref, [cand], [seed2], metrics=["rl/reward_mean"])
+    assert alone.diverged and not widened.diverged
+    assert max(widened.results[0].band) > max(alone.results[0].band)
+    assert METRICS
