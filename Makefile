@@ -12,6 +12,6 @@ demo: setup
 test: setup
 	.venv/bin/python -m pytest
 
-# Not run by CI: speed of every stage against its anchor (about 10 min on 2 cores).
+# Not run by CI: speed of every stage against its anchor (about 5 min on 2 cores).
 bench: setup
 	.venv/bin/parityrl bench

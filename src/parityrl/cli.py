@@ -346,7 +346,7 @@ def bench(
                                                   "logprob_pass, pipeline, doctor."),
     reps: int = typer.Option(5, help="Repetitions per timed figure (medians and spread)."),
 ):
-    """Measure every stage of the data path as a ratio to its anchor (about 10 min on 2 cores)."""
+    """Measure every stage of the data path as a ratio to its anchor (about 5 min on 2 cores)."""
     _quiet_libraries()
     from parityrl.bench.runner import run_bench
 
