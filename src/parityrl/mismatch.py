@@ -1,4 +1,4 @@
-"""The mismatch metrics of DESIGN.md: how far the trainer's token logprobs are from the engine's.
+"""The mismatch metrics: how far the trainer's token logprobs are from the engine's.
 
 With d = lp_train - lp_engine per token (same tokens, same weights, same processing):
 mean_diff shows a systematic (semantic) offset, kl_k1 / kl_k3 estimate KL(engine ‖ trainer) on tokens

@@ -3,7 +3,7 @@
     advantages → micro-batches (token budget) → forward with `token_logprobs` (the doctor's
     function) → policy loss (+ correction, KL, entropy) → backward → clip → AdamW step
 
-Per-token statistics of the step are gathered on the way and turned into the metrics of DESIGN.md.
+Per-token statistics of the step are gathered on the way and turned into the metrics listed in the README (Training).
 """
 
 from __future__ import annotations
