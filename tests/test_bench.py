@@ -22,8 +22,14 @@ def test_logprob_stage_runs_for_real_and_the_report_quotes_it(tmp_path):
                                                  ("kv_heads", 1)), batch=2, prompt_len=4,
                                     completion_len=8, reps=2)
     data = logprob_pass.run(cfg, say=lambda m: None)
-    assert data["logprob_pass_ratio"]["n"] == 2 and data["logprob_pass_ratio"]["median"] > 0
+    assert data["logprob_pass_ratio"]["n"] == 2
     assert set(data["modes"]) == {"no_grad", "with_backward"}
+    for mode in data["modes"].values():
+        ours, plain, ratio = mode["ours_tokens_per_s"], mode["plain_tokens_per_s"], mode["ratio"]
+        assert ours["n"] == plain["n"] == ratio["n"] == 2
+        # The ratio is ours ÷ plain, rep by rep: it lies between the extreme quotients.
+        assert ours["min"] / plain["max"] <= ratio["median"] <= ours["max"] / plain["min"]
+    assert data["logprob_pass_ratio"] == data["modes"]["no_grad"]["ratio"]
     results = {"command": "parityrl bench --only logprob_pass", "machine": report.machine(),
                "stages": {"logprob_pass": data}, "seconds_total": 1.0,
                "logprob_pass_ratio": data["logprob_pass_ratio"]}
