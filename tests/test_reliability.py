@@ -151,6 +151,7 @@ def test_engine_core_killed_mid_run_is_replaced_and_nothing_is_lost(tiny_model, 
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert rows[-1]["engine/restarts"] == 1
     assert "engine restart" in out + err
+    assert "rel step 8/8" in out  # plain progress lines when stdout is not a terminal
     assert (run_dir / "errors.log").read_text().startswith("== engine_restart")
     assert assert_each_index_once(run_dir) >= 8 * 4
     # After the restart the engine holds the trainer's weights: parity on fresh rollouts.

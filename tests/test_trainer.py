@@ -131,3 +131,32 @@ def test_compare_with_an_extra_reference_seed_widens_the_band(tmp_path):
     assert alone.diverged and not widened.diverged
     assert max(widened.results[0].band) > max(alone.results[0].band)
     assert METRICS
+
+
+def test_samples_are_logged_and_a_reward_stuck_at_zero_is_announced_once(tmp_path, tiny_model):
+    from parityrl.models.tiny import load_tokenizer
+    from parityrl.pipeline import Pipeline
+    from parityrl.runlog import JsonlLog, MetricsWriter, read_metrics
+
+    cfg = build_config({"model": tiny_model, "samples_every": 2, "samples_per_log": 3})
+    messages: list[str] = []
+    pipeline = Pipeline(cfg, tmp_path, on_message=messages.append)
+    pipeline.tokenizer = load_tokenizer(tiny_model)
+    pipeline.samples_log = JsonlLog(tmp_path / "samples.jsonl")
+    pipeline.writer = MetricsWriter(tmp_path, tensorboard=True)
+    pipeline.zero_reward_steps = 0
+    batch = groups()
+    for r in (r for g in batch for r in g):
+        r.meta.update(prompt="12+7=", answer="19")
+        r.reward = 0.0
+    for step in range(1, 6):
+        pipeline._log_samples(step, batch, {"rl/reward_mean": 0.0})
+    pipeline.samples_log.close()
+    pipeline.writer.close()
+    rows = read_metrics(tmp_path / "samples.jsonl")
+    assert [r["step"] for r in rows] == [1, 1, 1, 2, 2, 2, 4, 4, 4]
+    assert {"prompt", "completion", "reward", "answer", "versions"} <= set(rows[0])
+    assert len({r["problem_index"] for r in rows if r["step"] == 1}) == 3  # one per group first
+    warnings = [m for m in messages if "reward has been 0" in m]
+    assert len(warnings) == 1 and "'12+7='" in warnings[0] and "samples.jsonl" in warnings[0]
+    assert list((tmp_path / "tb").iterdir())  # the samples also went to TensorBoard's text tab
