@@ -197,3 +197,23 @@ def test_export_of_a_checkpoint_is_a_model_folder_the_doctor_passes(tmp_path, ti
                  "--max-tokens", "8", timeout=600)
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     _assert_one_line_error(run("export", str(tmp_path / "run"), str(exported)), "--overwrite")
+
+
+def test_help_texts_name_builtin_models_and_explain_quoting():
+    doctor = run("doctor", "--help")
+    assert doctor.returncode == 0 and "builtin:" in doctor.stdout
+    train = run("train", "--help")
+    assert train.returncode == 0 and "quote" in train.stdout.lower()
+
+
+def test_a_cached_builtin_model_is_not_announced_as_being_built(tiny_model, monkeypatch, tmp_path):
+    from parityrl.models.builtin import resolve_model
+
+    monkeypatch.setenv("PARITYRL_CACHE", str(tmp_path))
+    said: list[str] = []
+    first = resolve_model("builtin:tiny", say=said.append)
+    assert len(said) == 1 and "building builtin:tiny" in said[0]
+    assert resolve_model("builtin:tiny", say=said.append) == first and len(said) == 1
+    with pytest.raises(Exception, match="unknown built-in model"):
+        resolve_model("builtin:nope", say=said.append)
+    assert len(said) == 1  # nothing announced before the error
