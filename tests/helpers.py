@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -61,3 +65,42 @@ def engine_core_pids(root: int) -> list[int]:
         except OSError:
             continue
     return found
+
+
+# --- `parityrl train` as a process the test can kill ---------------------------------------------
+
+def train_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "parityrl.cli", "train", *args]
+
+
+def start_train(*args: str, env: dict | None = None, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """`parityrl train ARGS` in a session of its own: os.killpg reaches it and its engines."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.Popen(train_cmd(*args), env=env, stdout=stdout, stderr=stderr, text=True,
+                            start_new_session=True)
+
+
+def wait_while_running(proc: subprocess.Popen, done, timeout: float = 300) -> None:
+    """Poll until `done()`; fail (with the run's stderr) if the run exits or takes too long."""
+    deadline = time.time() + timeout
+    while not done():
+        if proc.poll() is not None:
+            raise AssertionError("training exited early: "
+                                 + (proc.stderr.read()[-3000:] if proc.stderr else ""))
+        assert time.time() < deadline, "training too slow"
+        time.sleep(0.05)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the run and every process it started (if it is still there)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def metric_rows(run_dir: Path) -> int:
+    """Steps written to the run's metrics.jsonl so far."""
+    from parityrl.runlog import read_metrics
+
+    return len(read_metrics(run_dir / "metrics.jsonl"))

@@ -7,17 +7,15 @@ reward (share of digits in the completion): advantages are non-zero and the loss
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import reward_fixtures_importable, with_overrides, write_addition_rows
+from helpers import (kill_group, metric_rows, reward_fixtures_importable, start_train, train_cmd,
+                     wait_while_running, with_overrides, write_addition_rows)
 from parityrl.config import build_config
 from parityrl.pipeline import ParityAlarm, run_training
 from parityrl.runlog import read_metrics
@@ -130,34 +128,22 @@ def test_v1_defaults_show_the_seed_bug_and_the_alarm_stops_the_run(tiny_model, p
     assert first["rl/clip_frac"] > 0  # ... already clipping
 
 
-def _train_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "parityrl.cli", "train", *args]
-
-
 def test_killed_run_resumes_without_lost_or_duplicated_steps(tiny_model, prompts_file, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(make_config(
         tiny_model, prompts_file, max_steps=8, **{"checkpoint.every": 2})))
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(_train_cmd(str(config), "--out", str(run_dir)), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = start_train(str(config), "--out", str(run_dir))
     try:
-        deadline = time.time() + 300
-        while len(read_metrics(run_dir / "metrics.jsonl")) < 5:
-            assert proc.poll() is None, "training exited before it could be killed"
-            assert time.time() < deadline, "training too slow"
-            time.sleep(0.05)
+        wait_while_running(proc, lambda: metric_rows(run_dir) >= 5)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the engine processes it started
-        proc.wait()
+        kill_group(proc)  # the CLI and the engine processes it started
     killed_at = time.time()
     before = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert len(before) >= 5 and before[-1] < 8
 
-    resumed = subprocess.run(_train_cmd("--resume", str(run_dir)), env=env, capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(train_cmd("--resume", str(run_dir)), capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 9))

@@ -7,15 +7,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from helpers import engine_core_pids, reward_fixtures_importable, with_overrides, write_addition_rows
+from helpers import (engine_core_pids, kill_group, metric_rows, reward_fixtures_importable,
+                     start_train, train_cmd, wait_while_running, with_overrides,
+                     write_addition_rows)
 from parityrl.config import build_config
 from parityrl.runlog import read_metrics
 
@@ -43,10 +43,6 @@ def config(model: str, prompts: Path, **overrides) -> dict:
         "tensorboard": False,
     }
     return with_overrides(cfg, overrides)
-
-
-def train_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "parityrl.cli", "train", *args]
 
 
 def outcomes(run_dir: Path) -> dict[str, list[int]]:
@@ -133,19 +129,14 @@ def test_engine_core_killed_mid_run_is_replaced_and_nothing_is_lost(tiny_model, 
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(config(tiny_model, prompts_file, max_steps=8)))
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(str(cfg), "--out", str(run_dir)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_train(str(cfg), "--out", str(run_dir), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 300
-        while len(read_metrics(run_dir / "metrics.jsonl")) < 2:
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
-            time.sleep(0.05)
+        wait_while_running(proc, lambda: metric_rows(run_dir) >= 2)
         os.kill(engine_core_pids(proc.pid)[0], signal.SIGKILL)
         out, err = proc.communicate(timeout=300)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_group(proc)
     assert proc.returncode == 0, err[-3000:]
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 9))
@@ -201,18 +192,13 @@ def test_kill_during_a_checkpoint_write_then_resume_restores_the_saved_state(
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump(plain))
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PARITYRL_FAULT_CHECKPOINT_SLEEP": "4:60"}
-    proc = subprocess.Popen(train_cmd(str(cfg_file), "--out", str(run_dir)), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = start_train(str(cfg_file), "--out", str(run_dir),
+                       env={"PARITYRL_FAULT_CHECKPOINT_SLEEP": "4:60"})
+    writing = run_dir / "checkpoints" / ".tmp-step-000004" / "model.safetensors"
     try:
-        deadline = time.time() + 300
-        while not (run_dir / "checkpoints" / ".tmp-step-000004" / "model.safetensors").exists():
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.05)
+        wait_while_running(proc, writing.exists)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_group(proc)
     saved = run_dir / "checkpoints" / "step-000002"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
         ".tmp-step-000004", "step-000002"]

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import engine_core_pids, tree_of
-from parityrl.runlog import read_metrics
+from helpers import engine_core_pids, kill_group, metric_rows, start_train, tree_of, wait_while_running
 from parityrl.shm_guard import _entries, _owned_folders, _shm_inodes
 
 SHM = Path("/dev/shm")
@@ -74,8 +73,7 @@ def test_guardian_reclaims_segments_folders_and_semaphores_of_a_killed_process_g
         assert any(n.startswith("sem.") for n in names), held
         assert any(n.startswith(f"parityrl-test-{proc.pid}-") for n in names), held
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_group(proc)
     assert wait_gone(held) == set()
     assert other.exists()
     other.unlink()
@@ -103,29 +101,16 @@ def prompts(tmp_path) -> Path:
     return path
 
 
-def _start_train(config: Path, run_dir: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "parityrl.cli", "train", str(config), "--out",
-                             str(run_dir)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def _wait_for_steps(proc, run_dir: Path, steps: int) -> None:
-    deadline = time.time() + 300
-    while len(read_metrics(run_dir / "metrics.jsonl")) < steps:
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        assert time.time() < deadline, "training too slow"
-        time.sleep(0.05)
-
-
 def _running_train(model: str, prompts: Path, tmp_path: Path):
     """A `parityrl train` process two steps into its run, and what it holds in /dev/shm."""
     run_dir = tmp_path / "run"
-    proc = _start_train(_train_config(model, prompts, tmp_path, 50), run_dir)
+    # stderr is read once the run has exited (one error line); it stays short.
+    proc = start_train(str(_train_config(model, prompts, tmp_path, 50)), "--out", str(run_dir),
+                       stderr=subprocess.PIPE)
     try:
-        _wait_for_steps(proc, run_dir, 2)
+        wait_while_running(proc, lambda: metric_rows(run_dir) >= 2)
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc)
         raise
     return proc, shm_of(proc.pid)
 
@@ -136,8 +121,7 @@ def test_sigkilled_training_run_leaves_nothing_in_dev_shm(tiny_model, prompts, t
     try:
         assert any("parityrl-weights-" in p for p in held) and any("psm_" in p for p in held), held
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_group(proc)
     assert wait_gone(held) == set()
 
 
@@ -153,7 +137,5 @@ def test_run_whose_engine_core_dies_exits_and_leaves_nothing(tiny_model, prompts
         errors = [line for line in proc.stderr.read().splitlines() if line.startswith("error:")]
         assert errors and "engine died" in errors[0], errors
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_group(proc)
     assert wait_gone(held) == set()

@@ -420,8 +420,6 @@ def test_jsonl_chat_errors(tmp_path):
 
 
 def test_encode_problem_renders_the_chat_template_once():
-    from transformers import AutoTokenizer  # noqa: F401  (the tokenizer below is a real one)
-
     from parityrl.models.tiny import build_tokenizer
     from parityrl.tasks.prompts import encode_problem, render_text
 

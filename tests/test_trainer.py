@@ -95,8 +95,14 @@ def test_kl_and_entropy_terms_change_the_gradient_and_are_reported(tiny_model):
     assert metrics["kl/ref_k3"] == pytest.approx(0.0, abs=1e-9)
     metrics = kl.apply(kl.accumulate(batch))  # one step later the policy moved away
     assert metrics["kl/ref_k3"] > 0
-    entropy = grads(make_trainer(tiny_model, trainer={"loss": {"entropy_coef": 0.1}}), batch)
     name = "model.layers.0.mlp.down_proj.weight"
+    # Against a reference that differs from the policy, the KL term has a gradient of its own.
+    from parityrl.doctor.ladder import perturb_in_place
+
+    away = make_trainer(tiny_model, trainer={"loss": {"kl_coef": 0.5}})
+    perturb_in_place(away.ref_model, 0.05, seed=1)
+    assert not torch.allclose(grads(away, batch)[name], plain[name])
+    entropy = grads(make_trainer(tiny_model, trainer={"loss": {"entropy_coef": 0.1}}), batch)
     assert not torch.allclose(entropy[name], plain[name])
 
 
@@ -160,3 +166,24 @@ def test_samples_are_logged_and_a_reward_stuck_at_zero_is_announced_once(tmp_pat
     warnings = [m for m in messages if "reward has been 0" in m]
     assert len(warnings) == 1 and "'12+7='" in warnings[0] and "samples.jsonl" in warnings[0]
     assert list((tmp_path / "tb").iterdir())  # the samples also went to TensorBoard's text tab
+
+
+def test_bfloat16_training_accumulates_updates_in_float32_masters(tiny_model):
+    """An AdamW step of lr 1e-5 is far below a bfloat16 weight's resolution: without float32
+    masters the model would not move at all; with them the masters move every step and the
+    model holds them rounded to bfloat16."""
+    config = build_config({"model": tiny_model, "dtype": "bfloat16", "sampling": {"temperature": 1.0},
+                           "trainer": {"optim": {"lr": 1e-5}}})
+    model = load_policy(tiny_model, "bfloat16")
+    trainer = Trainer(config, model, pad_id=0)
+    name = "model.layers.0.mlp.down_proj.weight"
+    index = [n for n, _ in model.named_parameters()].index(name)
+    start = trainer.master[index].detach().clone()
+    for _ in range(3):
+        trainer.apply(trainer.accumulate(groups()))
+    moved = trainer.master[index].detach()
+    assert moved.dtype == torch.float32 and 0 < (moved - start).abs().max() < 1e-4
+    param = dict(model.named_parameters())[name]
+    assert param.dtype == torch.bfloat16 and torch.equal(param.detach(), moved.to(torch.bfloat16))
+    saved = trainer.master_state()
+    assert saved is not None and torch.equal(saved[name], moved)
