@@ -217,3 +217,21 @@ def test_a_cached_builtin_model_is_not_announced_as_being_built(tiny_model, monk
     with pytest.raises(Exception, match="unknown built-in model"):
         resolve_model("builtin:nope", say=said.append)
     assert len(said) == 1  # nothing announced before the error
+
+
+def test_readme_points_only_at_files_in_the_repository():
+    """Every path the README names (configs/…, examples/…, parityrl/bench/…) exists, and so does
+    every document (*.md) it names; bare file names such as metrics.jsonl are run outputs."""
+    import re
+
+    root = Path(__file__).parent.parent
+    text = (root / "README.md").read_text()
+    names = set(re.findall(r"[\w./-]+\.(?:py|yaml|yml|jsonl|json|md|sh|toml)\b", text))
+    documents = set()
+    for _, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("runs", "__pycache__")]
+        documents.update(f for f in files if f.endswith(".md"))
+    missing = [n for n in names if "/" in n and not (root / n).exists()
+               and not (root / "src" / n).exists()]
+    missing += [n for n in names if "/" not in n and n.endswith(".md") and n not in documents]
+    assert not missing, missing

@@ -1,5 +1,6 @@
 """The trainer and the pieces around it, without the engine: stale filtering, the in-process
-stream, micro-batching, the KL and entropy terms, corrections inside a real step, compare --ref."""
+stream, micro-batching, the KL and entropy terms, corrections inside a real step, bf16 masters,
+compare --ref, samples, plots."""
 
 from __future__ import annotations
 
@@ -187,3 +188,19 @@ def test_bfloat16_training_accumulates_updates_in_float32_masters(tiny_model):
     assert param.dtype == torch.bfloat16 and torch.equal(param.detach(), moved.to(torch.bfloat16))
     saved = trainer.master_state()
     assert saved is not None and torch.equal(saved[name], moved)
+
+
+def test_log_panels_say_when_they_raise_zeros_to_the_floor(tmp_path):
+    from parityrl.plots import LOG_FLOOR, floor_for_log, plot_run
+
+    title = "mismatch KL k3"
+    assert floor_for_log([(1, 1e-3), (2, 2e-5)], title) == ([(1, 1e-3), (2, 2e-5)], title)
+    points, floored = floor_for_log([(1, 0.0), (2, 1e-3)], title)
+    assert points == [(1, LOG_FLOOR), (2, 1e-3)]
+    assert floored == f"{title} (values < 1e-12 drawn at 1e-12)"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(
+        f'{{"step": {s}, "mismatch/kl_k3": 0.0, "rl/reward_mean": 0.5}}\n' for s in (1, 2)))
+    (png,) = plot_run(run)
+    assert png.stat().st_size > 10_000

@@ -20,6 +20,14 @@ PANELS = [
 ]
 
 
+def floor_for_log(points: list[tuple[int, float]], title: str) -> tuple[list, str]:
+    """A log axis cannot draw zeros: raise small values to LOG_FLOOR and say so in the title."""
+    if not any(v < LOG_FLOOR for _, v in points):
+        return points, title
+    floored = [(s, max(v, LOG_FLOOR)) for s, v in points]
+    return floored, f"{title} (values < {LOG_FLOOR:g} drawn at {LOG_FLOOR:g})"
+
+
 def plot_run(run_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -35,10 +43,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     for ax, (key, title, scale) in zip(axes.flat, PANELS):
         points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         if scale == "log":
-            floored = any(v < LOG_FLOOR for _, v in points)
-            points = [(s, max(v, LOG_FLOOR)) for s, v in points]
-            if floored:
-                title += f" (values < {LOG_FLOOR:g} drawn at {LOG_FLOOR:g})"
+            points, title = floor_for_log(points, title)
         if points:
             ax.plot(*zip(*points), marker=".", linewidth=1)
         else:
