@@ -1,4 +1,4 @@
-"""`parityrl demo`: the whole story on a laptop, in about six minutes on 2 CPU cores.
+"""`parityrl demo`: the whole story on a laptop, in 6–9 minutes on 2 CPU cores (README: measured).
 
 1. build a tiny Qwen2-architecture model with a character tokenizer (no download);
 2. warm-start it with a short supervised phase on 3-digit + 1-digit addition, stopped while the
@@ -8,7 +8,8 @@
 4. greedy accuracy on 500 held-out problems before and after RL → summary.json, plots.
 
 The task has 10,000 distinct problems (10% held out by hash), large enough that RL has to learn the
-rule rather than memorise its training problems; RL adds roughly 20 points of held-out accuracy.
+rule rather than memorise its training problems; RL added 9–23 points of held-out accuracy in the
+runs the README lists.
 """
 
 from __future__ import annotations
