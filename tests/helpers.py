@@ -93,9 +93,12 @@ def wait_while_running(proc: subprocess.Popen, done, timeout: float = 300) -> No
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the run and every process it started (if it is still there)."""
-    if proc.poll() is None:
+    """SIGKILL the run and every process it started: its engines too, even when the CLI process
+    itself has already exited."""
+    try:
         os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     proc.wait()
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import engine_core_pids, kill_group, metric_rows, start_train, tree_of, wait_while_running
+from helpers import (engine_core_pids, kill_group, metric_rows, start_train, tree_of,
+                     wait_while_running)
 from parityrl.shm_guard import _entries, _owned_folders, _shm_inodes
 
 SHM = Path("/dev/shm")

@@ -32,8 +32,9 @@ from parityrl.doctor.ladder import FIXES, RungResult
 
 # Measured on SmolLM2-135M-Instruct (README, "The doctor on a real model"): correctly configured,
 # the CPU engine's mean and p99 error against float64 are 1.4–1.8× the trainer's in float32 at 30
-# layers, 1.9–2.2× at 4 layers, 1.0–1.2× on the tiny models, 0.8–1.1× in bfloat16; raw logprobs are ~1e5× in float32 and ~10×
-# in bfloat16, a missed weight update or a stale prefix cache ≥ 10× (README).
+# layers, 1.9–2.2× at 4 layers, 1.0–1.2× on the tiny models, 0.8–1.1× in bfloat16; raw logprobs
+# are ~1e5× in float32 and ~10× in bfloat16, a missed weight update or a stale prefix cache ≥ 10×
+# (README).
 ENGINE_ERROR_FACTOR = 4.0
 # Without a float64 evaluation: an absolute bound on the last rung's max |Δ| per dtype.
 FALLBACK_TOL = {"float32": 1e-4, "bfloat16": 0.5, "float16": 0.1}
