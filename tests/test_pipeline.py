@@ -145,6 +145,9 @@ def test_killed_run_resumes_without_lost_or_duplicated_steps(tiny_model, prompts
     resumed = subprocess.run(train_cmd("--resume", str(run_dir)), capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # A clean exit: no task left pending, no segment removed behind the resource tracker's back.
+    for noise in ("Task was destroyed but it is pending", "resource_tracker"):
+        assert noise not in resumed.stderr, resumed.stderr[-2000:]
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 9))
     last_checkpoint = max(s for s in before if s % 2 == 0)

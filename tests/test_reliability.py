@@ -290,3 +290,31 @@ def test_a_prompt_that_cannot_fit_is_rejected_before_the_engine(tmp_path):
         asyncio.run(actor.generate_batch(1))
     with pytest.raises(RunStopped, match="100% of 8 groups were rejected.*too_long"):
         asyncio.run(actor.generate_batch(1))
+
+
+def test_a_cancelled_actor_leaves_no_task_pending(tmp_path):
+    """A run stops by cancelling the actor: nothing it started may stay pending (else asyncio
+    prints "Task was destroyed but it is pending!" at exit)."""
+    import asyncio
+
+    from parityrl.models.tiny import build_tokenizer
+    from parityrl.rollouts.actor import Actor, ActorLimits
+    from parityrl.rollouts.stream import InProcessStream
+    from parityrl.sampling import SamplingConfig
+    from parityrl.tasks.jsonl import JsonlConfig, JsonlTask
+
+    rows = tmp_path / "r.jsonl"
+    rows.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    actor = Actor(engine=None, task=JsonlTask(JsonlConfig(path=str(rows), eval_fraction=0)),
+                  tokenizer=build_tokenizer(), sampling=SamplingConfig(max_tokens=4),
+                  group_size=2, seed=0, limits=ActorLimits(max_model_len=64))
+
+    async def run_then_cancel() -> list:
+        budget = asyncio.Semaphore(0)  # the actor waits for a slot, as when the trainer lags
+        producer = asyncio.create_task(actor.run(InProcessStream(), budget))
+        await asyncio.sleep(0.05)
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+
+    assert asyncio.run(run_then_cancel()) == []

@@ -190,6 +190,25 @@ def reclaim(inodes: set[int], folders: set[str]) -> list[str]:
     return removed
 
 
+def forget_in_resource_tracker(removed: list[str]) -> None:
+    """Tell this process's multiprocessing resource tracker that `removed` files are gone.
+
+    The tracker unlinks at exit what it still has registered and warns about each one it finds
+    already removed ("leaked shared_memory objects … No such file"). Registering first makes the
+    unregister harmless for names it never had."""
+    from multiprocessing import resource_tracker
+
+    kinds = {"psm_": "shared_memory", "sem.": "semaphore"}
+    for path in removed:
+        name = os.path.basename(path)
+        kind = next((k for prefix, k in kinds.items() if name.startswith(prefix)), None)
+        if os.path.dirname(path) != SHM or kind is None:
+            continue
+        tracked = "/" + (name.removeprefix("sem.") if kind == "semaphore" else name)
+        resource_tracker.register(tracked, kind)
+        resource_tracker.unregister(tracked, kind)
+
+
 def held_by_this_process_tree() -> set[int]:
     """Inodes of the /dev/shm files this process and its descendants use now."""
     tree = Tree(os.getpid())

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from parityrl.engine.settings import EngineSettings, resolved_engine_settings
-from parityrl.shm_guard import ensure_guard, held_by_this_process_tree, reclaim, shm_folder
+from parityrl.shm_guard import (ensure_guard, forget_in_resource_tracker,
+                                held_by_this_process_tree, reclaim, shm_folder)
 from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
 from parityrl.weights.digest import DigestCheck
@@ -204,4 +205,4 @@ class RolloutEngine:
         self._update_dir.rmdir()
         # vLLM leaves some of its message-queue segments behind when an engine is shut down
         # (reclaimed only at process exit): drop those nobody uses any more, now.
-        reclaim(self._held_shm, set())
+        forget_in_resource_tracker(reclaim(self._held_shm, set()))

@@ -247,20 +247,24 @@ class Actor:
             if not task.cancelled() and task.exception() is not None and not failed.done():
                 failed.set_exception(task.exception())
 
+        acquire: asyncio.Future | None = None
         try:
             while True:
                 acquire = asyncio.ensure_future(budget.acquire())
                 await asyncio.wait({acquire, failed}, return_when=asyncio.FIRST_COMPLETED)
                 if failed.done():
-                    acquire.cancel()
                     failed.result()  # raises
                 index = self.ledger.take()
                 task = asyncio.create_task(self._generate_into(index, stream, budget))
                 tasks.add(task)
                 task.add_done_callback(settle)
         finally:
-            for task in tasks:
+            # Cancel and await everything this loop started: a task left pending here is destroyed
+            # pending at exit ("Task was destroyed but it is pending!").
+            leftovers = [*tasks, *([acquire] if acquire is not None else [])]
+            for task in leftovers:
                 task.cancel()
+            await asyncio.gather(*leftovers, return_exceptions=True)
 
     async def _generate_into(self, index: int, stream: RolloutStream,
                              budget: asyncio.Semaphore) -> None:
