@@ -98,15 +98,18 @@ def test_make_model_from_gguf_truncates_a_real_model(tmp_path):
 @pytest.mark.slow
 @pytest.mark.real
 def test_doctor_on_a_real_model_with_chat_prompts_and_top_p(tmp_path, real_model_4l):
-    """The whole ladder from vLLM's real defaults, as a user runs it: exit 0, nothing
-    non-finite anywhere, the first rung's resolved settings, a verdict that says why."""
+    """The CLI as a user runs it on a real model (chat prompts, top-p): exit 0, nothing
+    non-finite in the JSON or the report, the plots, a verdict that says why. `--quick` (the last
+    rung, one engine start): the ladder's rungs are checked on the tiny models in
+    test_doctor_parity.py; the whole ladder on this model is a 3.3 min README command."""
     from test_real_model import PROMPTS
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": m}) + "\n" for m in PROMPTS[:3]))
-    proc = run("doctor", "--model", real_model_4l, "--temperature", "0.7", "--top-p", "0.9",
-               "--num-samples", "2", "--max-tokens", "16", "--prompts", str(prompts), "--json",
-               str(tmp_path / "d.json"), "--report", str(tmp_path / "report"), timeout=900)
+    proc = run("doctor", "--model", real_model_4l, "--quick", "--temperature", "0.7",
+               "--top-p", "0.9", "--num-samples", "2", "--max-tokens", "16", "--prompts",
+               str(prompts), "--json", str(tmp_path / "d.json"), "--report",
+               str(tmp_path / "report"), timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     def no_constants(name):
@@ -114,16 +117,11 @@ def test_doctor_on_a_real_model_with_chat_prompts_and_top_p(tmp_path, real_model
 
     data = json.loads((tmp_path / "d.json").read_text(), parse_constant=no_constants)
     assert data["nonfinite"] == [] and data["passed"] is True
-    assert [r["name"] for r in data["rungs"]] == [
-        "vllm-defaults", "processed-logprobs", "explicit-runtime", "weight-sync", "fp32-lm-head"]
-    first = data["rungs"][0]
-    assert first["settings"]["enforce_eager"] is False and first["settings"]["generation_config"] == "auto"
-    assert first["settings"]["enable_prefix_caching"] is True and first["baseline_notes"]
-    assert first["consistent"] is False  # raw logprobs: far from the processed float64 values
-    assert data["rungs"][2]["changes"]["enforce_eager"] == [False, True]
-    assert all(r["consistent"] for r in data["rungs"][1:])
+    (rung,) = data["rungs"]
+    assert rung["name"] == "fp32-lm-head" and rung["consistent"] is True
+    assert rung["settings"]["chat_template"] is True
+    assert rung["settings"]["logprobs_mode"] == "processed_logprobs"
     assert data["verdict_sentences"][0].startswith("PASS: at the last rung 'fp32-lm-head'")
-    assert "semantics" in data["verdict"]
     report = (tmp_path / "report" / "report.md").read_text()
     assert report.startswith("# parityrl doctor: PASS")
     assert "nan" not in report.lower().replace("nans", "") and "inf " not in report

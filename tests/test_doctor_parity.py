@@ -4,8 +4,8 @@ The parity rungs run once (qwen2, three samplings on one engine per rung: raw vs
 vLLM's defaults, then the explicit, eager settings with and without a weight push and the fp32
 head); the tied-embedding and llama variants run the last rung, where they differ: the weight
 push and the fp32 lm_head, whose packed copy a tied model shares with its embedding (a tied llama
-is SmolLM2's architecture: test_real_model.py runs that rung on it). The first rung's compiled
-defaults are covered on the real model (test_cli.py).
+is SmolLM2's architecture: test_real_model.py runs that rung on it). The first rung, vLLM's
+compiled defaults, runs on its own engine.
 """
 
 from __future__ import annotations
@@ -75,3 +75,23 @@ def test_weight_push_and_fp32_head_reach_parity_for_every_variant(model_factory,
     passed, verdicts = judge_all(results, floor, "float32")
     assert passed, verdicts[0].text
     assert len(by_sampling(results)) == 1
+
+
+def test_first_rung_runs_vllm_defaults_and_reports_what_vllm_resolved(tiny_model):
+    """Nothing numerics-related passed to vLLM: compiled mode, prefix caching, raw logprobs, the
+    folder's generation config, and the notes say so; raw logprobs fail the consistency rule."""
+    from parityrl.doctor.report import baseline_notes
+    from parityrl.doctor.verdict import consistency
+
+    cfg = DoctorConfig(model=tiny_model, samplings=[SAMPLINGS["temperature 0.7"]],
+                       num_samples=2, prompts=PROMPTS)
+    (first,), floor = run_ladder_sync(cfg, rungs=build_ladder()[:1])
+    assert first.name == "vllm-defaults"
+    s = first.settings
+    assert s["enforce_eager"] is False and s["compilation_mode"] != "0"  # 0 = NONE (eager)
+    assert s["logprobs_mode"] == "raw_logprobs" and s["generation_config"] == "auto"
+    assert s["enable_prefix_caching"] is True and s["async_scheduling"] is False
+    notes = " ".join(baseline_notes(s))
+    assert "async_scheduling=False" in notes and "vllm/platforms/cpu.py" in notes
+    assert not consistency(first).ok
+    assert not judge([first], floor, "float32").passed
