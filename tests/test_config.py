@@ -23,6 +23,21 @@ def test_defaults_yaml_and_overrides_layer_in_that_order(tmp_path):
     assert cfg.engine.logprobs_mode == "processed_logprobs"
 
 
+def test_a_run_engine_is_the_engine_settings_type_with_the_same_defaults():
+    """One engine-settings type: what a run starts and what the doctor, bench and tests start
+    with `EngineSettings(model=...)` cannot drift apart."""
+    from parityrl.config import build_config, engine_settings
+    from parityrl.engine.settings import EngineSettings
+
+    cfg = build_config({"seed": 3, "dtype": "bfloat16"})
+    run = engine_settings(cfg, "/m")
+    assert run == EngineSettings(model="/m", dtype="bfloat16", seed=3)
+    # null hands a knob to vLLM: it is left out of the engine arguments, recorded as resolved.
+    left = engine_settings(build_config({"engine": {"logprobs_mode": None}}), "/m")
+    assert "logprobs_mode" not in left.engine_kwargs()
+    assert run.engine_kwargs()["logprobs_mode"] == "processed_logprobs"
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, ["task.digits=3", "trainer.correction.type=tis"])
     again = load_config(write(tmp_path, dump_config(cfg)))

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from parityrl.engine.settings import EngineKnobs, EngineSettings
 from parityrl.errors import UserError
 from parityrl.sampling import SamplingConfig
 from parityrl.tasks.registry import TaskConfig
@@ -23,22 +24,6 @@ from parityrl.trainer.objectives import CorrectionConfig, LossConfig
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class EngineConfig(_Strict):
-    """Engine knobs of a run (model and dtype come from the run). See engine/settings.py."""
-
-    lm_head_dtype: Literal["model", "float32"] = "float32"
-    logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = "processed_logprobs"
-    enable_prefix_caching: bool = False
-    async_scheduling: bool = False
-    enable_chunked_prefill: bool = False
-    enforce_eager: bool = True
-    max_model_len: int = 256
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 4096
-    kv_cache_gib: float = 0.5
-    gpu_memory_utilization: float = 0.5
 
 
 class ActorConfig(_Strict):
@@ -115,7 +100,8 @@ class RunConfig(_Strict):
                        description="Hugging Face model folder, or builtin:<name> (models/builtin.py).")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     sync_every: int = Field(1, ge=1, description="Push weights every N optimizer steps.")
-    engine: EngineConfig = EngineConfig()
+    engine: EngineKnobs = Field(EngineKnobs(), description="engine/settings.py: every "
+                                "numerics knob and resource limit of vLLM.")
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, max_tokens=16)
     task: TaskConfig = Field(default_factory=lambda: _default_task())
     actor: ActorConfig = ActorConfig()
@@ -164,10 +150,8 @@ def _default_task():
     return ArithmeticConfig()
 
 
-def engine_settings(cfg: RunConfig, model_dir: str | Path):
+def engine_settings(cfg: RunConfig, model_dir: str | Path) -> EngineSettings:
     """The EngineSettings of a run: its engine section plus model folder, dtype and seed."""
-    from parityrl.engine.settings import EngineSettings
-
     return EngineSettings(model=str(model_dir), dtype=cfg.dtype, seed=cfg.seed,
                           **cfg.engine.model_dump())
 

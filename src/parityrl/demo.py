@@ -15,16 +15,11 @@ runs the README lists.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 from parityrl.config import RunConfig, build_config, merge_trees, parse_overrides
-
-DEMO_MODEL = dict(arch="qwen2", layers=2, hidden=128, heads=4, kv_heads=2, init_std=0.02)
-WARMUP = dict(steps=1000, batch_size=64, lr=3e-3)
-DEMO_TASK = {"type": "arithmetic", "digits": 3, "second_digits": 1, "ops": ["+"],
-             "eval_fraction": 0.1, "eval_size": 500}
+from parityrl.models.warm_start import DEMO_TASK, WARMUP, build_warm_started_model
 
 
 def demo_config(model_dir: Path, **overrides) -> RunConfig:
@@ -46,32 +41,6 @@ def demo_config(model_dir: Path, **overrides) -> RunConfig:
         "eval_every": 100,
         "eval_size": 500,
     }, parse_overrides([f"{k}={v}" for k, v in overrides.items()])))
-
-
-def build_warm_started_model(out: Path, warmup: dict | None = None, on_step=None,
-                             console_print=lambda message: None) -> tuple[Path, list[float]]:
-    """Steps 1 and 2: a tiny model warm-started on the demo task, saved as an HF folder at `out`.
-
-    Deterministic for a given recipe. Also what `model: builtin:arithmetic-warm` builds.
-    """
-    from parityrl.models.load import load_policy
-    from parityrl.models.tiny import load_tokenizer, make_model
-    from parityrl.tasks.registry import build_task
-    from parityrl.trainer.sft import supervised_warmup
-
-    warmup = {**WARMUP, **(warmup or {})}
-    init_dir = make_model(out.with_name(out.name + "-init"), seed=0, **DEMO_MODEL)
-    console_print(f"1/3 built a tiny {DEMO_MODEL['arch']} model in {init_dir}")
-    task = build_task(build_config({"task": DEMO_TASK}).task)
-    tokenizer = load_tokenizer(init_dir)
-    model = load_policy(init_dir, "float32")
-    losses = supervised_warmup(model, tokenizer, task, **warmup, on_step=on_step)
-    model.save_pretrained(out, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(init_dir / name, out / name)
-    shutil.rmtree(init_dir)
-    console_print(f"    warm-start loss {losses[0]:.3f} → {losses[-1]:.3f}; saved {out}")
-    return out, losses
 
 
 def run_demo(out: Path, console_print=print, warmup: dict | None = None, **overrides) -> dict:

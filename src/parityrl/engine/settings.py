@@ -15,17 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
-class EngineSettings(BaseModel):
-    """Settings of one vLLM V1 engine. Defaults are the parity settings (the doctor's last rung).
+class EngineKnobs(BaseModel):
+    """The engine section of a run config (`engine:`): every knob but what the run itself sets
+    (model folder, dtype, seed). Defaults are the parity settings (the doctor's last rung).
 
-    A numerics field set to None is not passed to vLLM at all: vLLM's own default applies, and
-    only `resolved_engine_settings` says what it was. Only the doctor's first rung does that.
+    A numerics knob set to None is not passed to vLLM at all: vLLM's own default applies, and
+    only `resolved_engine_settings` (the run's engine_settings.json) says what it was.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="Path of a Hugging Face model folder.")
-    dtype: Dtype = Field("float32", description="Weights and activations dtype.")
     lm_head_dtype: Literal["model", "float32"] | None = Field(
         "float32", description="Dtype of the final projection (vLLM hf_overrides head_dtype)."
     )
@@ -39,20 +38,27 @@ class EngineSettings(BaseModel):
     async_scheduling: bool | None = Field(False, description="Recent vLLM default on; not batch invariant.")
     enable_chunked_prefill: bool | None = Field(False, description="Split long prefills across steps.")
     enforce_eager: bool | None = Field(True, description="No torch.compile / CUDA graphs.")
-    seed: int | None = Field(0, description="Engine seed (requests may carry their own).")
-    max_model_len: int = Field(512, ge=16, description="Prompt + completion token limit.")
-    max_num_seqs: int = Field(64, ge=1, description="Sequences decoded concurrently.")
-    max_num_batched_tokens: int = Field(4096, ge=16, description="Tokens per engine step.")
-    kv_cache_gib: float = Field(0.25, gt=0, description="KV cache space (CPU: RAM, GPU: VRAM).")
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU only.")
     generation_config: Literal["vllm", "auto"] | None = Field(
         "vllm",
         description="'auto' lets the model folder's generation_config.json change sampling defaults.",
     )
+    max_model_len: int = Field(256, ge=16, description="Prompt + completion token limit.")
+    max_num_seqs: int = Field(256, ge=1, description="Sequences decoded concurrently.")
+    max_num_batched_tokens: int = Field(4096, ge=16, description="Tokens per engine step.")
+    kv_cache_gib: float = Field(0.5, gt=0, description="KV cache space (CPU: RAM, GPU: VRAM).")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU only.")
     worker_extension: str = Field(
         "parityrl.engine.worker_extension.WeightSyncExtension",
         description="Worker mixin that loads pushed weights in place.",
     )
+
+
+class EngineSettings(EngineKnobs):
+    """Settings of one vLLM V1 engine: the knobs plus model folder, dtype and seed."""
+
+    model: str = Field(description="Path of a Hugging Face model folder.")
+    dtype: Dtype = Field("float32", description="Weights and activations dtype.")
+    seed: int | None = Field(0, description="Engine seed (requests may carry their own).")
 
     @classmethod
     def vllm_defaults(cls, model: str, **overrides) -> "EngineSettings":

@@ -57,7 +57,7 @@ def resolve_model(spec: str, say: Callable[[str], None] | None = None) -> Path:
 
         convert_gguf(packaged_smollm2(), tmp, layers=_SMOLLM2_LAYERS[name])
     else:
-        from parityrl.demo import build_warm_started_model
+        from parityrl.models.warm_start import build_warm_started_model
 
         build_warm_started_model(tmp)
     tmp.rename(folder)  # only a finished folder ever carries the name
@@ -73,7 +73,7 @@ def _recipe_hash(name: str) -> str:
 
     recipe: list = [name, parityrl.__version__]
     if name == "arithmetic-warm":
-        from parityrl.demo import DEMO_MODEL, DEMO_TASK, WARMUP
+        from parityrl.models.warm_start import DEMO_MODEL, DEMO_TASK, WARMUP
 
         recipe += [DEMO_MODEL, WARMUP, DEMO_TASK]
     if name in _SMOLLM2_LAYERS:
