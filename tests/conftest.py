@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 
 import pytest
@@ -59,18 +60,28 @@ def real_model() -> str:
     return str(resolve_model("builtin:smollm2-135m-instruct"))
 
 
-# --- the suite leaves /dev/shm as it found it ---
+# --- the suite leaves /dev/shm (and the temp dir's parityrl-* folders) as it found it ---
 
 SHM = "/dev/shm"
 
 
+def _run_files() -> set[str] | None:
+    """Paths a run may leave behind: every entry of /dev/shm, and the parityrl-* folders of the
+    temp dir (vLLM's sockets); None where there is no /dev/shm."""
+    if not os.path.isdir(SHM):
+        return None
+    temp = tempfile.gettempdir()
+    return ({os.path.join(SHM, n) for n in os.listdir(SHM)}
+            | {os.path.join(temp, n) for n in os.listdir(temp) if n.startswith("parityrl-")})
+
+
 def pytest_sessionstart(session):
-    session.config.shm_before = set(os.listdir(SHM)) if os.path.isdir(SHM) else None
+    session.config.shm_before = _run_files()
 
 
-def _held_by_others(names: set[str]) -> set[str]:
-    """Of `names` (entries of /dev/shm), those a live process outside this test session uses or
-    owns (another run on the machine): not this session's leak."""
+def _held_by_others(paths: set[str]) -> set[str]:
+    """Of `paths`, those a live process outside this test session uses or owns (another run on
+    the machine): not this session's leak."""
     from parityrl.shm_guard import Tree, _pids, _shm_inodes
 
     session = Tree(os.getpid())
@@ -78,8 +89,8 @@ def _held_by_others(names: set[str]) -> set[str]:
     others = [p for p in _pids() if p not in session.members]
     used = set().union(*(_shm_inodes(p) for p in others)) if others else set()
     held = set()
-    for name in names:
-        path = os.path.join(SHM, name)
+    for path in paths:
+        name = os.path.basename(path)
         parts = name.split("-")
         owner = int(parts[2]) if name.startswith("parityrl-") and len(parts) > 3 \
             and parts[2].isdigit() else None
@@ -88,7 +99,7 @@ def _held_by_others(names: set[str]) -> set[str]:
         except OSError:
             continue
         if inode in used or (owner is not None and owner in others):
-            held.add(name)
+            held.add(path)
     return held
 
 
@@ -99,14 +110,14 @@ def pytest_sessionfinish(session, exitstatus):
     # Killed runs' guardians reclaim within seconds: give the last ones time to finish.
     deadline = time.monotonic() + 15
     while True:
-        left = set(os.listdir(SHM)) - before
+        left = _run_files() - before
         left -= _held_by_others(left)
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     if left:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        message = f"the tests left {len(left)} entries in {SHM}: {', '.join(sorted(left))}"
+        message = f"the tests left {len(left)} entries behind: {', '.join(sorted(left))}"
         if reporter is not None:
             reporter.write_line(message, red=True)
         session.exitstatus = 1

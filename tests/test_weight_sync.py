@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,9 +129,15 @@ def test_with_prefix_caching_a_prompt_seen_before_an_update_is_recomputed_after_
             model = load_policy(tiny_model)
             perturb_in_place(model, 0.05, seed=4)
             await engine.update_weights(model.state_dict())
-            return model, await engine.generate_many([prompt], sampling, n=2, seed=1)
+            ipc_dir = engine._ipc_dir
+            sockets = [p for p in ipc_dir.iterdir() if p.is_socket()]
+            return model, await engine.generate_many([prompt], sampling, n=2, seed=1), \
+                ipc_dir, sockets
         finally:
             await engine.close()
 
-    model, rollouts = asyncio.run(scenario())
+    model, rollouts, ipc_dir, sockets = asyncio.run(scenario())
     assert _mismatch(model, rollouts, sampling)["mismatch/max_abs_diff"] <= 1e-5
+    # Housekeeping on the same engine: vLLM's ZMQ sockets lived in the engine's own folder in
+    # the temp dir, and close() removed it.
+    assert sockets and ipc_dir.parent == Path(tempfile.gettempdir()) and not ipc_dir.exists()

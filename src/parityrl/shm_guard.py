@@ -5,11 +5,13 @@
 
 A run creates files in /dev/shm that outlive it when it is killed (SIGKILL, SIGTERM, a crash): the
 weight hand-over folder (a full copy of the weights), vLLM's `psm_*` message queues and
-multiprocessing semaphores (`sem.*`). `ensure_guard` starts a guardian process in its own session,
+multiprocessing semaphores (`sem.*`); and in the temp dir the unix sockets of vLLM's ZMQ queues,
+which it leaves behind even on a normal close (its engine processes are killed, not unbound), so
+each engine gets its own `parityrl-ipc-<pid>-*` folder for them (`temp_folder`). `ensure_guard` starts a guardian process in its own session,
 so that a signal sent to the run's process group does not reach it. Every POLL_S the guardian
 records the /dev/shm files (by inode) that a process of the run's tree maps or holds open, read from
 /proc/<pid>/maps and /proc/<pid>/fd, and the `parityrl-<kind>-<pid>-*` folders named after a process
-of the tree (`shm_folder`). When the run's root process is gone it waits up to GRACE_S for the
+of the tree (`shm_folder`, `temp_folder`). When the run's root process is gone it waits up to GRACE_S for the
 tree's other processes to exit, then removes each recorded file that no live process uses, and the
 recorded folders once empty. A path is only ever recorded while a process of this run uses or owns
 it, so files of other processes are never touched.
@@ -51,17 +53,28 @@ def shm_folder(kind: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"parityrl-{kind}-{os.getpid()}-", dir=base))
 
 
+def temp_folder(kind: str) -> Path:
+    """A new folder in the temp dir named after this process, for the guardian."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=f"parityrl-{kind}-{os.getpid()}-"))
+
+
 def _owned_folders(pids: set[int]) -> set[str]:
+    """The `parityrl-<kind>-<pid>-*` folders (in /dev/shm and the temp dir) of the `pids`."""
+    import tempfile
+
     found = set()
-    try:
-        names = os.listdir(SHM)
-    except OSError:
-        return found
-    for name in names:
-        parts = name.split("-")
-        if name.startswith("parityrl-") and len(parts) >= 4 and parts[2].isdigit() \
-                and int(parts[2]) in pids:
-            found.add(os.path.join(SHM, name))
+    for base in {SHM, tempfile.gettempdir()}:
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        for name in names:
+            parts = name.split("-")
+            if name.startswith("parityrl-") and len(parts) >= 4 and parts[2].isdigit() \
+                    and int(parts[2]) in pids:
+                found.add(os.path.join(base, name))
     return found
 
 
@@ -112,13 +125,17 @@ def _shm_inodes(pid: int) -> set[int]:
 
 
 def _entries(folders: set[str]) -> dict[int, str]:
-    """inode → path of the files directly in /dev/shm and in `folders`."""
+    """inode → path of the files directly in /dev/shm, and of the files and unix sockets in
+    `folders`."""
+    import stat
+
     out: dict[int, str] = {}
     for folder in {SHM, *folders}:
         try:
             with os.scandir(folder) as it:
                 for entry in it:
-                    if entry.is_file(follow_symlinks=False):
+                    if entry.is_file(follow_symlinks=False) or (folder != SHM and stat.S_ISSOCK(
+                            entry.stat(follow_symlinks=False).st_mode)):
                         out[entry.inode()] = entry.path
         except OSError:
             continue

@@ -14,14 +14,17 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import os
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from parityrl.engine.settings import EngineSettings, resolved_engine_settings
 from parityrl.shm_guard import (ensure_guard, forget_in_resource_tracker,
-                                held_by_this_process_tree, reclaim, shm_folder)
+                                held_by_this_process_tree, reclaim, shm_folder, temp_folder)
 from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
 from parityrl.weights.digest import DigestCheck
@@ -61,16 +64,32 @@ class RolloutEngine:
         self._update_dir = shm_folder("weights")
         self._update_file = SharedUpdateFile(self._update_dir)
         self._held_shm: set[int] = set()
+        self._ipc_dir: Path | None = None  # vLLM's ZMQ sockets (see start)
 
     @classmethod
     async def start(cls, settings: EngineSettings) -> "RolloutEngine":
         from vllm.v1.engine.async_llm import AsyncLLM
 
         ensure_guard()  # before the engine creates its shared memory: reclaimed on any exit
-        # No local holds the AsyncLLM: an import inside vLLM keeps a traceback whose frames reach
-        # this one, and a local here would keep the engine alive past close() (its __del__ then
-        # fails at interpreter exit).
-        engine = cls(settings, AsyncLLM.from_engine_args(settings.to_engine_args()))
+        # vLLM names its ZMQ sockets in VLLM_RPC_BASE_PATH (default: the temp dir) and leaves them
+        # there; this engine's go in a folder of its own, removed at close (or by the guardian).
+        ipc_dir = temp_folder("ipc")
+        previous = os.environ.get("VLLM_RPC_BASE_PATH")
+        os.environ["VLLM_RPC_BASE_PATH"] = str(ipc_dir)  # inherited by the engine's processes
+        try:
+            # No local holds the AsyncLLM: an import inside vLLM keeps a traceback whose frames
+            # reach this one, and a local here would keep the engine alive past close() (its
+            # __del__ then fails at interpreter exit).
+            engine = cls(settings, AsyncLLM.from_engine_args(settings.to_engine_args()))
+        except BaseException:
+            shutil.rmtree(ipc_dir, ignore_errors=True)
+            raise
+        finally:
+            if previous is None:
+                os.environ.pop("VLLM_RPC_BASE_PATH", None)
+            else:
+                os.environ["VLLM_RPC_BASE_PATH"] = previous
+        engine._ipc_dir = ipc_dir
         await engine.llm.update_weight_version(str(engine.version))
         return engine
 
@@ -203,6 +222,8 @@ class RolloutEngine:
         for leftover in self._update_dir.glob("*"):
             leftover.unlink(missing_ok=True)
         self._update_dir.rmdir()
+        if self._ipc_dir is not None:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
         # vLLM leaves some of its message-queue segments behind when an engine is shut down
         # (reclaimed only at process exit): drop those nobody uses any more, now.
         forget_in_resource_tracker(reclaim(self._held_shm, set()))
