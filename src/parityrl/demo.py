@@ -1,4 +1,4 @@
-"""`parityrl demo`: the whole story on a laptop, in 6–9 minutes on 2 CPU cores (README: measured).
+"""`parityrl demo`: the whole story on a laptop, in 5–10 minutes on 2 CPU cores (README: measured).
 
 1. build a tiny Qwen2-architecture model with a character tokenizer (no download);
 2. warm-start it with a short supervised phase on 3-digit + 1-digit addition, stopped while the
