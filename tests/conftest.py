@@ -82,7 +82,7 @@ def pytest_sessionstart(session):
 def _held_by_others(paths: set[str]) -> set[str]:
     """Of `paths`, those a live process outside this test session uses or owns (another run on
     the machine): not this session's leak."""
-    from parityrl.shm_guard import Tree, _pids, _shm_inodes
+    from parityrl.shm_guard import Tree, _pids, _shm_inodes, owner_pid
 
     session = Tree(os.getpid())
     session.refresh()
@@ -90,10 +90,7 @@ def _held_by_others(paths: set[str]) -> set[str]:
     used = set().union(*(_shm_inodes(p) for p in others)) if others else set()
     held = set()
     for path in paths:
-        name = os.path.basename(path)
-        parts = name.split("-")
-        owner = int(parts[2]) if name.startswith("parityrl-") and len(parts) > 3 \
-            and parts[2].isdigit() else None
+        owner = owner_pid(os.path.basename(path))
         try:
             inode = os.stat(path).st_ino
         except OSError:

@@ -7,11 +7,12 @@ A run creates files in /dev/shm that outlive it when it is killed (SIGKILL, SIGT
 weight hand-over folder (a full copy of the weights), vLLM's `psm_*` message queues and
 multiprocessing semaphores (`sem.*`); and in the temp dir the unix sockets of vLLM's ZMQ queues,
 which it leaves behind even on a normal close (its engine processes are killed, not unbound), so
-each engine gets its own `parityrl-ipc-<pid>-*` folder for them (`temp_folder`). `ensure_guard` starts a guardian process in its own session,
-so that a signal sent to the run's process group does not reach it. Every POLL_S the guardian
-records the /dev/shm files (by inode) that a process of the run's tree maps or holds open, read from
-/proc/<pid>/maps and /proc/<pid>/fd, and the `parityrl-<kind>-<pid>-*` folders named after a process
-of the tree (`shm_folder`, `temp_folder`). When the run's root process is gone it waits up to GRACE_S for the
+each engine gets its own `parityrl-ipc-<pid>-*` folder for them (`temp_folder`). `ensure_guard`
+starts a guardian process in its own session, so that a signal sent to the run's process group
+does not reach it. Every POLL_S the guardian records the /dev/shm files (by inode) that a process
+of the run's tree maps or holds open, read from /proc/<pid>/maps and /proc/<pid>/fd, and the
+`parityrl-<kind>-<pid>-*` folders named after a process of the tree (`shm_folder`,
+`temp_folder`). When the run's root process is gone it waits up to GRACE_S for the
 tree's other processes to exit, then removes each recorded file that no live process uses, and the
 recorded folders once empty. A path is only ever recorded while a process of this run uses or owns
 it, so files of other processes are never touched.
@@ -45,19 +46,25 @@ def ensure_guard() -> None:
         start_new_session=True, close_fds=True)
 
 
-def shm_folder(kind: str) -> Path:
-    """A new folder in /dev/shm (else the temp dir) named after this process, for the guardian."""
+def temp_folder(kind: str, base: str | None = None) -> Path:
+    """A new `parityrl-<kind>-<pid>-*` folder in `base` (default: the temp dir), named after this
+    process so that the guardian knows whose it is (`owner_pid`)."""
     import tempfile
 
-    base = SHM if os.path.isdir(SHM) and os.access(SHM, os.W_OK) else None
     return Path(tempfile.mkdtemp(prefix=f"parityrl-{kind}-{os.getpid()}-", dir=base))
 
 
-def temp_folder(kind: str) -> Path:
-    """A new folder in the temp dir named after this process, for the guardian."""
-    import tempfile
+def shm_folder(kind: str) -> Path:
+    """A new folder in /dev/shm (else the temp dir) named after this process, for the guardian."""
+    return temp_folder(kind, SHM if os.path.isdir(SHM) and os.access(SHM, os.W_OK) else None)
 
-    return Path(tempfile.mkdtemp(prefix=f"parityrl-{kind}-{os.getpid()}-"))
+
+def owner_pid(name: str) -> int | None:
+    """The PID in a `parityrl-<kind>-<pid>-*` name; None for any other name."""
+    parts = name.split("-")
+    if name.startswith("parityrl-") and len(parts) >= 4 and parts[2].isdigit():
+        return int(parts[2])
+    return None
 
 
 def _owned_folders(pids: set[int]) -> set[str]:
@@ -70,11 +77,7 @@ def _owned_folders(pids: set[int]) -> set[str]:
             names = os.listdir(base)
         except OSError:
             continue
-        for name in names:
-            parts = name.split("-")
-            if name.startswith("parityrl-") and len(parts) >= 4 and parts[2].isdigit() \
-                    and int(parts[2]) in pids:
-                found.add(os.path.join(base, name))
+        found.update(os.path.join(base, n) for n in names if owner_pid(n) in pids)
     return found
 
 
