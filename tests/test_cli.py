@@ -101,7 +101,8 @@ def test_doctor_on_a_real_model_with_chat_prompts_and_top_p(tmp_path, real_model
     """The CLI as a user runs it on a real model (chat prompts, top-p): exit 0, nothing
     non-finite in the JSON or the report, the plots, a verdict that says why. `--quick` (the last
     rung, one engine start): the ladder's rungs are checked on the tiny models in
-    test_doctor_parity.py; the whole ladder on this model is a 3.3 min README command."""
+    test_doctor_parity.py; the whole ladder on this model is a 3.3 min README command.
+    `--multi-turn`: two-turn episodes judged by the same rule, parity shown per turn."""
     from test_real_model import PROMPTS
 
     prompts = tmp_path / "prompts.jsonl"
@@ -109,7 +110,7 @@ def test_doctor_on_a_real_model_with_chat_prompts_and_top_p(tmp_path, real_model
     proc = run("doctor", "--model", real_model_4l, "--quick", "--temperature", "0.7",
                "--top-p", "0.9", "--num-samples", "2", "--max-tokens", "16", "--prompts",
                str(prompts), "--json", str(tmp_path / "d.json"), "--report",
-               str(tmp_path / "report"), timeout=600)
+               str(tmp_path / "report"), "--multi-turn", timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     def no_constants(name):
@@ -128,6 +129,12 @@ def test_doctor_on_a_real_model_with_chat_prompts_and_top_p(tmp_path, real_model
     for png in ("abs_diff_hist.png", "abs_diff_by_position.png"):
         assert (tmp_path / "report" / png).stat().st_size > 10_000
     assert "PASS" in proc.stdout and "engine.logprobs_mode" in proc.stdout
+    (turns,) = data["multi_turn"]
+    assert turns["passed"] is True and turns["episodes"] == 3 * 2
+    for turn in (0, 1):
+        assert turns["metrics"][f"mismatch/turn{turn}/tokens"] > 0
+        assert turns["metrics"][f"mismatch/turn{turn}/max_abs_diff"] < 1e-3
+    assert "PASS (multi-turn" in proc.stdout and "turn 1:" in proc.stdout
 
 
 def test_train_refuses_an_existing_run_and_leaves_it_byte_identical(tmp_path):

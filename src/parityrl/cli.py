@@ -148,6 +148,10 @@ def doctor(
                                "prefix-cache-reset."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
     report: Optional[Path] = typer.Option(None, help="Write report.md and PNG plots here."),
+    multi_turn: bool = typer.Option(
+        False, "--multi-turn", help="Also run two-turn episodes (a tool observation between "
+                                    "the turns) on the last rung's settings: per-turn parity and "
+                                    "the chat-template check. Needs a chat template."),
 ):
     """Diagnose engine/trainer logprob parity, one fix per rung; exit 0 = parity, 1 = not."""
     from parityrl.models.builtin import resolve_model
@@ -193,13 +197,29 @@ def doctor(
     passed, verdicts = judge_all(results, floor, dtype, tol)
     for v in verdicts:
         console.print(v.text, highlight=False)
+    turns = []
+    if multi_turn:
+        import asyncio
+
+        from parityrl.doctor.multiturn import run_multi_turn
+
+        with console.status("multi-turn check (starting vLLM engine)"):
+            turns = asyncio.run(run_multi_turn(cfg))
+        for check in turns:
+            console.print("\n".join(check.lines()), highlight=False)
+        passed = passed and all(check.passed for check in turns)
     console.print(advice(), highlight=False)
     header = {"model": model, "dtype": dtype, "temperature": temperature, "top_p": top_p,
               "top_k": top_k, "chat_template": results[0].settings["chat_template"],
               "samples": f"{len(cfg.prompts)}×{num_samples}", "max_tokens": max_tokens,
               "rule": f"--tol {tol:g}" if tol is not None else "float64 reference"}
     if json_out:
-        write_json(json_out, to_json(results, floor, verdicts, passed, {"config": header}))
+        extra = {"config": header}
+        if multi_turn:
+            extra["multi_turn"] = [{"passed": c.passed, "why": c.consistency.why,
+                                    "metrics": c.result.metrics, "episodes": c.episodes,
+                                    "template_mismatches": c.unfaithful} for c in turns]
+        write_json(json_out, to_json(results, floor, verdicts, passed, extra))
     if report:
         path = write_report(results, floor, verdicts, passed, report, header)
         console.print(f"report: {path}")

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from parityrl.engine.settings import EngineKnobs, EngineSettings
 from parityrl.errors import UserError
 from parityrl.sampling import SamplingConfig
+from parityrl.tasks.environment import EnvConfig
 from parityrl.tasks.registry import TaskConfig
 from parityrl.trainer.advantages import AdvantageConfig
 from parityrl.trainer.objectives import CorrectionConfig, LossConfig
@@ -104,6 +105,8 @@ class RunConfig(_Strict):
                                 "numerics knob and resource limit of vLLM.")
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, max_tokens=16)
     task: TaskConfig = Field(default_factory=lambda: _default_task())
+    env: EnvConfig | None = Field(None, description="Multi-turn episodes on the task's problems "
+                                                    "(tasks/environment.py); None = single turn.")
     actor: ActorConfig = ActorConfig()
     trainer: TrainerConfig = TrainerConfig()
     parity: ParityConfig = ParityConfig()

@@ -50,3 +50,16 @@ def mismatch_metrics(lp_train: torch.Tensor, lp_engine: torch.Tensor,
         "mismatch/kl_k3": (d.exp() - 1 - d).mean().item(),
         "mismatch/clip_frac@0.2": ((d.exp() - 1).abs() > 0.2).double().mean().item(),
     } | extra
+
+
+def per_turn_mismatch(lp_train: torch.Tensor, lp_engine: torch.Tensor,
+                      turns: torch.Tensor) -> dict[str, float]:
+    """`mismatch/turn<k>/*` for each turn index k among the parity tokens: a later turn is
+    prefilled from a longer context, and may be sampled by newer weights than the first."""
+    m: dict[str, float] = {}
+    for turn in sorted(set(turns.tolist())):
+        one = mismatch_metrics(lp_train[turns == turn], lp_engine[turns == turn])
+        for name in ("mismatch/max_abs_diff", "mismatch/mean_abs_diff", "mismatch/kl_k3",
+                     "mismatch/tokens"):
+            m[name.replace("mismatch/", f"mismatch/turn{turn}/")] = float(one[name])
+    return m

@@ -129,6 +129,7 @@ class Pipeline:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._build_trainer()
         task = build_task(cfg.task)
+        self.env = self._build_env(task)
         limits = actor_limits(cfg)
         self.weights_lock = asyncio.Lock()  # a restart reads weights no optimizer step is writing
         self.errors = ErrorLog(self.run_dir / "errors.log", self.on_message)
@@ -136,7 +137,8 @@ class Pipeline:
         writer = None
         actor = Actor(engine, task, self.tokenizer, self._sampling(), cfg.actor.group_size,
                       cfg.seed, limits, ledger=self.ledger,
-                      restart_engine=self._restart_engine, on_error=self.errors.record)
+                      restart_engine=self._restart_engine, on_error=self.errors.record,
+                      env=self.env, env_config=cfg.env)
         self.actor = actor
         try:
             write_run_files(self.run_dir, cfg, engine.resolved_settings())
@@ -186,12 +188,26 @@ class Pipeline:
         async with self.weights_lock:
             return await self._start_engine(push=True)
 
+    def _build_env(self, task):
+        from parityrl.tasks.environment import build_environment
+        from parityrl.tasks.prompts import has_chat_template
+
+        if self.cfg.env is None:
+            return None
+        if not has_chat_template(self.tokenizer):
+            raise UserError(f"env: multi-turn episodes render observations with the chat "
+                            f"template, and {self.cfg.model} has none")
+        return build_environment(self.cfg.env, task)
+
     async def _evaluate(self) -> float:
+        from parityrl.rollouts.episode import EpisodeLimits
         from parityrl.rollouts.evaluate import greedy_accuracy
 
         problems = self._task.eval_problems()[: self.cfg.eval_size]
+        limits = None if self.cfg.env is None else EpisodeLimits(
+            self.cfg.env.max_turns, self.cfg.engine.max_model_len, self.cfg.env.max_episode_tokens)
         return await greedy_accuracy(self.actor.engine, self._task, self.tokenizer, problems,
-                                     self.cfg.sampling.max_tokens)
+                                     self.cfg.sampling.max_tokens, self.env, limits)
 
     async def _run_sync(self, actor, writer) -> dict:
         metrics: dict = {}
@@ -266,7 +282,7 @@ class Pipeline:
         """
         deadline = time.perf_counter() + self.cfg.parity.probe_wait_s
         while True:
-            pure = [r for g in stream.peek() for r in g if r.num_tokens and self.trainer.is_pure(r)]
+            pure = [r for g in stream.peek() for r in g if self.trainer.has_parity_tokens(r)]
             if pure or time.perf_counter() >= deadline:
                 return pure[: self.cfg.parity.probe_rollouts]
             await asyncio.sleep(0.005)
@@ -351,7 +367,9 @@ def sample_rows(groups: list[Group], tokenizer, count: int) -> list[dict]:
     return [{"problem_index": r.meta.get("problem_index"), "prompt": r.meta.get("prompt"),
              "completion": tokenizer.decode(r.completion_ids, skip_special_tokens=True),
              "answer": r.meta.get("answer"), "reward": r.reward,
-             "versions": [r.min_version, r.max_version], "finish_reason": r.finish_reason}
+             "versions": [r.min_version, r.max_version], "finish_reason": r.finish_reason,
+             **({"conversation": [m for m in r.meta["messages"] if m["role"] != "system"]}
+                if "messages" in r.meta else {})}
             for r in picked]
 
 

@@ -149,6 +149,10 @@ class MetricsWriter:
             self._tb.close()
 
 
+# The step metric that counts later failures of a kind (default: rollouts/rejected_<kind>).
+COUNTERS = {"template_mismatch": "rollouts/template_mismatch"}
+
+
 class ErrorLog:
     """errors.log in the run directory: the first traceback of each kind of failure, once, and a
     one-line announcement of it on the console. Later failures of a kind are only counted (the
@@ -169,6 +173,9 @@ class ErrorLog:
         text = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
         with self.path.open("a") as f:
             f.write(f"== {kind} ({time.strftime('%Y-%m-%d %H:%M:%S')}): {error}\n{text}\n")
+        if kind == "engine_restart":
+            self.announce(f"engine restart: {type(error).__name__} (traceback in {self.path})")
+            return
+        counter = COUNTERS.get(kind, f"rollouts/rejected_{kind}")
         self.announce(f"{kind}: {error} (first of its kind; traceback in {self.path}, later ones "
-                      f"counted as rollouts/rejected_{kind})" if kind != "engine_restart" else
-                      f"engine restart: {type(error).__name__} (traceback in {self.path})")
+                      f"counted as {counter})")

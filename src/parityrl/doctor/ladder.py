@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from parityrl.engine.settings import EngineSettings
-from parityrl.mismatch import mismatch_metrics
+from parityrl.mismatch import mismatch_metrics, per_turn_mismatch
 from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
 from parityrl.tasks.prompts import Messages, encode_prompt, has_chat_template
@@ -187,7 +187,7 @@ def noise_floor(model, rollouts: list[Rollout], sampling: SamplingConfig, pad_id
                             torch.cat([r.logprobs for r in alone]))
 
 
-class _Session:
+class LadderSession:
     """The state one ladder run carries from rung to rung: model, engine, float64 copy."""
 
     def __init__(self, cfg: DoctorConfig) -> None:
@@ -247,8 +247,12 @@ class _Session:
                                       fp32_lm_head=rung.trainer_fp32_lm_head)
         lp_train = torch.cat([r.logprobs for r in recomputed])
         outside = torch.cat([r.outside_nucleus for r in recomputed])
-        lp_engine = torch.tensor([lp for r in rollouts for lp in r.logprobs], dtype=torch.float64)
+        lp_engine = torch.tensor([lp for r in rollouts for lp in r.sampled_logprobs],
+                                 dtype=torch.float64)
         metrics = mismatch_metrics(lp_train, lp_engine, outside)
+        if any(r.turns is not None for r in rollouts):  # episodes: each turn's mismatch too
+            turns = torch.tensor([t for r in rollouts for t in r.sampled_turns])
+            metrics |= per_turn_mismatch(lp_train, lp_engine, turns)
         diffs = (lp_train.double() - lp_engine).abs()
         engine_error = trainer_error = None
         if self.exact is not None:
@@ -272,7 +276,7 @@ async def run_ladder(
     """Run the ladder in order; returns one result per rung and sampling, and the trainer's noise
     floor (measured on the first rung's rollouts of the first sampling)."""
     rungs = rungs if rungs is not None else build_ladder(cfg.withhold)
-    session = _Session(cfg)
+    session = LadderSession(cfg)
     results: list[RungResult] = []
     floor: dict = {}
     try:

@@ -10,6 +10,9 @@ first traceback of each kind handed to `on_error`. When the engine itself dies (
 process gone, or a request past `request_timeout_s`), every group in flight waits while one of
 them has a new engine started (`restart_engine`, which also pushes the trainer's weights), then
 generates again for the same problem index: no index is skipped, none is trained on twice.
+
+With an environment, each sample of a group is a multi-turn episode (rollouts/episode.py); an
+environment that raises or hangs rejects its group like a reward function does.
 """
 
 from __future__ import annotations
@@ -22,14 +25,17 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from parityrl.engine.engine import RolloutEngine
+from parityrl.rollouts.episode import EnvProtocolError, EpisodeLimits, run_episode
 from parityrl.rollouts.ledger import Ledger
 from parityrl.rollouts.stream import Group, RolloutStream
 from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
-from parityrl.tasks.base import Task
-from parityrl.tasks.prompts import encode_problem
+from parityrl.tasks.base import Problem, Task
+from parityrl.tasks.environment import EnvConfig, Environment, EnvReply
+from parityrl.tasks.prompts import encode_problem, encode_prompt
 
-REJECTION_KINDS = ("too_long", "reward_error", "reward_timeout", "engine")
+REJECTION_KINDS = ("too_long", "reward_error", "reward_timeout", "engine", "env_error",
+                   "env_timeout")
 
 
 class GroupRejected(Exception):
@@ -92,7 +98,8 @@ class Actor:
     def __init__(self, engine: RolloutEngine, task: Task, tokenizer, sampling: SamplingConfig,
                  group_size: int, seed: int, limits: ActorLimits, ledger: Ledger | None = None,
                  restart_engine: Callable[[], Awaitable[RolloutEngine]] | None = None,
-                 on_error: Callable[[str, BaseException], None] = lambda kind, e: None) -> None:
+                 on_error: Callable[[str, BaseException], None] = lambda kind, e: None,
+                 env: Environment | None = None, env_config: EnvConfig | None = None) -> None:
         self.engine = engine
         self.task = task
         self.tokenizer = tokenizer
@@ -102,6 +109,9 @@ class Actor:
         self.limits = limits
         self.restart_engine = restart_engine
         self.on_error = on_error
+        self.env = env
+        self.env_config = env_config or EnvConfig()
+        self.template_mismatches = 0  # episodes whose chat-template rendering differs
         self.ledger = ledger or Ledger()  # which problems are done; the data position
         self.engine_busy_seconds = 0.0  # wall time with at least one group in flight
         self.accepted = 0
@@ -119,35 +129,95 @@ class Actor:
     async def generate_group(self, index: int) -> Group:
         """The scored group of training problem `index`; GroupRejected if it cannot be had."""
         problem = self.task.train_problem(index)
-        prompt_ids = encode_problem(self.tokenizer, problem)
+        if self.env is None:
+            prompt_ids = encode_problem(self.tokenizer, problem)
+        else:
+            try:
+                messages = self.env.start(problem)
+            except Exception as e:
+                raise GroupRejected("env_error", f"problem {index}: the environment's start "
+                                                 f"raised {type(e).__name__}: {e}", e) from e
+            prompt_ids = encode_prompt(self.tokenizer, messages, chat_template=True)
         if len(prompt_ids) + self.sampling.max_tokens > self.limits.max_model_len:
             raise GroupRejected("too_long", f"problem {index}: {len(prompt_ids)} prompt tokens + "
                                             f"max_tokens {self.sampling.max_tokens} > "
                                             f"max_model_len {self.limits.max_model_len}")
+        seed = self.seed * 1_000_003 + index * self.group_size
         self._enter()
         start = time.perf_counter()
         try:
-            group = await self._sample(index, prompt_ids)
+            if self.env is None:
+                group = await self._sample(index, prompt_ids, self.sampling, self.group_size, seed)
+            else:
+                group = await self._episodes(index, problem, messages, seed)
         finally:
             self._leave()
         seconds = time.perf_counter() - start
-        rewards = await self._rewards(index, problem, [self.decode(r) for r in group])
-        for rollout, reward in zip(group, rewards):
-            rollout.reward = reward
+        if self.env is None:
+            rewards = await self._rewards(index, problem, [self.decode(r) for r in group])
+            for rollout, reward in zip(group, rewards):
+                rollout.reward = reward
+        for rollout in group:
+            rollout.group_id = index
             rollout.meta.update(problem_index=index, prompt=problem.prompt, answer=problem.answer,
                                 generate_seconds=seconds)
         return group
 
-    async def _sample(self, index: int, prompt_ids: list[int]) -> Group:
+    async def _episodes(self, index: int, problem: Problem, messages: list[dict],
+                        seed: int) -> Group:
+        """`group_size` episodes of one problem side by side; a failure cancels the others."""
+        limits = EpisodeLimits(self.env_config.max_turns, self.limits.max_model_len,
+                               self.env_config.max_episode_tokens)
+
+        async def generate(ids: list[int], sampling: SamplingConfig, seed: int) -> Rollout:
+            (rollout,) = await self._sample(index, ids, sampling, 1, seed)
+            return rollout
+
+        async def respond(conversation: list[dict], last_turn: bool) -> EnvReply:
+            timeout = self.env_config.timeout_s
+            try:
+                return await call_with_timeout(self.env.respond, problem, conversation, last_turn,
+                                               timeout=timeout)
+            except asyncio.TimeoutError as e:
+                raise GroupRejected("env_timeout", f"problem {index}: the environment took more "
+                                                   f"than {timeout} s to reply", e) from None
+            except Exception as e:
+                raise GroupRejected("env_error", f"problem {index}: the environment raised "
+                                                 f"{type(e).__name__}: {e}", e) from e
+
+        tasks = [asyncio.ensure_future(run_episode(generate, respond, self.tokenizer, messages,
+                                                   self.sampling, limits, seed + j))
+                 for j in range(self.group_size)]
+        try:
+            group = list(await asyncio.gather(*tasks))
+        except BaseException as e:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if isinstance(e, EnvProtocolError):
+                raise GroupRejected("env_error", f"problem {index}: {e}", e) from e
+            raise
+        for rollout in group:
+            finding = rollout.meta["template_mismatch"]
+            if finding is None:
+                continue
+            self.template_mismatches += 1
+            message = (f"problem {index}: rendering the episode with the chat template gives "
+                       f"other token ids than the engine saw: {finding}")
+            if self.env_config.on_template_mismatch == "refuse":
+                raise RunStopped(message + " (env.on_template_mismatch=refuse)")
+            self.on_error("template_mismatch", RuntimeError(message))
+        return group
+
+    async def _sample(self, index: int, prompt_ids: list[int], sampling: SamplingConfig, n: int,
+                      seed: int) -> Group:
         from vllm.v1.engine.exceptions import EngineGenerateError
 
         while True:
             engine, generation = self.engine, self._engine_generation
             try:
                 return await asyncio.wait_for(
-                    engine.generate(prompt_ids, self.sampling, n=self.group_size,
-                                    seed=self.seed * 1_000_003 + index * self.group_size,
-                                    group_id=index),
+                    engine.generate(prompt_ids, sampling, n=n, seed=seed, group_id=index),
                     self.limits.request_timeout_s)
             except EngineGenerateError as e:  # this request failed; the engine lives on
                 raise GroupRejected("engine", f"problem {index}: the engine refused the request "
@@ -217,6 +287,8 @@ class Actor:
         return {**{f"rollouts/rejected_{kind}": float(self.rejected[kind])
                    for kind in REJECTION_KINDS},
                 "rollouts/rejected_frac": sum(self.rejected.values()) / done if done else 0.0,
+                **({"rollouts/template_mismatch": float(self.template_mismatches)}
+                   if self.env is not None else {}),
                 "engine/restarts": float(len(self.restarts))}
 
     # -- batches ----------------------------------------------------------------------------------

@@ -4,19 +4,34 @@ from __future__ import annotations
 
 import asyncio
 
+from parityrl.rollouts.episode import EpisodeLimits, run_episode
+from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
+from parityrl.tasks.environment import Environment, EnvReply
 from parityrl.tasks.base import Problem, Task
 from parityrl.tasks.prompts import encode_problem
 
 
 async def greedy_accuracy(engine, task: Task, tokenizer, problems: list[Problem],
-                          max_tokens: int) -> float:
-    """Fraction of `problems` whose greedy completion gets reward 1."""
+                          max_tokens: int, env: Environment | None = None,
+                          limits: EpisodeLimits | None = None) -> float:
+    """Fraction of `problems` whose greedy completion (with `env`: greedy episode) gets reward 1."""
     eos = tokenizer.eos_token_id
     sampling = SamplingConfig(temperature=0.0, max_tokens=max_tokens,
                               stop_token_ids=(eos,) if eos is not None else ())
 
+    async def generate(ids: list[int], sampling: SamplingConfig, seed: int) -> Rollout:
+        (rollout,) = await engine.generate(ids, sampling)
+        return rollout
+
     async def solve(problem: Problem) -> float:
+        if env is not None:
+            async def respond(messages, last_turn: bool) -> EnvReply:
+                return await asyncio.to_thread(env.respond, problem, messages, last_turn)
+
+            episode = await run_episode(generate, respond, tokenizer, env.start(problem),
+                                        sampling, limits, seed=0)
+            return float(episode.reward >= 1.0)
         ids = encode_problem(tokenizer, problem)
         (rollout,) = await engine.generate(ids, sampling)
         text = tokenizer.decode(rollout.completion_ids, skip_special_tokens=True)

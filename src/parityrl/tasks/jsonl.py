@@ -92,19 +92,26 @@ class JsonlConfig(BaseModel):
 
 def load_reward_fn(path: str) -> RewardFn:
     """Import a user reward function from "package.module:function"."""
+    if ":" not in path:
+        raise UserError(f'reward {path!r}: expected "math_verify" or "package.module:function"')
+    return load_callable(path, what="reward")
+
+
+def load_callable(path: str, what: str):
+    """Import a user callable from "package.module:function" (`what` names it in errors)."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise UserError(f'reward {path!r}: expected "math_verify" or "package.module:function"')
+        raise UserError(f'{what} {path!r}: expected "package.module:function"')
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # ImportError, or whatever the user's module raises while importing
         why = f"{type(e).__name__}: {e}"
-        raise UserError(f"reward {path!r}: cannot import {module_name!r}: {why}") from e
+        raise UserError(f"{what} {path!r}: cannot import {module_name!r}: {why}") from e
     fn = getattr(module, attr, None)
     if fn is None:
-        raise UserError(f"reward {path!r}: module {module_name!r} has no attribute {attr!r}")
+        raise UserError(f"{what} {path!r}: module {module_name!r} has no attribute {attr!r}")
     if not callable(fn):
-        raise UserError(f"reward {path!r}: {attr!r} is not callable")
+        raise UserError(f"{what} {path!r}: {attr!r} is not callable")
     return fn
 
 

@@ -24,8 +24,9 @@ def as_messages(prompt: str | Messages, system: str | None = None) -> Messages:
     return messages
 
 
-def render_text(tokenizer, prompt: str | Messages, chat_template: bool) -> str:
-    """The exact text the model sees."""
+def render_text(tokenizer, prompt: str | Messages, chat_template: bool,
+                add_generation_prompt: bool = True) -> str:
+    """The exact text the model sees (without the generation prompt: a finished conversation)."""
     if not chat_template:
         if not isinstance(prompt, str):
             raise UserError("chat messages need chat_template on (the tokenizer renders them)")
@@ -33,11 +34,12 @@ def render_text(tokenizer, prompt: str | Messages, chat_template: bool) -> str:
     if not has_chat_template(tokenizer):
         raise UserError("chat_template is on, but the model's tokenizer has no chat template")
     return tokenizer.apply_chat_template(as_messages(prompt), tokenize=False,
-                                         add_generation_prompt=True)
+                                         add_generation_prompt=add_generation_prompt)
 
 
-def encode_prompt(tokenizer, prompt: str | Messages, chat_template: bool) -> list[int]:
-    return tokenizer(render_text(tokenizer, prompt, chat_template),
+def encode_prompt(tokenizer, prompt: str | Messages, chat_template: bool,
+                  add_generation_prompt: bool = True) -> list[int]:
+    return tokenizer(render_text(tokenizer, prompt, chat_template, add_generation_prompt),
                      add_special_tokens=False)["input_ids"]
 
 

@@ -17,10 +17,10 @@ class RolloutBatch:
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    completion_mask: torch.Tensor  # [B, T]: 1 at completion tokens
+    completion_mask: torch.Tensor  # [B, T]: 1 at sampled completion tokens (not observations)
     engine_logprobs: torch.Tensor  # [B, T-1]
     versions: torch.Tensor  # [B, T-1], -1 outside completions
-    token_mask: torch.Tensor  # [B, T-1] bool: completion tokens
+    token_mask: torch.Tensor  # [B, T-1] bool: sampled completion tokens
 
     def to(self, device) -> "RolloutBatch":
         return RolloutBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
@@ -38,7 +38,8 @@ def collate(rollouts: list[Rollout], pad_id: int) -> RolloutBatch:
         p, c = len(r.prompt_ids), len(r.completion_ids)
         input_ids[i, : p + c] = torch.tensor(r.prompt_ids + r.completion_ids)
         attention[i, : p + c] = 1
-        completion[i, p : p + c] = 1
+        # Observation tokens of an episode are context: outside the mask, never scored.
+        completion[i, p : p + c] = torch.tensor(r.sampled_mask, dtype=torch.long)
         # Token at position t is predicted at position t-1: shift by one.
         engine_lp[i, p - 1 : p + c - 1] = torch.tensor(r.logprobs, dtype=torch.float32)
         versions[i, p - 1 : p + c - 1] = torch.tensor(r.versions)
@@ -53,7 +54,8 @@ def rollout_logprobs(
 ) -> list[TokenLogprobs]:
     """Trainer logprobs of each rollout's completion tokens, in micro-batches, without gradients.
 
-    Returns one TokenLogprobs per rollout whose tensors are 1-D over its completion tokens.
+    Returns one TokenLogprobs per rollout whose tensors are 1-D over its sampled tokens (aligned
+    with `Rollout.sampled_logprobs`).
     """
     device = next(model.parameters()).device
     out: list[TokenLogprobs] = []

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from parityrl.config import RunConfig
-from parityrl.mismatch import mismatch_metrics
+from parityrl.mismatch import mismatch_metrics, per_turn_mismatch
 from parityrl.rollouts.stream import Group
 from parityrl.rollouts.types import Rollout
 from parityrl.trainer.advantages import group_advantages
@@ -121,8 +121,11 @@ class Trainer:
         if tcfg.loss.entropy_coef > 0:
             loss = loss - tcfg.loss.entropy_coef * entropy
         (loss.sum() / total_tokens).backward()
-        pure = torch.tensor([self.is_pure(r) for r in chunk], device=device)[rows]
-        stats.add(lp=lp, lp_b=lp_b, versions=batch.versions[mask][keep], pure=pure,
+        # Flattened in the order of `out.logprobs[mask]`: row by row, sampled tokens in order.
+        pure = torch.tensor([p for r in chunk for p in r.parity_mask(self.version)],
+                            device=device)[keep]
+        turns = torch.tensor([t for r in chunk for t in r.sampled_turns], device=device)[keep]
+        stats.add(lp=lp, lp_b=lp_b, versions=batch.versions[mask][keep], pure=pure, turns=turns,
                   outside=outside, ratio=terms.ratio, clipped=terms.clipped, entropy=entropy,
                   adv=adv, loss=loss, kl_ref=kl_ref, is_weight=terms.is_weight,
                   truncated=terms.truncated, masked=terms.masked)
@@ -180,7 +183,7 @@ class Trainer:
         sampled them: in pipeline mode most of a batch is one step old, so this is where exact
         parity is measured.
         """
-        pure = [r for r in rollouts if r.num_tokens and self.is_pure(r)]
+        pure = [r for r in rollouts if self.has_parity_tokens(r)]
         if not pure:
             return
         state.probe_rollouts.extend(pure)
@@ -188,20 +191,30 @@ class Trainer:
         scored = rollout_logprobs(self.model, pure, self.cfg.sampling, pad_id=self.pad_id,
                                   fp32_lm_head=self.cfg.trainer.fp32_lm_head)
         self.model.train(was_training)
-        state.probe_train.extend(r.logprobs for r in scored)
-        state.probe_outside.extend(r.outside_nucleus for r in scored)
+        for rollout, score in zip(pure, scored):
+            keep = self.parity_tokens(rollout)
+            state.probe_train.append(score.logprobs[keep])
+            state.probe_engine.append(torch.tensor(rollout.sampled_logprobs)[keep])
+            state.probe_outside.append(score.outside_nucleus[keep])
+            state.probe_turns.append(torch.tensor(rollout.sampled_turns)[keep])
 
     def score_exact(self, state: "StepState") -> None:
         """With parity.fp64_reference: float64 logprobs of the parity tokens, before `apply`."""
         if not self.cfg.parity.fp64_reference:
             return
         # The same rollouts, in the same order, as the tokens of the mismatch metrics.
-        parity = [r for r in state.rollouts if self.is_pure(r)] + state.probe_rollouts
-        state.exact_lp = exact_logprobs(self.model, parity, self.cfg.sampling, pad_id=self.pad_id)
+        parity = [r for r in state.rollouts if self.has_parity_tokens(r)] + state.probe_rollouts
+        exact = exact_logprobs(self.model, parity, self.cfg.sampling, pad_id=self.pad_id)
+        keep = torch.cat([self.parity_tokens(r) for r in parity]) if parity else exact.bool()
+        state.exact_lp = exact[keep]
 
-    def is_pure(self, r: Rollout) -> bool:
-        """Sampled entirely by the weights the trainer holds now (the parity tokens)."""
-        return r.min_version == r.max_version == self.version
+    def parity_tokens(self, r: Rollout) -> torch.Tensor:
+        """Per sampled token of `r`: sampled by the weights the trainer holds now, in a turn no
+        update landed in (bool, aligned with `r.sampled_logprobs`)."""
+        return torch.tensor(r.parity_mask(self.version), dtype=torch.bool)
+
+    def has_parity_tokens(self, r: Rollout) -> bool:
+        return any(r.parity_mask(self.version))
 
     def apply(self, state: "StepState") -> dict[str, float]:
         """Clip, take the optimizer step; returns the step's metrics (before the version bump)."""
@@ -257,12 +270,15 @@ class Trainer:
         # sit in the KV cache as computed by the old weights.
         pure = s["pure"].bool()
         lp_parity = torch.cat([lp[pure], *state.probe_train])
-        probe_engine = [torch.tensor(r.logprobs) for r in state.probe_rollouts]
-        lp_engine = torch.cat([lp_b[pure], *probe_engine])
+        lp_engine = torch.cat([lp_b[pure], *state.probe_engine])
         outside = torch.cat([s["outside"].bool()[pure], *state.probe_outside])
         parity = mismatch_metrics(lp_parity, lp_engine, outside)
         # No parity tokens this step (all of it one step old, no probe): nothing to report.
         m |= {k: v for k, v in parity.items() if v == v}
+        turns = torch.cat([s["turns"].long()[pure], *state.probe_turns])
+        if any(r.turns is not None for r in rollouts) or bool((turns > 0).any()):
+            m |= per_turn_mismatch(lp_parity, lp_engine, turns)
+            m["rollouts/turns_mean"] = sum(r.num_turns for r in rollouts) / len(rollouts)
         m["mismatch/probe_tokens"] = float(sum(len(t) for t in state.probe_train))
         if state.exact_lp is not None:
             m |= precision_metrics(lp_parity, lp_engine, state.exact_lp, self.cfg.parity.tolerance)
@@ -276,5 +292,8 @@ class StepState:
     version: int
     probe_train: list[torch.Tensor] = field(default_factory=list)
     probe_rollouts: list[Rollout] = field(default_factory=list)
+    probe_engine: list[torch.Tensor] = field(default_factory=list)
     probe_outside: list[torch.Tensor] = field(default_factory=list)
+    probe_turns: list[torch.Tensor] = field(default_factory=list)
     exact_lp: torch.Tensor | None = None  # float64 logprobs of the parity tokens
+

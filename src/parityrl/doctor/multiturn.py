@@ -1,0 +1,101 @@
+"""The doctor's multi-turn check: two-turn conversations with a tool observation between them.
+
+On the last rung's settings (the trainer's weights perturbed and pushed in place), each prompt
+becomes an episode: the engine answers, a fixed calculator observation follows, the engine answers
+again, all token-in/token-out (rollouts/episode.py). The trainer rescores the assistant tokens of
+both turns with the same function as every rung; the result is judged by the same rule as the last
+rung (engine as close to float64 as the trainer, nothing non-finite), with each turn's mismatch
+shown, and each episode is rendered once more with the chat template to check that the template
+reproduces the ids the engine saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from parityrl.doctor.ladder import DoctorConfig, RungResult, LadderSession, build_ladder
+from parityrl.doctor.verdict import Consistency, consistency
+from parityrl.errors import UserError
+from parityrl.rollouts.episode import EpisodeLimits, run_episode
+from parityrl.sampling import SamplingConfig
+from parityrl.tasks.environment import EnvReply
+from parityrl.tasks.prompts import as_messages, has_chat_template
+
+NAME = "multi-turn"
+OBSERVATION = {"role": "user", "content": "CALC result: 42. Now reply with just the number."}
+
+
+@dataclass
+class MultiTurnResult:
+    result: RungResult  # metrics over both turns, with mismatch/turn<k>/* added
+    consistency: Consistency
+    episodes: int
+    unfaithful: list[str]  # the template check's findings, one per episode that failed it
+
+    @property
+    def passed(self) -> bool:
+        return self.consistency.ok
+
+    def lines(self) -> list[str]:
+        m = self.result.metrics
+        turns = sorted({int(k.split("/")[1][4:]) for k in m if k.startswith("mismatch/turn")})
+        per_turn = "; ".join(f"turn {t}: {int(m[f'mismatch/turn{t}/tokens'])} tokens, max |Δ| "
+                             f"{m[f'mismatch/turn{t}/max_abs_diff']:.3g}, mean |Δ| "
+                             f"{m[f'mismatch/turn{t}/mean_abs_diff']:.3g}" for t in turns)
+        verdict = "PASS" if self.passed else "FAIL"
+        template = (f"the chat template reproduces the engine's ids in all {self.episodes} "
+                    "episodes" if not self.unfaithful else
+                    f"the chat template gives other ids than the engine saw in "
+                    f"{len(self.unfaithful)} of {self.episodes} episodes (first: "
+                    f"{self.unfaithful[0]}); training uses the engine's ids")
+        return [f"{verdict} (multi-turn, {_label(self.result.sampling)}): "
+                f"{self.consistency.why}.", f"  {per_turn}", f"  {template}"]
+
+
+def _label(s: SamplingConfig) -> str:
+    return f"T={s.temperature:g}, top_p={s.top_p:g}, top_k={s.top_k}"
+
+
+async def run_multi_turn(cfg: DoctorConfig) -> list[MultiTurnResult]:
+    """One MultiTurnResult per sampling; needs a tokenizer with a chat template."""
+    from parityrl.models.tiny import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    if not has_chat_template(tokenizer) or cfg.chat_template is False:
+        raise UserError("the multi-turn check renders observations with the chat template, and "
+                        "this model's tokenizer has none (or --no-chat-template was given)")
+    rung = build_ladder()[-1]
+    session = LadderSession(cfg)
+    out = []
+    try:
+        engine = await session.engine_for(rung)
+        sync_check, sync_ok = await session.move_weights(rung, index=len(build_ladder()))
+
+        async def generate(ids, sampling, seed):
+            (rollout,) = await engine.generate(ids, sampling, seed=seed)
+            return rollout
+
+        async def respond(messages, last_turn):
+            if last_turn:
+                return EnvReply(reward=0.0)
+            return EnvReply(message=dict(OBSERVATION))
+
+        limits = EpisodeLimits(max_turns=2, max_model_len=cfg.max_model_len)
+        eos = tokenizer.eos_token_id
+        for sampling in cfg.samplings:
+            stopping = sampling.model_copy(update={"stop_token_ids": tuple(
+                sorted(set(sampling.stop_token_ids) | ({eos} if eos is not None else set())))})
+            episodes = await asyncio.gather(*[
+                run_episode(generate, respond, tokenizer, as_messages(prompt), stopping, limits,
+                            seed=cfg.seed + 1000 * i + j)
+                for i, prompt in enumerate(cfg.prompts) for j in range(cfg.num_samples)])
+            metrics, diffs, positions, e_err, t_err = session.measure(rung, episodes, sampling)
+            result = RungResult(NAME, NAME, sampling, engine.resolved_settings(), metrics,
+                                diffs, positions, (), sync_check, sync_ok, e_err, t_err)
+            out.append(MultiTurnResult(result, consistency(result), len(episodes),
+                                       [e.meta["template_mismatch"] for e in episodes
+                                        if e.meta["template_mismatch"] is not None]))
+    finally:
+        await session.close()
+    return out

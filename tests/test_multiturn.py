@@ -1,0 +1,290 @@
+"""Multi-turn episodes: token-in/token-out bookkeeping, the chat-template check, loss masks, per-turn
+parity, and an update that lands between two turns.
+
+The first tests need no engine (the template check and the loss mask are functions of token ids);
+the rest share one vLLM engine on the 4-layer SmolLM2-135M-Instruct (real tokenizer and template).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+
+import pytest
+import torch
+
+from parityrl.config import build_config
+from parityrl.models.load import load_policy
+from parityrl.rollouts.episode import EpisodeLimits, observation_ids, run_episode, \
+    template_mismatch
+from parityrl.rollouts.types import Rollout
+from parityrl.sampling import SamplingConfig
+from parityrl.tasks.environment import EnvReply
+from parityrl.tasks.prompts import encode_prompt
+from parityrl.trainer.trainer import Trainer
+
+QUESTION = [{"role": "user", "content": "What is 12 + 7? Use the calculator."}]
+OBSERVATION = {"role": "user", "content": "CALC result: 19"}
+
+
+def tokenizer_of(folder: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def scripted_episode(tok, turns: list[list[int]]) -> tuple[Rollout, list[dict]]:
+    """An episode assembled token-in/token-out from given assistant ids (as the runner does),
+    with OBSERVATION between turns: the input of the template check."""
+    messages = [dict(m) for m in QUESTION]
+    prompt = encode_prompt(tok, messages, chat_template=True)
+    completion, sampled, turn_of = [], [], []
+    for k, ids in enumerate(turns):
+        completion += ids
+        sampled += [True] * len(ids)
+        turn_of += [k] * len(ids)
+        messages.append({"role": "assistant", "content": tok.decode(ids, skip_special_tokens=True)})
+        if k < len(turns) - 1:
+            shown = observation_ids(tok, OBSERVATION, ids[-1])
+            completion += shown
+            sampled += [False] * len(shown)
+            turn_of += [k] * len(shown)
+            messages.append(dict(OBSERVATION))
+    n = len(completion)
+    rollout = Rollout(prompt, completion, [-1.0] * n, [0] * n, "stop", sampled=sampled,
+                      turns=turn_of)
+    return rollout, messages
+
+
+def test_token_in_token_out_is_what_the_template_renders(real_model_4l):
+    tok = tokenizer_of(real_model_4l)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    turns = [tok.encode("CALC(12 + 7)") + [end], tok.encode("19") + [end]]
+    rollout, messages = scripted_episode(tok, turns)
+    assert template_mismatch(tok, messages, rollout) is None
+    # Rendering the conversation up to the second turn gives exactly the second turn's prompt.
+    second_prompt = encode_prompt(tok, messages[:3], chat_template=True)
+    first_turn_end = len(rollout.prompt_ids) + rollout.turn_index.index(1)
+    assert (rollout.prompt_ids + rollout.completion_ids)[:first_turn_end] == second_prompt
+    assert rollout.num_tokens == sum(len(t) for t in turns) and rollout.num_turns == 2
+
+
+def test_a_retokenization_that_changes_the_ids_is_detected(real_model_4l):
+    tok = tokenizer_of(real_model_4l)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    # "hello" sampled as two tokens: decoding then re-encoding gives one token the engine never
+    # sampled.
+    split = tok.encode("hel") + tok.encode("lo")
+    assert tok.encode(tok.decode(split)) != split
+    rollout, messages = scripted_episode(tok, [split + [end], tok.encode("19") + [end]])
+    finding = template_mismatch(tok, messages, rollout)
+    assert finding is not None and finding.startswith("turn 0 (assistant tokens)"), finding
+
+
+DROPS_HISTORY = (  # like templates that drop earlier reasoning: earlier assistant turns emptied
+    "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
+    "{{ '<|im_start|>assistant\n<|im_end|>\n' }}{% else %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_a_template_that_drops_earlier_assistant_content_is_named_by_turn(real_model_4l):
+    tok = tokenizer_of(real_model_4l)
+    tok.chat_template = DROPS_HISTORY
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    turns = [tok.encode("CALC(12 + 7)") + [end], tok.encode("19") + [end],
+             tok.encode("done") + [end]]
+    rollout, messages = scripted_episode(tok, turns)
+    finding = template_mismatch(tok, messages, rollout)
+    assert finding is not None and finding.startswith("turn 0 (assistant tokens)"), finding
+
+
+def test_the_calculator_answers_calls_and_scores_answers():
+    from parityrl.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
+    from parityrl.tasks.calculator import CalculatorEnv, calculate
+
+    assert [calculate(e) for e in ("12 + 7", "(3+4)*2", "7/2", "-5")] == ["19", "14", "3.5", "-5"]
+    for hostile in ("__import__('os')", "2**99999", "9" * 300, "1/0"):
+        assert calculate(hostile).startswith("error:")
+    task = ArithmeticTask(ArithmeticConfig(chat_template=True))
+    env = CalculatorEnv(task)
+    problem = task.train_problem(0)
+    messages = env.start(problem)
+    assert messages[0]["role"] == "system" and "CALC(" in messages[0]["content"]
+    a, b = problem.answer, "x"
+    call = env.respond(problem, [*messages, {"role": "assistant", "content": "CALC(2 * 21)"}],
+                       last_turn=False)
+    assert call.message == {"role": "user", "content": "CALC result: 42"} and call.reward is None
+    for said, reward in ((a, 1.0), (b, 0.0)):
+        end = env.respond(problem, [*messages, {"role": "assistant", "content": said}], False)
+        assert end.message is None and end.reward == reward
+    # On the last turn a call cannot be answered: the turn is scored as it is.
+    assert env.respond(problem, [*messages, {"role": "assistant", "content": "CALC(1+1)"}],
+                       last_turn=True).message is None
+
+
+def test_observation_tokens_never_reach_the_loss(tiny_model):
+    """Gradient at the last hidden state of every position that predicts an observation token is
+    exactly zero (only the lm_head reads it), and garbage (NaN) behaviour logprobs there are never
+    read; assistant positions do get gradient."""
+    cfg = build_config({"model": tiny_model, "sampling": {"temperature": 1.0}})
+    trainer = Trainer(cfg, load_policy(tiny_model), pad_id=0)
+    sampled = [True] * 4 + [False] * 5 + [True] * 3
+    n = len(sampled)
+    rollouts = [Rollout([5, 6, 7], list(range(20, 20 + n)),
+                        [-1.0 if s else math.nan for s in sampled], [0] * n, "stop",
+                        group_id=0, reward=float(i), sampled=sampled,
+                        turns=[0] * 9 + [1] * 3) for i in range(2)]
+    # Behaviour logprobs = the trainer's own (ratio 1, nothing clipped), NaN at observations.
+    from parityrl.trainer.batch import rollout_logprobs
+
+    for r, score in zip(rollouts, rollout_logprobs(trainer.model, rollouts, cfg.sampling,
+                                                   pad_id=0)):
+        own = iter(score.logprobs.tolist())
+        r.logprobs = [next(own) if s else math.nan for s in sampled]
+    captured = {}
+
+    def keep_grad(module, args, output):
+        output.last_hidden_state.retain_grad()
+        captured["hidden"] = output.last_hidden_state
+
+    hook = trainer.model.get_decoder().register_forward_hook(keep_grad)
+    state = trainer.accumulate([rollouts])
+    hook.remove()
+    grad = captured["hidden"].grad.abs().sum(-1)  # [B, T]
+    p = 3
+    # Position t predicts token t+1: completion token j is predicted at p - 1 + j.
+    predicts_observation = [p - 1 + j for j, s in enumerate(sampled) if not s]
+    predicts_assistant = [p - 1 + j for j, s in enumerate(sampled) if s]
+    assert (grad[:, predicts_observation] == 0).all()
+    assert (grad[:, predicts_assistant] > 0).all()
+    assert state.tokens.skipped_samples == 0  # the NaN logprobs were never looked at
+    metrics = trainer.apply(state)
+    assert metrics["rl/tokens"] == 2 * sum(sampled)
+    assert metrics["mismatch/turn0/tokens"] == 2 * 4 and metrics["mismatch/turn1/tokens"] == 2 * 3
+    assert all(math.isfinite(v) for v in metrics.values())
+
+
+# -- on the engine ---------------------------------------------------------------------------------
+SAMPLING = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def engine(real_model_4l, loop):
+    from parityrl.engine.engine import RolloutEngine
+    from parityrl.engine.settings import EngineSettings
+
+    engine = loop.run_until_complete(RolloutEngine.start(EngineSettings(model=real_model_4l)))
+    yield engine
+    loop.run_until_complete(engine.close())
+
+
+def chat_trainer(model_dir: str) -> Trainer:
+    cfg = build_config({"model": model_dir, "sampling": SAMPLING.model_dump(),
+                        "task": {"chat_template": True}})
+    return Trainer(cfg, load_policy(model_dir), pad_id=tokenizer_of(model_dir).pad_token_id or 0)
+
+
+@pytest.mark.slow
+def test_the_shipped_multi_turn_recipe_trains_with_parity_in_every_turn(real_model_4l, tmp_path,
+                                                                          monkeypatch):
+    """configs/calculator.yaml on the 4-layer copy in float32, with the two-turn test environment
+    plugged by import path (a 4-layer model never calls the calculator): every episode has an
+    observation, parity holds in each turn, the evaluation runs episodes too."""
+    import json
+    from pathlib import Path
+
+    from helpers import reward_fixtures_importable
+
+    from parityrl.config import load_config
+    from parityrl.pipeline import run_training
+    from parityrl.runlog import read_metrics
+
+    reward_fixtures_importable(monkeypatch)
+    recipe = Path(__file__).parent.parent / "configs" / "calculator.yaml"
+    cfg = load_config(recipe, [f"model={real_model_4l}", "dtype=float32", "max_steps=2",
+                               "actor.group_size=2", "actor.prompts_per_step=3",
+                               "sampling.max_tokens=12", "env.type=python",
+                               "env.factory=envs:two_turns", "eval_every=2", "eval_size=4",
+                               "samples_every=1", "tensorboard=false"])
+    run_training(cfg, tmp_path / "run", on_message=lambda m: None)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    trained = [r for r in rows if "rl/tokens" in r]
+    assert [r["step"] for r in trained] == [1, 2]
+    for row in trained:
+        assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))
+        assert row["rollouts/turns_mean"] == 2.0 and row["lag/max"] == 0
+        for turn in (0, 1):
+            assert row[f"mismatch/turn{turn}/tokens"] > 0
+            assert row[f"mismatch/turn{turn}/max_abs_diff"] <= 1e-4, row
+        assert row["rollouts/rejected_frac"] == 0 and "rollouts/template_mismatch" in row
+    assert "eval/accuracy" in rows[-1]
+    sample = json.loads((tmp_path / "run" / "samples.jsonl").read_text().splitlines()[0])
+    roles = [m["role"] for m in sample["conversation"]]
+    assert roles == ["user", "assistant", "user", "assistant"]
+    assert sample["conversation"][2]["content"].startswith("CALC result: 42")
+
+
+@pytest.mark.slow
+def test_an_update_between_turns_gives_two_versions_and_parity_only_on_same_version_tokens(
+        engine, loop, real_model_4l):
+    from parityrl.doctor.ladder import perturb_in_place
+
+    tok = tokenizer_of(real_model_4l)
+    trainer = chat_trainer(real_model_4l)
+    perturb_in_place(trainer.model, 0.05, seed=3)  # the weights of the next version
+    responded, resume = threading.Event(), threading.Event()
+
+    async def generate(ids, sampling, seed):
+        (rollout,) = await engine.generate(ids, sampling, seed=seed)
+        return rollout
+
+    async def respond(messages, last_turn):
+        if sum(m["role"] == "assistant" for m in messages) == 1:
+            responded.set()
+            await asyncio.to_thread(resume.wait)  # the update lands here, between the turns
+            return EnvReply(message=dict(OBSERVATION))
+        return EnvReply(reward=0.0)
+
+    async def scenario():
+        sampling = SAMPLING.model_copy(update={"stop_token_ids": (tok.eos_token_id,)})
+        episodes = [asyncio.create_task(run_episode(
+            generate, respond, tok, QUESTION, sampling, EpisodeLimits(3, 256), seed=s))
+            for s in range(4)]
+        await asyncio.to_thread(responded.wait)
+        old = engine.version
+        await engine.update_weights(trainer.model.state_dict())
+        resume.set()
+        return old, engine.version, await asyncio.gather(*episodes)
+
+    old, new, episodes = loop.run_until_complete(scenario())
+    trainer.version = new
+    for episode in episodes:
+        by_turn = {t: v for t, v in zip(episode.sampled_turns, episode.sampled_versions)}
+        assert episode.num_turns == 2 and by_turn == {0: old, 1: new}, by_turn
+        assert episode.min_version == old and episode.max_version == new
+    state = trainer.accumulate([episodes])
+    metrics = trainer.apply(state)
+    second_turn_tokens = sum(t == 1 for e in episodes for t in e.sampled_turns)
+    assert metrics["mismatch/tokens"] == second_turn_tokens == metrics["mismatch/turn1/tokens"]
+    assert "mismatch/turn0/tokens" not in metrics
+    assert metrics["mismatch/max_abs_diff"] <= 1e-4, metrics
+    assert metrics["lag/mixed_version_frac"] == 1.0
+    # The first turn, sampled by the old weights, would not agree with the new ones.
+    assert metrics["rl/tokens"] > second_turn_tokens
+    first_turn = [lp for e in episodes for lp, t in zip(e.sampled_logprobs, e.sampled_turns)
+                  if t == 0]
+    from parityrl.trainer.batch import rollout_logprobs
+
+    scored = rollout_logprobs(trainer.model, episodes, trainer.cfg.sampling, pad_id=0)
+    rescored = [lp for e, s in zip(episodes, scored)
+                for lp, t in zip(s.logprobs.tolist(), e.sampled_turns) if t == 0]
+    assert max(abs(a - b) for a, b in zip(first_turn, rescored)) > 1e-2
