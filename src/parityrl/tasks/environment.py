@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from parityrl.errors import UserError
 from parityrl.tasks.base import Problem, Task
@@ -60,6 +60,12 @@ class EnvConfig(BaseModel):
                             "or stop the run. The trainer always trains on what the engine saw.")
     observation_role: str = Field("user", description="calculator: the role of its tool "
                                                       "results (some templates have no 'tool').")
+
+    @model_validator(mode="after")
+    def _factory_for_python(self) -> "EnvConfig":
+        if self.type == "python" and not self.factory:
+            raise ValueError('env.type=python needs env.factory="package.module:function"')
+        return self
 
 
 def build_environment(config: EnvConfig, task: Task) -> Environment:
