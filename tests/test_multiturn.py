@@ -12,7 +12,6 @@ import math
 import threading
 
 import pytest
-import torch
 
 from parityrl.config import build_config
 from parityrl.models.load import load_policy
@@ -210,15 +209,15 @@ def test_the_shipped_multi_turn_recipe_trains_with_parity_in_every_turn(real_mod
 
     reward_fixtures_importable(monkeypatch)
     recipe = Path(__file__).parent.parent / "configs" / "calculator.yaml"
-    cfg = load_config(recipe, [f"model={real_model_4l}", "dtype=float32", "max_steps=2",
+    cfg = load_config(recipe, [f"model={real_model_4l}", "dtype=float32", "max_steps=1",
                                "actor.group_size=2", "actor.prompts_per_step=3",
                                "sampling.max_tokens=12", "env.type=python",
-                               "env.factory=envs:two_turns", "eval_every=2", "eval_size=4",
+                               "env.factory=envs:two_turns", "eval_every=1", "eval_size=4",
                                "samples_every=1", "tensorboard=false"])
     run_training(cfg, tmp_path / "run", on_message=lambda m: None)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     trained = [r for r in rows if "rl/tokens" in r]
-    assert [r["step"] for r in trained] == [1, 2]
+    assert [r["step"] for r in trained] == [1]
     for row in trained:
         assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))
         assert row["rollouts/turns_mean"] == 2.0 and row["lag/max"] == 0
@@ -288,3 +287,33 @@ def test_an_update_between_turns_gives_two_versions_and_parity_only_on_same_vers
     rescored = [lp for e, s in zip(episodes, scored)
                 for lp, t in zip(s.logprobs.tolist(), e.sampled_turns) if t == 0]
     assert max(abs(a - b) for a, b in zip(first_turn, rescored)) > 1e-2
+
+
+@pytest.mark.slow
+def test_an_environment_that_raises_or_hangs_rejects_its_group_and_the_rest_goes_on(
+        engine, loop, real_model_4l, monkeypatch):
+    from helpers import reward_fixtures_importable
+
+    from parityrl.rollouts.actor import Actor, ActorLimits
+    from parityrl.tasks.environment import EnvConfig, build_environment
+    from parityrl.tasks.registry import build_task
+
+    reward_fixtures_importable(monkeypatch)
+    tok = tokenizer_of(real_model_4l)
+    task = build_task(build_config({"task": {"chat_template": True}}).task)
+    env_config = EnvConfig(type="python", factory="envs:faulty", timeout_s=2.0)
+    seen = []
+    actor = Actor(engine, task, tok, SAMPLING.model_copy(update={"max_tokens": 4}), group_size=2,
+                  seed=0, limits=ActorLimits(max_model_len=256, max_rejected_frac=1.0),
+                  env=build_environment(env_config, task), env_config=env_config,
+                  on_error=lambda kind, error: seen.append(kind))
+    answers = [task.train_problem(i).answer for i in range(8)]
+    groups = loop.run_until_complete(actor.generate_batch(8))
+    raising = sum(int(a) % 2 == 0 for a in answers)
+    hanging = sum(int(a) % 2 == 1 and a.endswith("5") for a in answers)
+    assert raising and hanging, answers  # the first 8 problems cover both faults
+    metrics = actor.metrics()
+    assert metrics["rollouts/rejected_env_error"] == raising
+    assert metrics["rollouts/rejected_env_timeout"] == hanging
+    assert len(groups) == 8 - raising - hanging and all(len(g) == 2 for g in groups)
+    assert {"env_error", "env_timeout"} <= set(seen)

@@ -180,6 +180,14 @@ def doctor(
                        withhold=frozenset(withhold),
                        **({"prompts": prompt_list} if prompt_list else {}))
     rungs = build_ladder(cfg.withhold)[-1:] if quick else build_ladder(cfg.withhold)
+    turns = []  # the multi-turn check's results, after the last rung
+    if multi_turn:
+        from parityrl.models.tiny import load_tokenizer
+        from parityrl.tasks.prompts import has_chat_template
+
+        if chat_template is False or not has_chat_template(load_tokenizer(str(folder))):
+            raise UserError("--multi-turn renders observations with the chat template, and this "
+                            "model's tokenizer has none (or --no-chat-template was given)")
     with console.status(f"rung 1/{len(rungs)}: {rungs[0].name} (starting vLLM engine)") as status:
         done = []
 
@@ -191,20 +199,16 @@ def doctor(
                           f"{m['mismatch/max_abs_diff']:.2e}", highlight=False)
             if len(done) < len(rungs):
                 status.update(f"rung {len(done) + 1}/{len(rungs)}: {rungs[len(done)].name}")
+            elif multi_turn:
+                status.update("multi-turn check: two-turn episodes on the last rung's engine")
 
-        results, floor = run_ladder_sync(cfg, on_rung, rungs)
+        results, floor = run_ladder_sync(cfg, on_rung, rungs,
+                                         turns.append if multi_turn else None)
     print_table(results, floor, console)
     passed, verdicts = judge_all(results, floor, dtype, tol)
     for v in verdicts:
         console.print(v.text, highlight=False)
-    turns = []
     if multi_turn:
-        import asyncio
-
-        from parityrl.doctor.multiturn import run_multi_turn
-
-        with console.status("multi-turn check (starting vLLM engine)"):
-            turns = asyncio.run(run_multi_turn(cfg))
         for check in turns:
             console.print("\n".join(check.lines()), highlight=False)
         passed = passed and all(check.passed for check in turns)

@@ -271,10 +271,12 @@ class LadderSession:
 
 async def run_ladder(
     cfg: DoctorConfig, on_rung: Callable[[RungResult], None] | None = None,
-    rungs: list[Rung] | None = None,
+    rungs: list[Rung] | None = None, on_multi_turn: Callable | None = None,
 ) -> tuple[list[RungResult], dict]:
     """Run the ladder in order; returns one result per rung and sampling, and the trainer's noise
-    floor (measured on the first rung's rollouts of the first sampling)."""
+    floor (measured on the first rung's rollouts of the first sampling). With `on_multi_turn`,
+    the multi-turn check (doctor/multiturn.py) runs on the last rung's engine afterwards and each
+    of its results is handed to it."""
     rungs = rungs if rungs is not None else build_ladder(cfg.withhold)
     session = LadderSession(cfg)
     results: list[RungResult] = []
@@ -306,10 +308,16 @@ async def run_ladder(
                 if not floor:
                     floor = noise_floor(session.model, rollouts, sampling, session.pad_id,
                                         rungs[-1].trainer_fp32_lm_head)
+        if on_multi_turn is not None:
+            from parityrl.doctor.multiturn import check_multi_turn
+
+            for check in await check_multi_turn(session, rungs[-1]):
+                on_multi_turn(check)
     finally:
         await session.close()
     return results, floor
 
 
-def run_ladder_sync(cfg: DoctorConfig, on_rung=None, rungs: list[Rung] | None = None):
-    return asyncio.run(run_ladder(cfg, on_rung, rungs))
+def run_ladder_sync(cfg: DoctorConfig, on_rung=None, rungs: list[Rung] | None = None,
+                    on_multi_turn=None):
+    return asyncio.run(run_ladder(cfg, on_rung, rungs, on_multi_turn))

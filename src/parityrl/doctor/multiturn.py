@@ -6,7 +6,8 @@ again, all token-in/token-out (rollouts/episode.py). The trainer rescores the as
 both turns with the same function as every rung; the result is judged by the same rule as the last
 rung (engine as close to float64 as the trainer, nothing non-finite), with each turn's mismatch
 shown, and each episode is rendered once more with the chat template to check that the template
-reproduces the ids the engine saw.
+reproduces the ids the engine saw. It runs on the ladder's engine after the last rung
+(`run_ladder(..., on_multi_turn=...)`): no engine start of its own.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from parityrl.doctor.ladder import DoctorConfig, RungResult, LadderSession, build_ladder
+from parityrl.doctor.ladder import LadderSession, Rung, RungResult
 from parityrl.doctor.verdict import Consistency, consistency
 from parityrl.errors import UserError
 from parityrl.rollouts.episode import EpisodeLimits, run_episode
 from parityrl.sampling import SamplingConfig
 from parityrl.tasks.environment import EnvReply
-from parityrl.tasks.prompts import as_messages, has_chat_template
+from parityrl.tasks.prompts import as_messages
 
 NAME = "multi-turn"
 OBSERVATION = {"role": "user", "content": "CALC result: 42. Now reply with just the number."}
@@ -57,45 +58,41 @@ def _label(s: SamplingConfig) -> str:
     return f"T={s.temperature:g}, top_p={s.top_p:g}, top_k={s.top_k}"
 
 
-async def run_multi_turn(cfg: DoctorConfig) -> list[MultiTurnResult]:
-    """One MultiTurnResult per sampling; needs a tokenizer with a chat template."""
+async def check_multi_turn(session: LadderSession, rung: Rung) -> list[MultiTurnResult]:
+    """One MultiTurnResult per sampling, on the engine `session` holds after `rung` (the ladder's
+    last: its settings, the trainer's weights pushed)."""
     from parityrl.models.tiny import load_tokenizer
 
+    cfg = session.cfg
     tokenizer = load_tokenizer(cfg.model)
-    if not has_chat_template(tokenizer) or cfg.chat_template is False:
+    if not session.chat_template:
         raise UserError("the multi-turn check renders observations with the chat template, and "
                         "this model's tokenizer has none (or --no-chat-template was given)")
-    rung = build_ladder()[-1]
-    session = LadderSession(cfg)
+    engine = session.engine
+
+    async def generate(ids, sampling, seed):
+        (rollout,) = await engine.generate(ids, sampling, seed=seed)
+        return rollout
+
+    async def respond(messages, last_turn):
+        if last_turn:
+            return EnvReply(reward=0.0)
+        return EnvReply(message=dict(OBSERVATION))
+
+    limits = EpisodeLimits(max_turns=2, max_model_len=cfg.max_model_len)
+    eos = tokenizer.eos_token_id
     out = []
-    try:
-        engine = await session.engine_for(rung)
-        sync_check, sync_ok = await session.move_weights(rung, index=len(build_ladder()))
-
-        async def generate(ids, sampling, seed):
-            (rollout,) = await engine.generate(ids, sampling, seed=seed)
-            return rollout
-
-        async def respond(messages, last_turn):
-            if last_turn:
-                return EnvReply(reward=0.0)
-            return EnvReply(message=dict(OBSERVATION))
-
-        limits = EpisodeLimits(max_turns=2, max_model_len=cfg.max_model_len)
-        eos = tokenizer.eos_token_id
-        for sampling in cfg.samplings:
-            stopping = sampling.model_copy(update={"stop_token_ids": tuple(
-                sorted(set(sampling.stop_token_ids) | ({eos} if eos is not None else set())))})
-            episodes = await asyncio.gather(*[
-                run_episode(generate, respond, tokenizer, as_messages(prompt), stopping, limits,
-                            seed=cfg.seed + 1000 * i + j)
-                for i, prompt in enumerate(cfg.prompts) for j in range(cfg.num_samples)])
-            metrics, diffs, positions, e_err, t_err = session.measure(rung, episodes, sampling)
-            result = RungResult(NAME, NAME, sampling, engine.resolved_settings(), metrics,
-                                diffs, positions, (), sync_check, sync_ok, e_err, t_err)
-            out.append(MultiTurnResult(result, consistency(result), len(episodes),
-                                       [e.meta["template_mismatch"] for e in episodes
-                                        if e.meta["template_mismatch"] is not None]))
-    finally:
-        await session.close()
+    for sampling in cfg.samplings:
+        stopping = sampling.model_copy(update={"stop_token_ids": tuple(
+            sorted(set(sampling.stop_token_ids) | ({eos} if eos is not None else set())))})
+        episodes = await asyncio.gather(*[
+            run_episode(generate, respond, tokenizer, as_messages(prompt), stopping, limits,
+                        seed=cfg.seed + 1000 * i + j)
+            for i, prompt in enumerate(cfg.prompts) for j in range(cfg.num_samples)])
+        metrics, diffs, positions, e_err, t_err = session.measure(rung, episodes, sampling)
+        result = RungResult(NAME, NAME, sampling, engine.resolved_settings(), metrics, diffs,
+                            positions, (), None, None, e_err, t_err)
+        out.append(MultiTurnResult(result, consistency(result), len(episodes),
+                                   [e.meta["template_mismatch"] for e in episodes
+                                    if e.meta["template_mismatch"] is not None]))
     return out
