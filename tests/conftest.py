@@ -22,6 +22,16 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def loop():
+    """An event loop shared by a module's tests (and its module-scoped engine)."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
 @pytest.fixture(scope="session")
 def model_factory(tmp_path_factory):
     """Build (once) and return the folder of a named tiny model variant."""

@@ -8,9 +8,22 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@contextmanager
+def engine_running(loop, settings):
+    """A RolloutEngine started on `loop`, closed on exit (for module-scoped fixtures)."""
+    from parityrl.engine.engine import RolloutEngine
+
+    engine = loop.run_until_complete(RolloutEngine.start(settings))
+    try:
+        yield engine
+    finally:
+        loop.run_until_complete(engine.close())
 
 
 def write_addition_rows(path: Path) -> Path:

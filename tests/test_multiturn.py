@@ -15,8 +15,8 @@ import pytest
 
 from parityrl.config import build_config
 from parityrl.models.load import load_policy
-from parityrl.rollouts.episode import EpisodeLimits, observation_ids, run_episode, \
-    template_mismatch
+from parityrl.rollouts.episode import EpisodeLimits, engine_turns, observation_ids, \
+    run_episode, template_mismatch
 from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
 from parityrl.tasks.environment import EnvReply
@@ -170,20 +170,13 @@ SAMPLING = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=12)
 
 
 @pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def engine(real_model_4l, loop):
-    from parityrl.engine.engine import RolloutEngine
+    from helpers import engine_running
+
     from parityrl.engine.settings import EngineSettings
 
-    engine = loop.run_until_complete(RolloutEngine.start(EngineSettings(model=real_model_4l)))
-    yield engine
-    loop.run_until_complete(engine.close())
+    with engine_running(loop, EngineSettings(model=real_model_4l)) as engine:
+        yield engine
 
 
 def chat_trainer(model_dir: str) -> Trainer:
@@ -242,9 +235,7 @@ def test_an_update_between_turns_gives_two_versions_and_parity_only_on_same_vers
     perturb_in_place(trainer.model, 0.05, seed=3)  # the weights of the next version
     responded, resume = threading.Event(), threading.Event()
 
-    async def generate(ids, sampling, seed):
-        (rollout,) = await engine.generate(ids, sampling, seed=seed)
-        return rollout
+    generate = engine_turns(engine)
 
     async def respond(messages, last_turn):
         if sum(m["role"] == "assistant" for m in messages) == 1:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import engine_running
+
 from parityrl.doctor.ladder import DoctorConfig, build_ladder, perturb_in_place, run_ladder
 from parityrl.doctor.verdict import judge
 from parityrl.engine.engine import RolloutEngine, WeightSyncError
@@ -25,17 +27,9 @@ PROMPTS = [[5, 6, 76, 7, 84], [20, 21, 22], [40, 41, 42, 43, 98]]
 
 
 @pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def engine(tiny_model, loop):
-    engine = loop.run_until_complete(RolloutEngine.start(EngineSettings(model=tiny_model)))
-    yield engine
-    loop.run_until_complete(engine.close())
+    with engine_running(loop, EngineSettings(model=tiny_model)) as engine:
+        yield engine
 
 
 def _mismatch(model, rollouts, sampling=SAMPLING):

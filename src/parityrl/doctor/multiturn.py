@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from parityrl.doctor.ladder import LadderSession, Rung, RungResult
 from parityrl.doctor.verdict import Consistency, consistency
 from parityrl.errors import UserError
-from parityrl.rollouts.episode import EpisodeLimits, run_episode
+from parityrl.rollouts.episode import EpisodeLimits, engine_turns, run_episode
 from parityrl.sampling import SamplingConfig
 from parityrl.tasks.environment import EnvReply
 from parityrl.tasks.prompts import as_messages
@@ -69,10 +69,7 @@ async def check_multi_turn(session: LadderSession, rung: Rung) -> list[MultiTurn
         raise UserError("the multi-turn check renders observations with the chat template, and "
                         "this model's tokenizer has none (or --no-chat-template was given)")
     engine = session.engine
-
-    async def generate(ids, sampling, seed):
-        (rollout,) = await engine.generate(ids, sampling, seed=seed)
-        return rollout
+    generate = engine_turns(engine)
 
     async def respond(messages, last_turn):
         if last_turn:

@@ -28,6 +28,15 @@ Respond = Callable[[list[Message], bool], Awaitable[EnvReply]]
 _MARK = "PARITYRL-CONTENT-MARK"  # a probe message's content, found again in the rendered text
 
 
+def engine_turns(engine) -> Generate:
+    """`Generate` straight on a RolloutEngine: one sample per turn (no restart handling)."""
+    async def generate(ids: list[int], sampling: SamplingConfig, seed: int | None) -> Rollout:
+        (rollout,) = await engine.generate(ids, sampling, seed=seed)
+        return rollout
+
+    return generate
+
+
 class EnvProtocolError(RuntimeError):
     """The environment broke the protocol (e.g. ended an episode without a reward)."""
 

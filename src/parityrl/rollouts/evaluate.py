@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from parityrl.rollouts.episode import EpisodeLimits, run_episode
-from parityrl.rollouts.types import Rollout
+from parityrl.rollouts.episode import EpisodeLimits, engine_turns, run_episode
 from parityrl.sampling import SamplingConfig
 from parityrl.tasks.environment import Environment, EnvReply
 from parityrl.tasks.base import Problem, Task
@@ -20,9 +19,7 @@ async def greedy_accuracy(engine, task: Task, tokenizer, problems: list[Problem]
     sampling = SamplingConfig(temperature=0.0, max_tokens=max_tokens,
                               stop_token_ids=(eos,) if eos is not None else ())
 
-    async def generate(ids: list[int], sampling: SamplingConfig, seed: int) -> Rollout:
-        (rollout,) = await engine.generate(ids, sampling)
-        return rollout
+    generate = engine_turns(engine)
 
     async def solve(problem: Problem) -> float:
         if env is not None:
@@ -32,8 +29,7 @@ async def greedy_accuracy(engine, task: Task, tokenizer, problems: list[Problem]
             episode = await run_episode(generate, respond, tokenizer, env.start(problem),
                                         sampling, limits, seed=0)
             return float(episode.reward >= 1.0)
-        ids = encode_problem(tokenizer, problem)
-        (rollout,) = await engine.generate(ids, sampling)
+        rollout = await generate(encode_problem(tokenizer, problem), sampling, None)
         text = tokenizer.decode(rollout.completion_ids, skip_special_tokens=True)
         return float(task.reward(problem, text) >= 1.0)
 
