@@ -152,6 +152,10 @@ def doctor(
         False, "--multi-turn", help="Also run two-turn episodes (a tool observation between "
                                     "the turns) on the last rung's settings: per-turn parity and "
                                     "the chat-template check. Needs a chat template."),
+    bitwise: bool = typer.Option(
+        False, "--bitwise", help="Add the bitwise rung: the trainer scores with the engine's own "
+                                 "kernels (parity.mode=bitwise; float32, CPU engine); it passes "
+                                 "only if every token's logprob is equal."),
 ):
     """Diagnose engine/trainer logprob parity, one fix per rung; exit 0 = parity, 1 = not."""
     from parityrl.models.builtin import resolve_model
@@ -165,6 +169,8 @@ def doctor(
     prompt_list = _read_prompts(prompts) if prompts else None
     if tol is not None and tol < 0:
         raise UserError(f"--tol must be >= 0, got {tol}")
+    if bitwise and dtype != "float32":
+        raise UserError(f"--bitwise is audited in float32 only, not {dtype}")
     _quiet_libraries()
     folder = check_model_folder(resolve_model(model, say=typer.echo))
 
@@ -179,7 +185,9 @@ def doctor(
                        num_samples=num_samples, seed=seed, tol=tol, chat_template=chat_template,
                        withhold=frozenset(withhold),
                        **({"prompts": prompt_list} if prompt_list else {}))
-    rungs = build_ladder(cfg.withhold)[-1:] if quick else build_ladder(cfg.withhold)
+    rungs = build_ladder(cfg.withhold, bitwise)
+    if quick:  # the settings to use (and the bitwise rung after them)
+        rungs = rungs[-2:] if bitwise else rungs[-1:]
     turns = []  # the multi-turn check's results, after the last rung
     if multi_turn:
         from parityrl.models.tiny import load_tokenizer
@@ -199,8 +207,8 @@ def doctor(
                           f"{m['mismatch/max_abs_diff']:.2e}", highlight=False)
             if len(done) < len(rungs):
                 status.update(f"rung {len(done) + 1}/{len(rungs)}: {rungs[len(done)].name}")
-            elif multi_turn:
-                status.update("multi-turn check: two-turn episodes on the last rung's engine")
+            if multi_turn and result.name == rungs[-1 - bitwise].name:
+                status.update("multi-turn check: two-turn episodes on this rung's engine")
 
         results, floor = run_ladder_sync(cfg, on_rung, rungs,
                                          turns.append if multi_turn else None)

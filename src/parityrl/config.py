@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from parityrl.engine.settings import EngineKnobs, EngineSettings
+from parityrl.engine.settings import BITWISE_KNOBS, EngineKnobs, EngineSettings
 from parityrl.errors import UserError
 from parityrl.sampling import SamplingConfig
 from parityrl.tasks.environment import EnvConfig
@@ -71,6 +71,10 @@ class TrainerConfig(_Strict):
 
 
 class ParityConfig(_Strict):
+    mode: Literal["default", "bitwise"] = Field(
+        "default", description="bitwise: the trainer scores tokens with the engine's own kernels "
+                               "(trainer/engine_kernels.py), equal bit for bit; float32, CPU "
+                               "engine, single turn. The engine knobs it needs are set for you.")
     alarm_kl_k3: float = Field(1e-3, gt=0, description="Alarm when mismatch/kl_k3 exceeds this.")
     on_alarm: Literal["warn", "stop", "ignore"] = "warn"
     probe_rollouts: int = Field(64, ge=0, description="Queued rollouts sampled by the current "
@@ -141,10 +145,27 @@ class RunConfig(_Strict):
         if a.group_size == 1 and self.trainer.advantage.std_normalize:
             raise ValueError("actor.group_size=1 with trainer.advantage.std_normalize: a group of "
                              "one has no spread, every advantage would be 0; use group_size >= 2")
+        if self.parity.mode == "bitwise":
+            self._resolve_bitwise()
         if self.sampling.max_tokens >= self.engine.max_model_len:
             raise ValueError(f"sampling.max_tokens={self.sampling.max_tokens} leaves no room for a "
                              f"prompt in engine.max_model_len={self.engine.max_model_len}")
         return self
+
+
+    def _resolve_bitwise(self) -> None:
+        """Bitwise mode sets the engine knobs it needs; one the config set otherwise is refused."""
+        if self.dtype != "float32":
+            raise ValueError(f"parity.mode=bitwise is audited in float32 only, not dtype={self.dtype}")
+        if self.env is not None:
+            raise ValueError("parity.mode=bitwise scores single-turn rollouts; remove env")
+        explicit = self.engine.model_fields_set
+        for knob, needed in BITWISE_KNOBS.items():
+            value = getattr(self.engine, knob)
+            if knob in explicit and value != needed:
+                raise ValueError(f"parity.mode=bitwise needs engine.{knob}={needed}, the config "
+                                 f"sets {value}")
+        self.engine = self.engine.model_copy(update=BITWISE_KNOBS)
 
 
 def _default_task():

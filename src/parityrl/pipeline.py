@@ -171,6 +171,12 @@ class Pipeline:
         from parityrl.engine.engine import RolloutEngine
 
         engine = await RolloutEngine.start(engine_settings(self.cfg, self.model_dir))
+        if self.cfg.parity.mode == "bitwise":
+            try:
+                self.trainer.use_engine_kernels(engine.resolved_settings())
+            except BaseException:
+                await engine.close()
+                raise
         if push:  # the trainer's weights, not the folder's (resume, restart)
             await engine.update_weights(self.trainer.model.state_dict(),
                                         version=self.trainer.version)

@@ -6,6 +6,8 @@
                           neutral generation config, a fixed seed                    (inference path)
     weight-sync         + the trainer perturbs its weights and pushes them in place   (weight sync)
     fp32-lm-head        + lm_head in float32 on both sides                           (numerics)
+    bitwise             (--bitwise) + the trainer runs the engine's own kernels, the engine
+                          the settings they need: every token must be equal     (kernels)
 
 Every rung is measured, none is assumed: the engine generates, the trainer recomputes the same
 tokens with `token_logprobs` (the function the RL trainer uses), `mismatch_metrics` compares, and
@@ -24,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from parityrl.engine.settings import EngineSettings
+from parityrl.engine.settings import BITWISE_KNOBS, EngineSettings
 from parityrl.mismatch import mismatch_metrics, per_turn_mismatch
 from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
@@ -46,6 +48,7 @@ class Fix:
     engine: dict = field(default_factory=dict)  # EngineSettings fields it sets
     trainer_fp32_lm_head: bool = False
     pushes_weights: bool = False
+    trainer_kernels: bool = False  # the trainer scores with the engine's kernels (bitwise)
 
 
 FIXES = [
@@ -62,6 +65,10 @@ FIXES = [
     Fix("fp32-lm-head", "numerics", "lm_head in float32 on both sides",
         {"lm_head_dtype": "float32"}, trainer_fp32_lm_head=True),
 ]
+BITWISE = Fix("bitwise", "kernels",
+              "the trainer runs the engine's own kernels (parity.mode=bitwise)",
+              dict(BITWISE_KNOBS), trainer_fp32_lm_head=True, pushes_weights=True,
+              trainer_kernels=True)
 FIX_NAMES = tuple(f.name for f in FIXES)
 # Besides whole fixes, one part of the weight-sync fix can be withheld on its own.
 WITHHOLDABLE = FIX_NAMES + ("prefix-cache-reset",)
@@ -76,6 +83,7 @@ class Rung:
     withheld: tuple[str, ...]  # names of fixes up to this rung that were withheld
     trainer_fp32_lm_head: bool
     perturbs: bool  # the trainer moves its weights at this rung (and pushes unless withheld)
+    trainer_kernels: bool = False  # bitwise: equal or nothing
 
     def engine_overrides(self, seed: int) -> dict:
         overrides: dict = {}
@@ -90,7 +98,7 @@ class Rung:
         return any(f.pushes_weights for f in self.fixes)
 
 
-def build_ladder(withhold: frozenset[str] = frozenset()) -> list[Rung]:
+def build_ladder(withhold: frozenset[str] = frozenset(), bitwise: bool = False) -> list[Rung]:
     rungs = [Rung(BASELINE, "baseline", (), (), False, False)]
     for i, fix in enumerate(FIXES):
         upto = FIXES[: i + 1]
@@ -101,6 +109,10 @@ def build_ladder(withhold: frozenset[str] = frozenset()) -> list[Rung]:
             trainer_fp32_lm_head=any(f.trainer_fp32_lm_head for f in upto),
             perturbs=any(f.pushes_weights for f in upto),
         ))
+    if bitwise:
+        last = rungs[-1]
+        rungs.append(Rung(BITWISE.name, BITWISE.layer, last.fixes + (BITWISE,), last.withheld,
+                          trainer_fp32_lm_head=True, perturbs=True, trainer_kernels=True))
     return rungs
 
 
@@ -205,6 +217,7 @@ class LadderSession:
         self.engine = None
         self.engine_overrides: dict | None = None
         self.engine_has_trainer_weights = True  # false once the trainer moved and did not push
+        self.kernels = None  # the bitwise rung's EngineKernels
 
     async def engine_for(self, rung: Rung):
         from parityrl.engine.engine import RolloutEngine
@@ -242,9 +255,22 @@ class LadderSession:
         self.engine_has_trainer_weights = not cfg.sabotage_skip
         return report.check.summary(), report.check.ok
 
+    def kernels_for(self, rung: Rung):
+        """The bitwise rung's trainer side: the engine's kernels on the trainer's weights."""
+        if not rung.trainer_kernels:
+            return None
+        from parityrl.trainer.engine_kernels import EngineKernels, check_engine_for_bitwise
+
+        resolved = self.engine.resolved_settings()
+        check_engine_for_bitwise(resolved)
+        if self.kernels is None:
+            self.kernels = EngineKernels(self.model, resolved["block_size"])
+        return self.kernels
+
     def measure(self, rung: Rung, rollouts: list[Rollout], sampling: SamplingConfig):
         recomputed = rollout_logprobs(self.model, rollouts, sampling, pad_id=self.pad_id,
-                                      fp32_lm_head=rung.trainer_fp32_lm_head)
+                                      fp32_lm_head=rung.trainer_fp32_lm_head,
+                                      kernels=self.kernels_for(rung))
         lp_train = torch.cat([r.logprobs for r in recomputed])
         outside = torch.cat([r.outside_nucleus for r in recomputed])
         lp_engine = torch.tensor([lp for r in rollouts for lp in r.sampled_logprobs],
@@ -275,12 +301,16 @@ async def run_ladder(
 ) -> tuple[list[RungResult], dict]:
     """Run the ladder in order; returns one result per rung and sampling, and the trainer's noise
     floor (measured on the first rung's rollouts of the first sampling). With `on_multi_turn`,
-    the multi-turn check (doctor/multiturn.py) runs on the last rung's engine afterwards and each
-    of its results is handed to it."""
+    the multi-turn check (doctor/multiturn.py) runs on the engine of the last rung before the
+    bitwise one, after that rung, and each of its results is handed to it."""
     rungs = rungs if rungs is not None else build_ladder(cfg.withhold)
     session = LadderSession(cfg)
     results: list[RungResult] = []
     floor: dict = {}
+    # The multi-turn check runs on the engine of the last rung that scores with the trainer's own
+    # forward (episodes are outside bitwise mode).
+    last_default = max(i for i, r in enumerate(rungs) if not r.trainer_kernels) if any(
+        not r.trainer_kernels for r in rungs) else None
     try:
         for index, rung in enumerate(rungs):
             engine = await session.engine_for(rung)
@@ -308,11 +338,11 @@ async def run_ladder(
                 if not floor:
                     floor = noise_floor(session.model, rollouts, sampling, session.pad_id,
                                         rungs[-1].trainer_fp32_lm_head)
-        if on_multi_turn is not None:
-            from parityrl.doctor.multiturn import check_multi_turn
+            if on_multi_turn is not None and index == last_default:
+                from parityrl.doctor.multiturn import check_multi_turn
 
-            for check in await check_multi_turn(session, rungs[-1]):
-                on_multi_turn(check)
+                for check in await check_multi_turn(session, rung):
+                    on_multi_turn(check)
     finally:
         await session.close()
     return results, floor

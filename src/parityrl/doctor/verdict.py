@@ -115,7 +115,15 @@ def judge(results: list[RungResult], floor: dict, dtype: str, tol: float | None 
     last = results[-1]
     states = [consistency(r) for r in results]
     faults = settings_faults(last)
-    if tol is not None:
+    if last.name == "bitwise":  # equal or nothing: no tolerance, no float64 rule
+        n_diff = sum(d != 0 for d in last.abs_diffs)
+        measured_ok = n_diff == 0 and states[-1].ok
+        rule = (f"every one of {len(last.abs_diffs)} tokens has exactly the engine's logprob"
+                if n_diff == 0 else f"{n_diff} of {len(last.abs_diffs)} tokens differ, max |Δ| "
+                                    f"{last.metrics['mismatch/max_abs_diff']:.3g}")
+        if not states[-1].ok:
+            rule += f" ({states[-1].why})"
+    elif tol is not None:
         measured_ok = last.metrics["mismatch/max_abs_diff"] <= tol and states[-1].ok
         rule = f"max |Δ| {last.metrics['mismatch/max_abs_diff']:.3g} vs --tol {tol:g}"
     elif last.engine_error is None:
@@ -131,7 +139,8 @@ def judge(results: list[RungResult], floor: dict, dtype: str, tol: float | None 
     if passed:
         sentence = (f"PASS: at the last rung '{last.name}' the engine's logprobs are as close to "
                     f"exact arithmetic as the trainer's own ({rule})."
-                    if tol is None and last.engine_error is not None else
+                    if tol is None and last.engine_error is not None and last.name != "bitwise"
+                    else
                     f"PASS: at the last rung '{last.name}', {rule}.")
     elif faults:
         culprit = faults[0][0]

@@ -65,6 +65,7 @@ class RolloutEngine:
         self._update_file = SharedUpdateFile(self._update_dir)
         self._held_shm: set[int] = set()
         self._ipc_dir: Path | None = None  # vLLM's ZMQ sockets (see start)
+        self.worker_numerics: dict = {}  # what the worker process runs with (see start)
 
     @classmethod
     async def start(cls, settings: EngineSettings) -> "RolloutEngine":
@@ -74,8 +75,10 @@ class RolloutEngine:
         # vLLM names its ZMQ sockets in VLLM_RPC_BASE_PATH (default: the temp dir) and leaves them
         # there; this engine's go in a folder of its own, removed at close (or by the guardian).
         ipc_dir = temp_folder("ipc")
-        previous = os.environ.get("VLLM_RPC_BASE_PATH")
-        os.environ["VLLM_RPC_BASE_PATH"] = str(ipc_dir)  # inherited by the engine's processes
+        # Inherited by the engine's processes at spawn; restored here afterwards.
+        env = {"VLLM_RPC_BASE_PATH": str(ipc_dir)} | settings.engine_environment()
+        previous = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
         try:
             # No local holds the AsyncLLM: an import inside vLLM keeps a traceback whose frames
             # reach this one, and a local here would keep the engine alive past close() (its
@@ -85,16 +88,20 @@ class RolloutEngine:
             shutil.rmtree(ipc_dir, ignore_errors=True)
             raise
         finally:
-            if previous is None:
-                os.environ.pop("VLLM_RPC_BASE_PATH", None)
-            else:
-                os.environ["VLLM_RPC_BASE_PATH"] = previous
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
         engine._ipc_dir = ipc_dir
+        if settings.pad_single_row_gemm:
+            await engine.llm.collective_rpc("parityrl_pad_single_row_gemms")
+        (engine.worker_numerics,) = await engine.llm.collective_rpc("parityrl_numerics")
         await engine.llm.update_weight_version(str(engine.version))
         return engine
 
     def resolved_settings(self) -> dict:
-        return resolved_engine_settings(self.llm.vllm_config)
+        return resolved_engine_settings(self.llm.vllm_config) | self.worker_numerics
 
     async def generate(
         self, prompt_ids: list[int], sampling: SamplingConfig, *, n: int = 1,

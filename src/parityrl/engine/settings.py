@@ -42,6 +42,12 @@ class EngineKnobs(BaseModel):
         "vllm",
         description="'auto' lets the model folder's generation_config.json change sampling defaults.",
     )
+    cpu_attn_split_kv: bool | None = Field(
+        None, description="CPU attention's split-KV decode (VLLM_CPU_ATTN_SPLIT_KV, vLLM default "
+                          "on): its reduction order depends on the batch. Off in bitwise mode.")
+    pad_single_row_gemm: bool = Field(
+        False, description="Run one-row GEMMs as two rows: oneDNN's M = 1 kernel rounds "
+                           "differently from M >= 2 when K >= 1280. On in bitwise mode.")
     max_model_len: int = Field(256, ge=16, description="Prompt + completion token limit.")
     max_num_seqs: int = Field(256, ge=1, description="Sequences decoded concurrently.")
     max_num_batched_tokens: int = Field(4096, ge=16, description="Tokens per engine step.")
@@ -66,6 +72,12 @@ class EngineSettings(EngineKnobs):
         every numerics knob left to vLLM. Model, dtype and the resource limits are still passed."""
         unset = {name: None for name in NUMERICS_KNOBS}
         return cls(**{"model": model, **unset, **overrides})
+
+    def engine_environment(self) -> dict[str, str]:
+        """Environment variables the engine's processes must start with (vLLM reads them there)."""
+        if self.cpu_attn_split_kv is None:
+            return {}
+        return {"VLLM_CPU_ATTN_SPLIT_KV": "1" if self.cpu_attn_split_kv else "0"}
 
     def to_engine_args(self):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -105,7 +117,16 @@ class EngineSettings(EngineKnobs):
 
 # The fields that change what the engine computes or reports; None leaves them to vLLM.
 NUMERICS_KNOBS = ("lm_head_dtype", "logprobs_mode", "enable_prefix_caching", "async_scheduling",
-                  "enable_chunked_prefill", "enforce_eager", "seed", "generation_config")
+                  "enable_chunked_prefill", "enforce_eager", "seed", "generation_config",
+                  "cpu_attn_split_kv")
+
+
+# What bitwise parity (parity.mode=bitwise, doctor --bitwise) needs of the engine: the layout the
+# trainer's kernel pass reproduces (trainer/engine_kernels.py) and nothing that reorders a sum.
+BITWISE_KNOBS = {"enforce_eager": True, "enable_chunked_prefill": False,
+                 "enable_prefix_caching": False, "async_scheduling": False,
+                 "logprobs_mode": "processed_logprobs", "cpu_attn_split_kv": False,
+                 "pad_single_row_gemm": True}
 
 
 def resolved_engine_settings(vllm_config) -> dict:

@@ -33,6 +33,8 @@ class WeightSyncExtension:
         model = self.model_runner.get_model()
         self.model_runner.reload_weights(weights_iterator=tensors())
         refreshed = _refresh_tied_modules(model)
+        if getattr(self, "_parityrl_pad_gemms", False):  # the reload rebuilt every GEMM
+            _pad_single_row_gemms(model)
         # The trainer rewrites the shared file on the next update while this engine generates:
         # a parameter that kept a view of it instead of copying would change under the engine.
         aliased = self._parityrl_update_file.aliased(model.parameters())
@@ -40,6 +42,43 @@ class WeightSyncExtension:
             raise RuntimeError(f"{len(aliased)} engine parameters alias the update file")
         return {"digests": digests, "load_seconds": time.perf_counter() - start,
                 "digest_seconds": digest_seconds, "refreshed_tied_modules": refreshed}
+
+
+    def parityrl_pad_single_row_gemms(self) -> int:
+        """From now on (reloads included) every CPU GEMM runs a one-row input as two rows."""
+        self._parityrl_pad_gemms = True
+        return _pad_single_row_gemms(self.model_runner.get_model())
+
+    def parityrl_numerics(self) -> dict:
+        """What this worker computes with, read here (not what was asked for)."""
+        import torch
+        from vllm import envs
+
+        return {"cpu_attn_split_kv": bool(envs.VLLM_CPU_ATTN_SPLIT_KV),
+                "worker_threads": torch.get_num_threads(),
+                "single_row_gemm_padded": bool(getattr(self, "_parityrl_pad_gemms", False))}
+
+
+def _pad_single_row_gemms(model) -> int:
+    """Wrap each module's CPU GEMM (`cpu_linear`, set by vLLM's dispatch after every load) so a
+    one-row input runs as two identical rows: oneDNN gives a row the same bits for every M >= 2,
+    but its M = 1 kernel differs when K >= 1280, and the trainer's batched pass never has M = 1."""
+    wrapped = 0
+    for module in model.modules():
+        linear = getattr(module, "cpu_linear", None)
+        if linear is None or getattr(linear, "parityrl_padded", False):
+            continue
+
+        def padded(x, weight, bias, _linear=linear):
+            if x.numel() == x.shape[-1]:
+                return _linear(x.reshape(1, -1).expand(2, -1).contiguous(), weight, bias)[:1].view(
+                    *x.shape[:-1], -1)
+            return _linear(x, weight, bias)
+
+        padded.parityrl_padded = True
+        module.cpu_linear = padded
+        wrapped += 1
+    return wrapped
 
 
 def _refresh_tied_modules(model) -> list[str]:

@@ -50,11 +50,11 @@ def collate(rollouts: list[Rollout], pad_id: int) -> RolloutBatch:
 def rollout_logprobs(
     model, rollouts: list[Rollout], sampling: SamplingConfig, *, pad_id: int,
     batch_size: int = 16, fp32_lm_head: bool = True,
-    logprobs_mode: LogprobsMode = "processed_logprobs",
+    logprobs_mode: LogprobsMode = "processed_logprobs", kernels=None,
 ) -> list[TokenLogprobs]:
     """Trainer logprobs of each rollout's completion tokens, in micro-batches, without gradients.
 
-    Returns one TokenLogprobs per rollout whose tensors are 1-D over its sampled tokens (aligned
+    `kernels`: bitwise mode (see `token_logprobs`). Returns one TokenLogprobs per rollout whose tensors are 1-D over its sampled tokens (aligned
     with `Rollout.sampled_logprobs`).
     """
     device = next(model.parameters()).device
@@ -65,7 +65,7 @@ def rollout_logprobs(
             batch = collate(chunk, pad_id).to(device)
             result = token_logprobs(
                 model, batch.input_ids, batch.attention_mask, batch.completion_mask, sampling,
-                fp32_lm_head=fp32_lm_head, logprobs_mode=logprobs_mode,
+                fp32_lm_head=fp32_lm_head, logprobs_mode=logprobs_mode, kernels=kernels,
             )
             for i in range(len(chunk)):
                 row = result.mask[i]

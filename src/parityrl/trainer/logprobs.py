@@ -11,6 +11,10 @@ Top-k keeps every token whose logit is >= the k-th largest (ties kept), top-p so
 masks tokens whose cumulative probability is <= 1 - p, always keeping the most likely one; both
 exactly as `apply_top_k_top_p_pytorch` in vllm/v1/sample/ops/topk_topp_sampler.py.
 
+Bitwise mode (`kernels`, trainer/engine_kernels.py): the values come from the engine's own kernels
+run on the trainer's weights, equal to the engine's logprobs bit for bit; the gradient (when one
+is needed) comes from the ordinary forward above, through `exact + (x - x.detach())`.
+
 The nucleus rule: the token the engine sampled is always kept. The engine drew it from its own
 kept set, computed from logits that differ from the trainer's by rounding; where the token sits at
 the edge of that set, the trainer's own set may leave it out, and its logprob would be -inf (seen
@@ -121,6 +125,7 @@ def token_logprobs(
     fp32_lm_head: bool = True,
     logprobs_mode: LogprobsMode = "processed_logprobs",
     with_entropy: bool = True,
+    kernels=None,
 ) -> TokenLogprobs:
     """Logprob (and entropy) of each completion token under `model`, as the engine computes it.
 
@@ -133,6 +138,8 @@ def token_logprobs(
         fp32_lm_head: project hidden states to logits in float32.
         logprobs_mode: "processed_logprobs" (what the sampler sampled from) or "raw_logprobs"
             (log_softmax of the unprocessed logits, vLLM's default; for diagnosis only).
+        kernels: an `EngineKernels` of `model` for bitwise mode (values from the engine's
+            kernels; the forward above then runs only when a gradient is needed).
 
     Returns:
         TokenLogprobs with [B, T-1]-shaped tensors aligned to `input_ids[:, 1:]`: entry t is the
@@ -141,28 +148,69 @@ def token_logprobs(
     check_model_supported(model)
     if logprobs_mode not in ("processed_logprobs", "raw_logprobs"):
         raise UserError(f"unknown logprobs_mode {logprobs_mode!r}")
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = model.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
-    ).last_hidden_state
     targets = input_ids[:, 1:]
     wanted = completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
-    # Only completion positions are projected: the [N, V] float32 logits are the memory peak.
-    logits = project_to_vocab(model, hidden[:, :-1][wanted], fp32_lm_head)
     sampled = targets[wanted]
-    outside = torch.zeros_like(sampled, dtype=torch.bool)
-    if logprobs_mode == "raw_logprobs":
-        logprobs_all = _at_least_fp32(logits).log_softmax(-1)
-    else:
-        processed, outside = process_logits(logits, sampling, sampled)
-        logprobs_all = processed.log_softmax(-1)
-    picked = logprobs_all.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+    exact = None
+    if kernels is not None:
+        exact = _engine_logprobs(kernels, input_ids, attention_mask, completion_mask, sampling,
+                                 logprobs_mode, sampled)
+    if exact is None or torch.is_grad_enabled():
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
+        ).last_hidden_state
+        # Only completion positions are projected: the [N, V] float32 logits are the memory peak.
+        logits = project_to_vocab(model, hidden[:, :-1][wanted], fp32_lm_head)
+        outside = torch.zeros_like(sampled, dtype=torch.bool)
+        if logprobs_mode == "raw_logprobs":
+            logprobs_all = _at_least_fp32(logits).log_softmax(-1)
+        else:
+            processed, outside = process_logits(logits, sampling, sampled)
+            logprobs_all = processed.log_softmax(-1)
+        picked = logprobs_all.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+        entropy = _entropy(logprobs_all) if with_entropy else None
+    if exact is not None:
+        exact_picked, exact_all = exact
+        exact_entropy = _entropy(exact_all) if with_entropy else None
+        # The engine's set is the trainer's set here: a sampled token outside it is -inf.
+        outside = ~torch.isfinite(exact_picked)
+        if torch.is_grad_enabled():
+            picked = exact_picked + (picked - picked.detach())
+            if with_entropy:
+                entropy = exact_entropy + (entropy - entropy.detach())
+        else:
+            picked, entropy = exact_picked, exact_entropy
 
     out_lp = torch.zeros(targets.shape, dtype=picked.dtype, device=input_ids.device)
     out_lp[wanted] = picked
     out_ent = torch.zeros_like(out_lp)
     if with_entropy:
-        out_ent[wanted] = _entropy(logprobs_all)
+        out_ent[wanted] = entropy.to(out_ent.dtype)
     out_outside = torch.zeros(targets.shape, dtype=torch.bool, device=input_ids.device)
     out_outside[wanted] = outside
     return TokenLogprobs(logprobs=out_lp, entropy=out_ent, mask=wanted, outside_nucleus=out_outside)
+
+
+def _engine_logprobs(kernels, input_ids, attention_mask, completion_mask, sampling,
+                     logprobs_mode: LogprobsMode, sampled: torch.Tensor):
+    """Bitwise mode: (sampled-token logprobs [N], all logprobs [N, V]) from the engine's kernels,
+    in the order of `hidden[:, :-1][wanted]` (row by row, completion tokens in order)."""
+    from parityrl.trainer.engine_kernels import Sequence, processed_logprobs
+
+    sequences = []
+    for ids, attn, comp in zip(input_ids.tolist(), attention_mask.tolist(),
+                               completion_mask.tolist()):
+        length = sum(attn)
+        start = comp.index(1) if 1 in comp else length
+        if not all(comp[start:length]):
+            raise UserError("parity.mode=bitwise scores single-turn rollouts only (an episode "
+                            "interleaves observation tokens)")
+        if start < length:
+            sequences.append(Sequence(ids[:start], ids[start:length]))
+    logits = kernels.logits(sequences).to(input_ids.device)
+    if logprobs_mode == "raw_logprobs":
+        logprobs_all = logits.log_softmax(-1, dtype=torch.float32)
+    else:
+        logprobs_all = processed_logprobs(logits, sampling)
+    return logprobs_all.gather(-1, sampled.unsqueeze(-1)).squeeze(-1), logprobs_all

@@ -74,6 +74,20 @@ class Trainer:
                                            betas=opt.betas, weight_decay=opt.weight_decay)
         self.version = 0  # optimizer steps taken; the engine holds the same number after a push
         self.nonfinite_streak = 0  # consecutive steps whose gradient was not finite
+        self.kernels = None  # bitwise mode: the engine's kernels (use_engine_kernels)
+        if cfg.parity.mode == "bitwise":
+            from parityrl.trainer.engine_kernels import check_bitwise_supported
+
+            check_bitwise_supported(model)  # refuse before an engine starts
+
+    def use_engine_kernels(self, resolved: dict) -> None:
+        """Bitwise mode: score with the engine's own kernels, laid out as the engine `resolved`
+        (RolloutEngine.resolved_settings) runs; refuses an engine bitwise parity cannot hold on."""
+        from parityrl.trainer.engine_kernels import EngineKernels, check_engine_for_bitwise
+
+        check_engine_for_bitwise(resolved)
+        if self.kernels is None or self.kernels.block_size != resolved["block_size"]:
+            self.kernels = EngineKernels(self.model, resolved["block_size"])
 
     # -- phases ---------------------------------------------------------------------------------
     def _assign_advantages(self, groups: list[Group]) -> list[Rollout]:
@@ -91,7 +105,7 @@ class Trainer:
         batch = collate(chunk, self.pad_id).to(device)
         out = token_logprobs(self.model, batch.input_ids, batch.attention_mask,
                              batch.completion_mask, self.cfg.sampling,
-                             fp32_lm_head=tcfg.fp32_lm_head)
+                             fp32_lm_head=tcfg.fp32_lm_head, kernels=self.kernels)
         mask = out.mask
         rows = torch.arange(len(chunk), device=device).unsqueeze(1).expand_as(mask)[mask]
         # A sample with a non-finite logprob on either side never reaches the loss or a mean.
@@ -189,7 +203,8 @@ class Trainer:
         state.probe_rollouts.extend(pure)
         was_training = self.model.training
         scored = rollout_logprobs(self.model, pure, self.cfg.sampling, pad_id=self.pad_id,
-                                  fp32_lm_head=self.cfg.trainer.fp32_lm_head)
+                                  fp32_lm_head=self.cfg.trainer.fp32_lm_head,
+                                  kernels=self.kernels)
         self.model.train(was_training)
         for rollout, score in zip(pure, scored):
             keep = self.parity_tokens(rollout)
