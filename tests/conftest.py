@@ -19,6 +19,8 @@ VARIANTS = {
     "qwen2-tied": dict(arch="qwen2", tie_embeddings=True),
     "llama": dict(arch="llama", tie_embeddings=False),
     "llama-tied": dict(arch="llama", tie_embeddings=True),
+    # MLP width 1280: the down projection's K is where oneDNN's one-row GEMM rounds differently.
+    "llama-tied-wide": dict(arch="llama", tie_embeddings=True, hidden=320, heads=10, kv_heads=5),
 }
 
 

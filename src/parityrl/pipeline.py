@@ -304,14 +304,20 @@ class Pipeline:
             return {}
         trainer = self.trainer
         # Worker threads for the heavy phases: the event loop keeps feeding the engine meanwhile.
+        train_start = time.perf_counter()
         state = await asyncio.to_thread(trainer.accumulate, groups)
+        train_seconds = time.perf_counter() - train_start
         if stream is not None:  # rollouts queued for the next step, sampled by these weights
             probe = await self._probe_rollouts(stream)
+            probe_start = time.perf_counter()
             await asyncio.to_thread(trainer.probe_parity, state, probe)
+            train_seconds += time.perf_counter() - probe_start
         await asyncio.to_thread(trainer.score_exact, state)
         died: BaseException | None = None
         async with self.weights_lock:
+            apply_start = time.perf_counter()
             metrics = await asyncio.to_thread(trainer.apply, state)
+            train_seconds += time.perf_counter() - apply_start
             step = trainer.version
             sync_seconds = 0.0
             generation = actor.engine_generation
@@ -343,6 +349,8 @@ class Pipeline:
             "throughput/tokens_per_s": metrics.get("rl/tokens", 0.0) / elapsed,
             "throughput/engine_idle_frac": max(0.0, 1.0 - busy / elapsed),
             "time/step_seconds": elapsed,
+            # The trainer's own work: forward/backward, parity probe scoring, optimizer step.
+            "time/train_seconds": train_seconds,
             "data/position": float(self.ledger.position),
             **actor.metrics(),
         }

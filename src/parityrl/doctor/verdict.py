@@ -84,6 +84,11 @@ def settings_faults(r: RungResult) -> list[tuple[str, str]]:
         faults.append(("weight synchronisation",
                        "prefix caching is on and the cache was not reset after the weight "
                        "update: prompts cached under the old weights are reused"))
+    if r.name == "bitwise":
+        from parityrl.trainer.engine_kernels import bitwise_setting_faults
+
+        faults += [("kernels", f"the engine runs {fault}, which the trainer's kernel pass "
+                               "does not reproduce") for fault in bitwise_setting_faults(s)]
     head_engine = s.get("head_dtype")
     head_trainer = "float32" if s.get("trainer_fp32_lm_head") else s.get("trainer_dtype")
     if head_engine and head_trainer and head_engine != head_trainer:
@@ -144,7 +149,8 @@ def judge(results: list[RungResult], floor: dict, dtype: str, tol: float | None 
                     f"PASS: at the last rung '{last.name}', {rule}.")
     elif faults:
         culprit = faults[0][0]
-        measured = (f"measured: {states[-1].why}" if states[-1].ok else
+        measured = (f"measured: {rule}" if last.name == "bitwise" else
+                    f"measured: {states[-1].why}" if states[-1].ok else
                     f"and it shows: {states[-1].why}")
         sentence = (f"FAIL at the {culprit} layer: {'; '.join(why for _, why in faults)} "
                     f"({measured}).")

@@ -311,17 +311,23 @@ def _rope_parameters(cfg) -> dict:
 AUDITED_VLLM = "0.32."  # the kernels and layout above were checked against this release
 
 
-def check_engine_for_bitwise(resolved: dict) -> None:
-    """Refuse (one line) an engine whose settings the kernel pass does not reproduce. `resolved`
-    is what the engine reports it runs with (RolloutEngine.resolved_settings)."""
+def bitwise_setting_faults(resolved: dict) -> list[str]:
+    """What keeps an engine (as `resolved`, RolloutEngine.resolved_settings, reports it) from
+    running the layout the kernel pass reproduces; empty when nothing does."""
     needed = {"device": "cpu", "dtype": "float32", "enforce_eager": True,
               "enable_chunked_prefill": False, "enable_prefix_caching": False,
               "async_scheduling": False, "logprobs_mode": "processed_logprobs",
               "cpu_attn_split_kv": False, "single_row_gemm_padded": True}
-    wrong = [f"{k}={resolved.get(k)!r} (needs {v!r})" for k, v in needed.items()
-             if resolved.get(k) != v]
+    faults = [f"{k}={resolved.get(k)!r} (needs {v!r})" for k, v in needed.items()
+              if resolved.get(k) != v]
     version = str(resolved.get("vllm_version", ""))
     if not version.startswith(AUDITED_VLLM):
-        wrong.append(f"vLLM {version} (audited: {AUDITED_VLLM}x)")
-    if wrong:
-        raise UserError("bitwise parity cannot hold with this engine: " + "; ".join(wrong))
+        faults.append(f"vLLM {version} (audited: {AUDITED_VLLM}x)")
+    return faults
+
+
+def check_engine_for_bitwise(resolved: dict) -> None:
+    """Refuse, in one line, an engine on which bitwise parity cannot hold (a training run)."""
+    faults = bitwise_setting_faults(resolved)
+    if faults:
+        raise UserError("bitwise parity cannot hold with this engine: " + "; ".join(faults))
