@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from parityrl.bench import logprob_pass, report
+from parityrl.bench import bitwise, logprob_pass, report
 from parityrl.bench.runner import run_bench
 from parityrl.bench.stats import Summary, ratios
 from parityrl.errors import UserError
@@ -43,3 +43,12 @@ def test_unknown_stage_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="unknown bench stage"):
         run_bench(tmp_path / "r.json", only=["rollouts"])
     assert not (tmp_path / "r.json").exists()
+
+
+def test_bitwise_stage_times_both_trainers_on_the_same_batches():
+    data = bitwise.run(bitwise.BitwiseBench(prompts=4, group_size=2, reps=2, doctor_rung=False),
+                       say=lambda m: None)
+    steps, ratio = data["step_seconds"], data["bitwise_step_cost_ratio"]
+    assert steps["default"]["n"] == steps["bitwise"]["n"] == ratio["n"] == 2
+    assert (steps["bitwise"]["min"] / steps["default"]["max"] <= ratio["median"]
+            <= steps["bitwise"]["max"] / steps["default"]["min"])

@@ -2,9 +2,10 @@
 
 The parity rungs run once (qwen2, three samplings on one engine per rung: raw vs processed at
 vLLM's defaults, then the explicit, eager settings with and without a weight push and the fp32
-head); the tied-embedding and llama variants run the last rung, where they differ: the weight
-push and the fp32 lm_head, whose packed copy a tied model shares with its embedding (a tied llama
-is SmolLM2's architecture: test_real_model.py runs that rung on it). The first rung, vLLM's
+head); the tied-embedding variant runs the last rung, where it differs: the weight push and the
+fp32 lm_head, whose packed copy a tied model shares with its embedding (a tied llama is SmolLM2's
+architecture: test_real_model.py runs that rung on it, test_bitwise.py the bitwise rung on a tiny
+one). The first rung, vLLM's
 compiled defaults, runs on its own engine.
 """
 
@@ -62,7 +63,9 @@ def test_raw_logprobs_show_the_semantic_offset_and_every_fix_reaches_parity(ladd
     assert not judge([raw], floor, "float32").passed
 
 
-@pytest.mark.parametrize("variant", ["qwen2-tied", "llama"])
+# The llama architecture runs this rung in test_real_model.py (SmolLM2: tied) and the bitwise rung
+# in test_bitwise.py (a tied tiny llama).
+@pytest.mark.parametrize("variant", ["qwen2-tied"])
 def test_weight_push_and_fp32_head_reach_parity_for_every_variant(model_factory, variant):
     cfg = DoctorConfig(model=model_factory(variant), samplings=[SAMPLINGS["top-p 0.9"]],
                        num_samples=3, prompts=PROMPTS)

@@ -12,10 +12,14 @@ HEADLINES = {
     "rollout_overhead_ratio": ("rollout tokens/s, parityrl ÷ raw vLLM LLM.generate", (">=", 0.95)),
     "weight_sync_vs_memcpy": ("in-place weight sync seconds ÷ memcpy seconds, largest model",
                               ("<=", 3.0)),
+    "weight_handover_vs_memcpy": ("update seconds minus vLLM's own reload ÷ memcpy, largest "
+                                  "model", ("<=", 1.5)),
     "logprob_pass_ratio": ("token_logprobs tokens/s ÷ plain forward + log_softmax (no grad)", None),
     "pipeline_vs_sync_samples_ratio": ("samples/s, mode async ÷ mode sync", (">=", 1.5)),
     "engine_idle_frac_async": ("fraction of time the engine has nothing in flight, async",
                                ("<", 0.10)),
+    "bitwise_step_cost_ratio": ("trainer step seconds, parity.mode=bitwise ÷ default",
+                                ("<=", 2.0)),
 }
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 from parityrl.bench import report
 from parityrl.errors import UserError
 
-STAGES = ("rollout", "weight_sync", "logprob_pass", "pipeline", "doctor")
+STAGES = ("rollout", "weight_sync", "logprob_pass", "pipeline", "doctor", "bitwise")
 
 
 def run_bench(out: Path, only: list[str] | None = None, reps: int = 5, say=print,
               command: str = "parityrl bench") -> dict:
-    from parityrl.bench import doctor, logprob_pass, pipeline, rollout, weight_sync
+    from parityrl.bench import bitwise, doctor, logprob_pass, pipeline, rollout, weight_sync
 
     chosen = only or list(STAGES)
     unknown = [s for s in chosen if s not in STAGES]
@@ -39,8 +39,10 @@ def run_bench(out: Path, only: list[str] | None = None, reps: int = 5, say=print
                 data = logprob_pass.run(logprob_pass.LogprobBench(reps=reps), say)
             elif stage == "pipeline":
                 data = pipeline.run(pipeline.PipelineBench(), say)
-            else:
+            elif stage == "doctor":
                 data = doctor.run(say=say)
+            else:
+                data = bitwise.run(bitwise.BitwiseBench(reps=reps), say)
             data["stage_seconds"] = time.perf_counter() - stage_start
             results["stages"][stage] = data
             for key in report.HEADLINES:

@@ -96,6 +96,10 @@ def run(cfg: WeightSyncBench, loop: asyncio.AbstractEventLoop, say=print) -> dic
                 "restart_seconds": restart,
                 "sync_vs_memcpy": Summary.of([s / copy_median for s in sync]).as_dict(),
                 "sync_vs_restart": Summary.of([s / restart for s in sync]).as_dict(),
+                # The hand-over around vLLM's own reload (copy, digests, RPCs, pause/resume).
+                "handover_vs_memcpy": Summary.of(
+                    [(r.pause_seconds - (r.load_seconds - r.worker_digest_seconds)) / copy_median
+                     for r in reports]).as_dict(),
                 "breakdown_seconds": _breakdown(reports),
                 "model": shape,
             }
@@ -103,4 +107,5 @@ def run(cfg: WeightSyncBench, loop: asyncio.AbstractEventLoop, say=print) -> dic
                 f"restart {restart:.1f} s")
             del state
     largest = cfg.sizes[-1][0]
-    return {"weight_sync_vs_memcpy": results[largest]["sync_vs_memcpy"], "sizes": results}
+    return {"weight_sync_vs_memcpy": results[largest]["sync_vs_memcpy"],
+            "weight_handover_vs_memcpy": results[largest]["handover_vs_memcpy"], "sizes": results}
