@@ -143,6 +143,7 @@ def test_a_bitwise_training_run_has_zero_mismatch_and_no_on_policy_clip(tiny_mod
         assert row["mismatch/max_abs_diff"] == 0.0
         assert row["mismatch/tokens"] > 0
         assert row["rl/clip_frac_on_policy"] == 0.0
+        assert row["engine/preemptions"] == 0.0
     settings = json.loads((tmp_path / "run" / "engine_settings.json").read_text())
     assert settings["cpu_attn_split_kv"] is False and settings["single_row_gemm_padded"] is True
 
@@ -177,3 +178,22 @@ def test_an_engine_without_the_bitwise_settings_is_refused_in_one_line():
         check_engine_for_bitwise(resolved)
     assert "\n" not in str(e.value)
     check_engine_for_bitwise(resolved | {"cpu_attn_split_kv": False})
+
+
+@pytest.mark.slow
+def test_preemptions_are_counted_and_named_by_the_bitwise_verdict(tiny_model):
+    from dataclasses import replace
+
+    rung = _bitwise_rung()
+    # 8 KV blocks of 128 tokens for 8 requests that each grow past one block: the scheduler
+    # must preempt some of them.
+    small = tuple(replace(f, engine={**f.engine, "kv_cache_gib": 8 * 128 * 512 / 2**30})
+                  if f.name == "bitwise" else f for f in rung.fixes)
+    cfg = DoctorConfig(model=tiny_model, prompts=["7" * 100, "8" * 100],
+                       samplings=[SamplingConfig(temperature=1.0, max_tokens=80)],
+                       num_samples=4)
+    (r,), _ = run_ladder_sync(cfg, rungs=[replace(rung, fixes=small)])
+    assert r.metrics["engine/preemptions"] > 0
+    verdict = judge([r], {}, "float32")
+    if not verdict.passed:  # a recomputed request may or may not round differently
+        assert "preempted" in verdict.sentence

@@ -352,6 +352,9 @@ class Pipeline:
             # The trainer's own work: forward/backward, parity probe scoring, optimizer step.
             "time/train_seconds": train_seconds,
             "data/position": float(self.ledger.position),
+            # Requests the engine preempted (count_preemptions; since the engine started).
+            **({"engine/preemptions": float(actor.engine.preemption_counter.preemptions)}
+               if actor.engine.preemption_counter is not None else {}),
             **actor.metrics(),
         }
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):

@@ -324,9 +324,13 @@ async def run_ladder(
                 "prefix_cache_reset_after_update":
                     ("prefix-cache-reset" not in cfg.withhold) if rung.perturbs else None}
             for sampling in cfg.samplings:
+                counter = engine.preemption_counter
+                preempted_before = counter.preemptions if counter else 0
                 rollouts = await engine.generate_many(session.prompt_ids, sampling,
                                                       n=cfg.num_samples, seed=cfg.seed)
                 metrics, diffs, positions, e_err, t_err = session.measure(rung, rollouts, sampling)
+                if counter is not None:
+                    metrics["engine/preemptions"] = float(counter.preemptions - preempted_before)
                 result = RungResult(
                     rung.name, rung.layer, sampling, resolved, metrics, diffs, positions,
                     rung.withheld, sync_check, sync_ok, e_err, t_err,

@@ -126,6 +126,11 @@ def judge(results: list[RungResult], floor: dict, dtype: str, tol: float | None 
         rule = (f"every one of {len(last.abs_diffs)} tokens has exactly the engine's logprob"
                 if n_diff == 0 else f"{n_diff} of {len(last.abs_diffs)} tokens differ, max |Δ| "
                                     f"{last.metrics['mismatch/max_abs_diff']:.3g}")
+        preempted = int(last.metrics.get("engine/preemptions", 0))
+        if preempted:
+            rule += (f"; the engine preempted {preempted} requests (KV cache full) and recomputed "
+                     "them as one prefill, a layout the kernel pass does not reproduce: give it "
+                     "more engine.kv_cache_gib")
         if not states[-1].ok:
             rule += f" ({states[-1].why})"
     elif tol is not None:

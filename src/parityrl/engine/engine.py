@@ -50,6 +50,33 @@ CONTROL_TIMEOUT_S = 300.0
 SHUTDOWN_GRACE_S = 0.5
 
 
+class PreemptionCounter:
+    """Requests vLLM's scheduler preempted, read from its per-step stats through a stat logger
+    (vllm/v1/metrics/loggers.py StatLoggerBase; constructed by vLLM in this process)."""
+
+    def __init__(self) -> None:
+        self.preemptions = 0
+
+    def stat_logger(self, vllm_config, engine_index: int = 0):
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        counter = self
+
+        class _Logger(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None,
+                       engine_idx: int = 0) -> None:
+                if iteration_stats is not None:
+                    counter.preemptions += iteration_stats.num_preempted_reqs
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Logger(vllm_config, engine_index)
+
+
 class WeightSyncError(RuntimeError):
     """The engine does not hold what the trainer sent."""
 
@@ -66,6 +93,7 @@ class RolloutEngine:
         self._held_shm: set[int] = set()
         self._ipc_dir: Path | None = None  # vLLM's ZMQ sockets (see start)
         self.worker_numerics: dict = {}  # what the worker process runs with (see start)
+        self.preemption_counter: PreemptionCounter | None = None  # with count_preemptions
 
     @classmethod
     async def start(cls, settings: EngineSettings) -> "RolloutEngine":
@@ -83,7 +111,10 @@ class RolloutEngine:
             # No local holds the AsyncLLM: an import inside vLLM keeps a traceback whose frames
             # reach this one, and a local here would keep the engine alive past close() (its
             # __del__ then fails at interpreter exit).
-            engine = cls(settings, AsyncLLM.from_engine_args(settings.to_engine_args()))
+            counter = PreemptionCounter() if settings.count_preemptions else None
+            engine = cls(settings, AsyncLLM.from_engine_args(
+                settings.to_engine_args(),
+                stat_loggers=None if counter is None else [counter.stat_logger]))
         except BaseException:
             shutil.rmtree(ipc_dir, ignore_errors=True)
             raise
@@ -94,6 +125,7 @@ class RolloutEngine:
                 else:
                     os.environ[name] = value
         engine._ipc_dir = ipc_dir
+        engine.preemption_counter = counter
         if settings.pad_single_row_gemm:
             await engine.llm.collective_rpc("parityrl_pad_single_row_gemms")
         (engine.worker_numerics,) = await engine.llm.collective_rpc("parityrl_numerics")

@@ -48,6 +48,10 @@ class EngineKnobs(BaseModel):
     pad_single_row_gemm: bool = Field(
         False, description="Run one-row GEMMs as two rows: oneDNN's M = 1 kernel rounds "
                            "differently from M >= 2 when K >= 1280. On in bitwise mode.")
+    count_preemptions: bool = Field(
+        False, description="Count the requests vLLM's scheduler preempts (a full KV cache: the "
+                            "request is recomputed later as one prefill). Turns vLLM's stat "
+                            "collection on. On in bitwise mode, whose layout a preemption breaks.")
     max_model_len: int = Field(256, ge=16, description="Prompt + completion token limit.")
     max_num_seqs: int = Field(256, ge=1, description="Sequences decoded concurrently.")
     max_num_batched_tokens: int = Field(4096, ge=16, description="Tokens per engine step.")
@@ -126,7 +130,7 @@ NUMERICS_KNOBS = ("lm_head_dtype", "logprobs_mode", "enable_prefix_caching", "as
 BITWISE_KNOBS = {"enforce_eager": True, "enable_chunked_prefill": False,
                  "enable_prefix_caching": False, "async_scheduling": False,
                  "logprobs_mode": "processed_logprobs", "cpu_attn_split_kv": False,
-                 "pad_single_row_gemm": True}
+                 "pad_single_row_gemm": True, "count_preemptions": True}
 
 
 def resolved_engine_settings(vllm_config) -> dict:
