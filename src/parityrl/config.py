@@ -152,7 +152,6 @@ class RunConfig(_Strict):
                              f"prompt in engine.max_model_len={self.engine.max_model_len}")
         return self
 
-
     def _resolve_bitwise(self) -> None:
         """Bitwise mode sets the engine knobs it needs; one the config set otherwise is refused."""
         if self.dtype != "float32":

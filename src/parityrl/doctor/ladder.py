@@ -48,7 +48,6 @@ class Fix:
     engine: dict = field(default_factory=dict)  # EngineSettings fields it sets
     trainer_fp32_lm_head: bool = False
     pushes_weights: bool = False
-    trainer_kernels: bool = False  # the trainer scores with the engine's kernels (bitwise)
 
 
 FIXES = [
@@ -67,8 +66,7 @@ FIXES = [
 ]
 BITWISE = Fix("bitwise", "kernels",
               "the trainer runs the engine's own kernels (parity.mode=bitwise)",
-              dict(BITWISE_KNOBS), trainer_fp32_lm_head=True, pushes_weights=True,
-              trainer_kernels=True)
+              dict(BITWISE_KNOBS), trainer_fp32_lm_head=True, pushes_weights=True)
 FIX_NAMES = tuple(f.name for f in FIXES)
 # Besides whole fixes, one part of the weight-sync fix can be withheld on its own.
 WITHHOLDABLE = FIX_NAMES + ("prefix-cache-reset",)
@@ -83,7 +81,7 @@ class Rung:
     withheld: tuple[str, ...]  # names of fixes up to this rung that were withheld
     trainer_fp32_lm_head: bool
     perturbs: bool  # the trainer moves its weights at this rung (and pushes unless withheld)
-    trainer_kernels: bool = False  # bitwise: equal or nothing
+    trainer_kernels: bool = False  # the trainer scores with the engine's kernels (bitwise)
 
     def engine_overrides(self, seed: int) -> dict:
         overrides: dict = {}
