@@ -1,16 +1,15 @@
 """Bitwise mode (parity.mode=bitwise, doctor --bitwise): the trainer's logprobs equal the engine's.
 
 The real vLLM CPU engine generates; the trainer scores the same tokens with the engine's kernels
-(trainer/engine_kernels.py); every token must be equal (`torch.equal`, not a tolerance). Models:
-the tiny untied Qwen2, and a tiny tied Llama whose MLP is 1280 wide, where oneDNN's one-row GEMM
-rounds differently from its batched one: a single request (every decode step one row) shows that
-the engine's padding of one-row GEMMs is what makes it hold. The real model (SmolLM2, 30 layers,
-float32) runs the same rung in test_real_model.py.
+(trainer/engine_kernels.py); every token must be equal (not a tolerance). Models: the tiny untied
+Qwen2 through the doctor's bitwise rung, and a tiny tied Llama whose MLP is 1280 wide, where
+oneDNN's one-row GEMM rounds differently from its batched one: single requests (every decode step
+one row) show that the engine's padding of one-row GEMMs is what makes it hold. A bitwise
+training run: test_pipeline.py. SmolLM2 (30 layers, float32) is a README command, not a test
+(suite time): `parityrl doctor --model builtin:smollm2-135m-instruct --quick --bitwise ...`.
 """
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -26,22 +25,15 @@ SAMPLINGS = [SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=32),
 PROMPTS = ["12+7=", "The quick brown fox", "x = [1, 2", "Once upon a time"]
 
 
-def _bitwise_rung(withhold_padding: bool = False):
-    rung = build_ladder(bitwise=True)[-1]
-    if withhold_padding:  # the engine's own one-row GEMM, everything else as bitwise mode has it
-        from dataclasses import replace
-
-        fixes = tuple(replace(f, engine={**f.engine, "pad_single_row_gemm": False})
-                      if f.name == "bitwise" else f for f in rung.fixes)
-        rung = replace(rung, fixes=fixes)
-    return rung
+def _bitwise_rung():
+    return build_ladder(bitwise=True)[-1]
 
 
-def _check_equal(results, min_tokens: int = 50) -> None:
+def _check_equal(results) -> None:
     for r in results:
         assert r.name == "bitwise"
         assert r.sync_ok, r.sync_check  # the rung pushed perturbed weights first
-        assert len(r.abs_diffs) >= min_tokens
+        assert len(r.abs_diffs) >= 50
         assert all(d == 0.0 for d in r.abs_diffs), (r.sampling, max(r.abs_diffs))
         assert r.settings["cpu_attn_split_kv"] is False
         assert r.settings["single_row_gemm_padded"] is True
@@ -58,27 +50,46 @@ def test_doctor_bitwise_rung_is_exact_on_tiny_qwen2(tiny_model):
 
 
 @pytest.mark.slow
-def test_doctor_bitwise_rung_is_exact_on_a_tied_llama_down_to_single_row_decodes(model_factory):
-    # One request at a time: every decode step is a one-row GEMM in the engine, which the engine
-    # pads to two rows in bitwise mode (batched decodes: the Qwen2 test above).
-    alone = DoctorConfig(model=model_factory("llama-tied-wide"), samplings=SAMPLINGS,
-                         num_samples=1, prompts=PROMPTS[:1])
-    results, _ = run_ladder_sync(alone, rungs=[_bitwise_rung()])
-    assert len(results) == 2
-    _check_equal(results, min_tokens=20)
+def test_on_a_tied_llama_one_row_decodes_are_exact_only_with_the_engines_gemm_padding(
+        model_factory, loop):
+    """One engine, bitwise settings but the padding off at start: single requests (every decode
+    step a one-row GEMM, K = 1280) differ; once the worker pads one-row GEMMs (the RPC bitwise mode
+    makes at start) they are equal, at T 0.7 with top-p and at T 1.0. Then eight requests that
+    outgrow a KV cache of eight blocks: the preemptions are counted."""
+    from helpers import engine_running
 
+    from parityrl.engine.settings import BITWISE_KNOBS, EngineSettings
+    from parityrl.models.load import load_policy
+    from parityrl.trainer.engine_kernels import (EngineKernels, Sequence,
+                                                 bitwise_setting_faults, processed_logprobs)
 
-@pytest.mark.slow
-def test_without_the_engines_gemm_padding_single_row_decodes_differ(model_factory):
-    alone = DoctorConfig(model=model_factory("llama-tied-wide"), samplings=SAMPLINGS[:1],
-                         num_samples=1, prompts=PROMPTS[:1])
-    (r,), _ = run_ladder_sync(alone, rungs=[_bitwise_rung(withhold_padding=True)])
-    assert r.settings["single_row_gemm_padded"] is False
-    # A run refuses such an engine at its start; the doctor measures it and names the setting.
-    assert sum(d > 0 for d in r.abs_diffs) > 0
-    verdict = judge([r], {}, "float32")
-    assert not verdict.passed and verdict.culprit == "kernels"
-    assert "single_row_gemm_padded=False" in verdict.sentence and "tokens differ" in verdict.sentence
+    model = model_factory("llama-tied-wide")
+    kv_bytes_per_block = 2 * 2 * 5 * 32 * 4 * 128  # layers × (K, V) × kv heads × head dim × fp32
+    settings = EngineSettings(model=model, **{**BITWISE_KNOBS, "pad_single_row_gemm": False},
+                              kv_cache_gib=8 * kv_bytes_per_block / 2**30, max_model_len=256)
+    kernels = EngineKernels(load_policy(model, "float32"))
+
+    def differing(engine, sampling, prompts, n=1) -> int:
+        rollouts = loop.run_until_complete(engine.generate_many(prompts, sampling, n=n, seed=3))
+        logits = kernels.logits([Sequence(r.prompt_ids, r.completion_ids) for r in rollouts])
+        sampled = torch.tensor([t for r in rollouts for t in r.completion_ids])
+        ours = processed_logprobs(logits, sampling).gather(-1, sampled[:, None]).squeeze(-1)
+        engine_lp = torch.tensor([lp for r in rollouts for lp in r.logprobs])
+        assert len(engine_lp) >= 20
+        return int((ours != engine_lp).sum())
+
+    with engine_running(loop, settings) as engine:
+        assert bitwise_setting_faults(engine.resolved_settings()) == [
+            "single_row_gemm_padded=False (needs True)"]
+        prompt = [5, 17, 9, 30, 22, 7]
+        assert differing(engine, SAMPLINGS[0], [prompt]) > 0
+        loop.run_until_complete(engine.llm.collective_rpc("parityrl_pad_single_row_gemms"))
+        for sampling in SAMPLINGS:
+            assert differing(engine, sampling, [prompt]) == 0
+        before = engine.preemption_counter.preemptions
+        long = SamplingConfig(temperature=1.0, max_tokens=80)
+        loop.run_until_complete(engine.generate_many([[7] * 100, [8] * 100], long, n=4, seed=0))
+        assert engine.preemption_counter.preemptions > before
 
 
 def test_bitwise_gradient_is_the_default_gradient_and_values_come_from_the_kernels(tiny_model):
@@ -127,27 +138,6 @@ def test_bitwise_gradient_is_the_default_gradient_and_values_come_from_the_kerne
     assert not torch.equal(moved.logprobs, exact.logprobs)
 
 
-@pytest.mark.slow
-def test_a_bitwise_training_run_has_zero_mismatch_and_no_on_policy_clip(tiny_model, tmp_path):
-    from parityrl.pipeline import run_training
-
-    cfg = load_config(None, [f"model={tiny_model}", "parity.mode=bitwise", "mode=sync",
-                             "max_steps=3", "actor.prompts_per_step=8", "actor.group_size=4",
-                             "sampling.temperature=0.7", "sampling.top_p=0.9",
-                             "sampling.max_tokens=12", "trainer.optim.lr=1e-3",
-                             "tensorboard=false", "samples_every=0"])
-    run_training(cfg, tmp_path / "run")
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    for row in rows:
-        assert row["mismatch/max_abs_diff"] == 0.0
-        assert row["mismatch/tokens"] > 0
-        assert row["rl/clip_frac_on_policy"] == 0.0
-        assert row["engine/preemptions"] == 0.0
-    settings = json.loads((tmp_path / "run" / "engine_settings.json").read_text())
-    assert settings["cpu_attn_split_kv"] is False and settings["single_row_gemm_padded"] is True
-
-
 @pytest.mark.parametrize("overrides, message", [
     (["dtype=bfloat16"], "float32 only"),
     (["engine.enable_prefix_caching=true"], "engine.enable_prefix_caching=False"),
@@ -180,20 +170,27 @@ def test_an_engine_without_the_bitwise_settings_is_refused_in_one_line():
     check_engine_for_bitwise(resolved | {"cpu_attn_split_kv": False})
 
 
-@pytest.mark.slow
-def test_preemptions_are_counted_and_named_by_the_bitwise_verdict(tiny_model):
-    from dataclasses import replace
+def test_the_bitwise_verdict_names_differing_tokens_and_preemptions():
+    from parityrl.doctor.ladder import RungResult
 
     rung = _bitwise_rung()
-    # 8 KV blocks of 128 tokens for 8 requests that each grow past one block: the scheduler
-    # must preempt some of them.
-    small = tuple(replace(f, engine={**f.engine, "kv_cache_gib": 8 * 128 * 512 / 2**30})
-                  if f.name == "bitwise" else f for f in rung.fixes)
-    cfg = DoctorConfig(model=tiny_model, prompts=["7" * 100, "8" * 100],
-                       samplings=[SamplingConfig(temperature=1.0, max_tokens=80)],
-                       num_samples=4)
-    (r,), _ = run_ladder_sync(cfg, rungs=[replace(rung, fixes=small)])
-    assert r.metrics["engine/preemptions"] > 0
-    verdict = judge([r], {}, "float32")
-    if not verdict.passed:  # a recomputed request may or may not round differently
-        assert "preempted" in verdict.sentence
+    settings = {"device": "cpu", "dtype": "float32", "enforce_eager": True,
+                "enable_chunked_prefill": False, "enable_prefix_caching": False,
+                "async_scheduling": False, "logprobs_mode": "processed_logprobs",
+                "cpu_attn_split_kv": False, "single_row_gemm_padded": True,
+                "vllm_version": "0.32.0", "head_dtype": "float32",
+                "trainer_fp32_lm_head": True, "weights_pushed": True}
+    metrics = {"mismatch/max_abs_diff": 2e-7, "engine/preemptions": 3.0}
+    result = RungResult(rung.name, rung.layer, SAMPLINGS[0], settings, metrics,
+                        abs_diffs=[0.0, 2e-7, 0.0], positions=[0, 1, 2], sync_ok=True)
+    verdict = judge([result], {}, "float32")
+    assert not verdict.passed
+    assert "1 of 3 tokens differ" in verdict.sentence and "preempted 3 requests" in verdict.sentence
+    equal = RungResult(rung.name, rung.layer, SAMPLINGS[0], settings,
+                       {"mismatch/max_abs_diff": 0.0}, [0.0] * 3, [0, 1, 2], sync_ok=True)
+    assert judge([equal], {}, "float32").passed
+    broken = RungResult(rung.name, rung.layer, SAMPLINGS[0], settings | {"cpu_attn_split_kv": True},
+                        {"mismatch/max_abs_diff": 0.0}, [0.0] * 3, [0, 1, 2], sync_ok=True)
+    verdict = judge([broken], {}, "float32")
+    assert not verdict.passed and verdict.culprit == "kernels"
+    assert "cpu_attn_split_kv=True" in verdict.sentence

@@ -36,19 +36,14 @@ def _finite(results, floor: dict | None = None) -> bool:
     return all(math.isfinite(v) for d in dicts for v in d.values() if isinstance(v, float))
 
 
-def test_full_depth_float32_with_top_p_passes_and_bitwise_mode_is_exact(real_model):
-    # The last rung: the false FAIL of a per-token bound was at full depth in float32. Then the
-    # bitwise rung: the engine's kernels on the trainer's side, every token equal.
+def test_full_depth_float32_with_top_p_passes(real_model):
+    # Only the last rung: the false FAIL of a per-token bound was at full depth in float32.
     cfg = DoctorConfig(model=real_model, samplings=[TOP_P], prompts=PROMPTS[:3], num_samples=3)
-    results, floor = run_ladder_sync(cfg, rungs=build_ladder(bitwise=True)[-2:])
-    last, bitwise = results
-    passed, (verdict,) = judge_all([last], floor, "float32")
+    results, floor = run_ladder_sync(cfg, rungs=build_ladder()[-1:])
+    passed, (verdict,) = judge_all(results, floor, "float32")
     assert passed, verdict.text
-    assert _finite([last])
-    assert last.settings["chat_template"] is True
-    assert bitwise.name == "bitwise" and bitwise.sync_ok
-    assert len(bitwise.abs_diffs) > 50 and all(d == 0.0 for d in bitwise.abs_diffs)
-    assert max(last.abs_diffs) > 0  # the default forward: equal only to rounding
+    assert _finite(results)
+    assert results[0].settings["chat_template"] is True
 
 
 def test_bfloat16_with_top_p_and_top_k_is_finite_and_passes(real_model_4l):
