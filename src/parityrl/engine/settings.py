@@ -48,10 +48,6 @@ class EngineKnobs(BaseModel):
     pad_single_row_gemm: bool = Field(
         False, description="Run one-row GEMMs as two rows: oneDNN's M = 1 kernel rounds "
                            "differently from M >= 2 when K >= 1280. On in bitwise mode.")
-    blocking_waits: bool = Field(
-        False, description="vLLM's processes block on their message queues instead of spinning "
-                            "(engine/vllm_plugin.py): frees the core the engine-core process "
-                            "spins on while its worker computes.")
     count_preemptions: bool = Field(
         False, description="Count the requests vLLM's scheduler preempts (a full KV cache: the "
                             "request is recomputed later as one prefill). Turns vLLM's stat "
@@ -83,14 +79,9 @@ class EngineSettings(EngineKnobs):
 
     def engine_environment(self) -> dict[str, str]:
         """Environment variables the engine's processes must start with (vLLM reads them there)."""
-        env = {}
-        if self.cpu_attn_split_kv is not None:
-            env["VLLM_CPU_ATTN_SPLIT_KV"] = "1" if self.cpu_attn_split_kv else "0"
-        if self.blocking_waits:
-            from parityrl.engine.vllm_plugin import ENV
-
-            env[ENV] = "1"
-        return env
+        if self.cpu_attn_split_kv is None:
+            return {}
+        return {"VLLM_CPU_ATTN_SPLIT_KV": "1" if self.cpu_attn_split_kv else "0"}
 
     def to_engine_args(self):
         from vllm.engine.arg_utils import AsyncEngineArgs

@@ -53,11 +53,9 @@ class WeightSyncExtension:
         """What this worker computes with, read here (not what was asked for)."""
         import torch
         from vllm import envs
-        from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
 
         return {"cpu_attn_split_kv": bool(envs.VLLM_CPU_ATTN_SPLIT_KV),
                 "worker_threads": torch.get_num_threads(),
-                "blocking_waits": bool(getattr(SpinCondition, "parityrl_blocking", False)),
                 "single_row_gemm_padded": bool(getattr(self, "_parityrl_pad_gemms", False))}
 
 
