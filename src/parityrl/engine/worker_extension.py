@@ -59,24 +59,32 @@ class WeightSyncExtension:
                 "single_row_gemm_padded": bool(getattr(self, "_parityrl_pad_gemms", False))}
 
 
+def pad_single_row(linear):
+    """`linear(x, weight, bias)` that runs a one-row input as two identical rows: oneDNN gives a
+    row the same bits for every M >= 2, but its M = 1 kernel differs when K >= 1280. The engine
+    (below) and the trainer's kernel pass (trainer/engine_kernels.py) both go through it."""
+    if getattr(linear, "parityrl_padded", False):
+        return linear
+
+    def padded(x, weight, bias):
+        if x.numel() == x.shape[-1]:
+            rows = x.reshape(1, -1).expand(2, -1).contiguous()
+            return linear(rows, weight, bias)[:1].view(*x.shape[:-1], -1)
+        return linear(x, weight, bias)
+
+    padded.parityrl_padded = True
+    return padded
+
+
 def _pad_single_row_gemms(model) -> int:
-    """Wrap each module's CPU GEMM (`cpu_linear`, set by vLLM's dispatch after every load) so a
-    one-row input runs as two identical rows: oneDNN gives a row the same bits for every M >= 2,
-    but its M = 1 kernel differs when K >= 1280, and the trainer's batched pass never has M = 1."""
+    """Wrap each module's CPU GEMM (`cpu_linear`, set by vLLM's dispatch after every load) with
+    `pad_single_row`: the trainer's batched pass never has M = 1."""
     wrapped = 0
     for module in model.modules():
         linear = getattr(module, "cpu_linear", None)
         if linear is None or getattr(linear, "parityrl_padded", False):
             continue
-
-        def padded(x, weight, bias, _linear=linear):
-            if x.numel() == x.shape[-1]:
-                return _linear(x.reshape(1, -1).expand(2, -1).contiguous(), weight, bias)[:1].view(
-                    *x.shape[:-1], -1)
-            return _linear(x, weight, bias)
-
-        padded.parityrl_padded = True
-        module.cpu_linear = padded
+        module.cpu_linear = pad_single_row(linear)
         wrapped += 1
     return wrapped
 

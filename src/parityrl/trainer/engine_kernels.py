@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from parityrl.engine.worker_extension import pad_single_row
 from parityrl.errors import UserError
 from parityrl.sampling import SamplingConfig
 
@@ -66,12 +67,11 @@ class _EngineLinear:
         self.layer.weight = torch.nn.Parameter(weight.detach().contiguous().clone(), requires_grad=False)
         self.bias = None if bias is None else bias.detach().contiguous().clone()
         dispatch_cpu_unquantized_gemm(self.layer, remove_weight=False)
+        # The engine pads one-row GEMMs in bitwise mode; a one-row pass here must do the same.
+        self.linear = pad_single_row(self.layer.cpu_linear)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # The oneDNN GEMM's M = 1 path may round differently from M >= 2 (K >= 1280): never use it.
-        if x.shape[0] == 1:
-            return self.layer.cpu_linear(x.expand(2, -1).contiguous(), self.layer.weight, self.bias)[:1]
-        return self.layer.cpu_linear(x, self.layer.weight, self.bias)
+        return self.linear(x, self.layer.weight, self.bias)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
