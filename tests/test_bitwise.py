@@ -44,7 +44,8 @@ def _check_equal(results) -> None:
 
 @pytest.mark.slow
 def test_doctor_bitwise_rung_is_exact_on_tiny_qwen2(tiny_model):
-    cfg = DoctorConfig(model=tiny_model, samplings=SAMPLINGS, num_samples=3, prompts=PROMPTS)
+    # One sampling (top-p); T 1.0 runs on the tied Llama below.
+    cfg = DoctorConfig(model=tiny_model, samplings=SAMPLINGS[:1], num_samples=3, prompts=PROMPTS)
     results, _ = run_ladder_sync(cfg, rungs=[_bitwise_rung()])
     _check_equal(results)
 

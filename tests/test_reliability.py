@@ -185,7 +185,7 @@ def test_kill_during_a_checkpoint_write_then_resume_restores_the_saved_state(
 
     from parityrl.pipeline import Pipeline, run_training
 
-    plain = config(tiny_model, prompts_file, mode="sync", max_steps=6)
+    plain = config(tiny_model, prompts_file, mode="sync", max_steps=4)
     # The uninterrupted run, for the problem sequence.
     run_training(build_config(plain), tmp_path / "whole", on_message=lambda m: None)
 
@@ -221,7 +221,7 @@ def test_kill_during_a_checkpoint_write_then_resume_restores_the_saved_state(
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     rows = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert [r["step"] for r in rows] == list(range(1, 5))
     # The engine got the restored weights before generating: step 3 is on-policy and in parity.
     assert rows[2]["lag/max"] == 0 and rows[2]["mismatch/max_abs_diff"] <= 1e-5
     per_step = [r["trained"] for r in read_metrics(run_dir / "problems.jsonl")]

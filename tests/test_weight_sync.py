@@ -19,6 +19,7 @@ from parityrl.mismatch import mismatch_metrics
 from parityrl.models.load import load_policy
 from parityrl.sampling import SamplingConfig
 from parityrl.trainer.batch import rollout_logprobs
+from parityrl.weights.transfer import checkpoint_tensor_names
 
 pytestmark = pytest.mark.slow
 
@@ -108,29 +109,41 @@ def test_weight_sync_rung_flags_a_broken_update(tiny_model):
     assert "digest check" in verdict.sentence and "q_proj" in verdict.sentence
 
 
-def test_with_prefix_caching_a_prompt_seen_before_an_update_is_recomputed_after_it(tiny_model):
-    """vLLM keeps prefix-cache blocks across a weight reload; update_weights resets the cache, so
-    the same long prompt after an update is scored by the new weights, not by stale KV."""
+def test_over_gloo_an_update_is_exact_a_prompt_seen_before_it_is_recomputed_and_a_gap_caught(
+        tiny_model):
+    """One engine for two things: the gloo transport (vLLM's weight-transfer API, a broadcast
+    from this process to the worker) carries an exact, verified update; and with prefix caching
+    on, a long prompt seen before the update is scored by the new weights after it (vLLM keeps
+    prefix-cache blocks across a reload; update_weights resets the cache)."""
     prompt = [5 + (i % 60) for i in range(200)]  # fills a 128-token KV block
     sampling = SamplingConfig(temperature=0.7, max_tokens=8)
 
     async def scenario():
-        engine = await RolloutEngine.start(EngineSettings(model=tiny_model,
-                                                          enable_prefix_caching=True))
+        engine = await RolloutEngine.start(EngineSettings(
+            model=tiny_model, enable_prefix_caching=True, weight_transport="gloo"))
         try:
-            assert engine.resolved_settings()["enable_prefix_caching"] is True
+            resolved = engine.resolved_settings()
+            assert resolved["enable_prefix_caching"] is True
+            assert resolved["weight_transfer_backend"] == "parityrl_gloo"
             await engine.generate_many([prompt], sampling, n=2, seed=0)  # cached under old weights
             model = load_policy(tiny_model)
             perturb_in_place(model, 0.05, seed=4)
-            await engine.update_weights(model.state_dict())
+            report = await engine.update_weights(model.state_dict())
             ipc_dir = engine._ipc_dir
             sockets = [p for p in ipc_dir.iterdir() if p.is_socket()]
-            return model, await engine.generate_many([prompt], sampling, n=2, seed=1), \
-                ipc_dir, sockets
+            rollouts = await engine.generate_many([prompt], sampling, n=2, seed=1)
+            other = load_policy(tiny_model)
+            perturb_in_place(other, 0.05, seed=5)
+            with pytest.raises(WeightSyncError, match="missing.*down_proj"):
+                await engine.update_weights(other.state_dict(),
+                                            skip={"model.layers.1.mlp.down_proj.weight"})
+            return model, report, rollouts, ipc_dir, sockets
         finally:
             await engine.close()
 
-    model, rollouts, ipc_dir, sockets = asyncio.run(scenario())
+    model, report, rollouts, ipc_dir, sockets = asyncio.run(scenario())
+    assert report.check.ok and report.check.checked == len(checkpoint_tensor_names(tiny_model))
+    assert report.write_seconds < 0.01  # nothing written: the tensors went by broadcast
     assert _mismatch(model, rollouts, sampling)["mismatch/max_abs_diff"] <= 1e-5
     # Housekeeping on the same engine: vLLM's ZMQ sockets lived in the engine's own folder in
     # the temp dir, and close() removed it.

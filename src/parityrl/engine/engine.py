@@ -27,7 +27,7 @@ from parityrl.shm_guard import (ensure_guard, forget_in_resource_tracker,
                                 held_by_this_process_tree, reclaim, shm_folder, temp_folder)
 from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
-from parityrl.weights.digest import DigestCheck
+from parityrl.weights.digest import DigestCheck, compare_digests
 from parityrl.weights.transfer import SharedUpdateFile, checkpoint_tensor_names
 
 
@@ -35,8 +35,8 @@ from parityrl.weights.transfer import SharedUpdateFile, checkpoint_tensor_names
 class UpdateReport:
     version: int
     check: DigestCheck
-    pause_seconds: float  # generation paused: write + load + resume
-    write_seconds: float  # trainer side: cast, hand-over file, digests
+    pause_seconds: float  # generation paused: pause, load, prefix-cache reset, resume
+    write_seconds: float  # before the pause, trainer side: cast, hand-over file, digests
     load_seconds: float  # inside the worker: digests + vLLM's in-place reload (copy, repack)
     worker_digest_seconds: float  # the part of load_seconds spent on digests
 
@@ -90,10 +90,12 @@ class RolloutEngine:
         self._expected_names = checkpoint_tensor_names(settings.model)
         self._update_dir = shm_folder("weights")
         self._update_file = SharedUpdateFile(self._update_dir)
+        self._update_lock = asyncio.Lock()  # one update at a time: they share the file
         self._held_shm: set[int] = set()
         self._ipc_dir: Path | None = None  # vLLM's ZMQ sockets (see start)
         self.worker_numerics: dict = {}  # what the worker process runs with (see start)
         self.preemption_counter: PreemptionCounter | None = None  # with count_preemptions
+        self._transfer = None  # weight_transport=gloo: the trainer side of vLLM's transfer API
 
     @classmethod
     async def start(cls, settings: EngineSettings) -> "RolloutEngine":
@@ -130,7 +132,28 @@ class RolloutEngine:
             await engine.llm.collective_rpc("parityrl_pad_single_row_gemms")
         (engine.worker_numerics,) = await engine.llm.collective_rpc("parityrl_numerics")
         await engine.llm.update_weight_version(str(engine.version))
+        if settings.weight_transport == "gloo":
+            try:
+                engine._transfer = await engine._join_gloo_group()
+            except BaseException:
+                await engine.close()
+                raise
         return engine
+
+    async def _join_gloo_group(self):
+        """The trainer side of the gloo transport: rank 0 of a group with the engine's worker,
+        created through vLLM's trainer factory (the engine joins in its RPC, meanwhile)."""
+        from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
+
+        from parityrl.weights import gloo
+
+        gloo.register()
+        address = self.settings.weight_transport_address
+        info = gloo.GlooTrainerInitInfo(master_address=address, master_port=gloo.free_port(address),
+                                        world_size=2, rank_offset=1, rank=0)
+        client = gloo.AsyncLLMClient(self.llm, asyncio.get_running_loop())
+        return await asyncio.to_thread(WeightTransferTrainerFactory.trainer_init, info,
+                                       client=client)
 
     def resolved_settings(self) -> dict:
         return resolved_engine_settings(self.llm.vllm_config) | self.worker_numerics
@@ -192,30 +215,48 @@ class RolloutEngine:
         `reset_prefix_cache=False` keeps stale prefixes: the doctor uses both to show that a broken
         update is caught.
         """
-        start = time.perf_counter()
-        await self._control(self.llm.pause_generation(mode="keep", clear_cache=False))
-        try:
+        async with self._update_lock:
+            # Written while the engine still generates: after a reload the engine holds copies,
+            # never views of the file (checked in the worker), so the file is free until the next
+            # reload reads it, and generation pauses only for the reload itself.
             write_start = time.perf_counter()
-            path, sent = self._update_file.write(state_dict, self.settings.dtype, skip=skip)
-            written = time.perf_counter()
-            (result,) = await self._control(
-                self.llm.collective_rpc("parityrl_load_weights", args=(str(path),)))
-            if reset_prefix_cache:
-                await self._control(self.llm.reset_prefix_cache())
-            self.version = self.version + 1 if version is None else version
-            await self._control(self.llm.update_weight_version(str(self.version)))
-        finally:
-            if not self.llm.errored:
-                await self._control(self.llm.resume_generation())
-        from parityrl.weights.digest import compare_digests
+            if self._transfer is None:
+                path, sent = self._update_file.write(state_dict, self.settings.dtype, skip=skip)
+            else:  # sent while paused: the digests fill in as the tensors go out
+                from parityrl.weights.gloo import StateDictSource
 
+                source = StateDictSource(state_dict, getattr(torch, self.settings.dtype), skip)
+                sent = source.digests
+            start = time.perf_counter()
+            await self._control(self.llm.pause_generation(mode="keep", clear_cache=False))
+            try:
+                if self._transfer is None:
+                    (result,) = await self._control(
+                        self.llm.collective_rpc("parityrl_load_weights", args=(str(path),)))
+                else:
+                    result = await self._send_over_gloo(source)
+                if reset_prefix_cache:
+                    await self._control(self.llm.reset_prefix_cache())
+                self.version = self.version + 1 if version is None else version
+                await self._control(self.llm.update_weight_version(str(self.version)))
+            finally:
+                if not self.llm.errored:
+                    await self._control(self.llm.resume_generation())
+            resumed = time.perf_counter()
         check = compare_digests(sent, result["digests"], self._expected_names)
-        report = UpdateReport(self.version, check, time.perf_counter() - start,
-                              written - write_start, result["load_seconds"],
-                              result["digest_seconds"])
+        report = UpdateReport(self.version, check, resumed - start, start - write_start,
+                              result["load_seconds"], result["digest_seconds"])
         if verify and not check.ok:
             raise WeightSyncError(check.summary())
         return report
+
+    async def _send_over_gloo(self, source) -> dict:
+        """vLLM's start → update (beside our broadcast) → finish, then what the reload left."""
+        start = time.perf_counter()
+        self._transfer.source = source
+        await asyncio.wait_for(asyncio.to_thread(self._transfer.send_weights), CONTROL_TIMEOUT_S)
+        (result,) = await self._control(self.llm.collective_rpc("parityrl_finish_transfer"))
+        return result | {"load_seconds": time.perf_counter() - start}
 
     async def _control(self, call, timeout: float = CONTROL_TIMEOUT_S):
         """Await an engine control call, but not on a dead engine: a utility call sent just before
@@ -256,6 +297,7 @@ class RolloutEngine:
 
     def _release(self) -> None:
         self.llm = None
+        self._transfer = None
         self._update_file.close()
         gc.collect()  # AsyncLLM sits in reference cycles; collect it while its modules still exist
         for leftover in self._update_dir.glob("*"):

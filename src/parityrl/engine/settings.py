@@ -57,6 +57,11 @@ class EngineKnobs(BaseModel):
     max_num_batched_tokens: int = Field(4096, ge=16, description="Tokens per engine step.")
     kv_cache_gib: float = Field(0.5, gt=0, description="KV cache space (CPU: RAM, GPU: VRAM).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU only.")
+    weight_transport: Literal["shm_file", "gloo"] = Field(
+        "shm_file", description="How updates reach the engine: a shared-memory file (same host) or "
+                                "a gloo broadcast through vLLM's weight-transfer API (any host).")
+    weight_transport_address: str = Field(
+        "127.0.0.1", description="gloo: the trainer's address the engine's workers connect to.")
     worker_extension: str = Field(
         "parityrl.engine.worker_extension.WeightSyncExtension",
         description="Worker mixin that loads pushed weights in place.",
@@ -114,10 +119,14 @@ class EngineSettings(EngineKnobs):
             kv_cache_memory_bytes=int(self.kv_cache_gib * (1 << 30)),
             gpu_memory_utilization=self.gpu_memory_utilization,
             worker_extension_cls=self.worker_extension,
+            **({"weight_transfer_config": {"backend": GLOO_BACKEND}}
+               if self.weight_transport == "gloo" else {}),
             tensor_parallel_size=1,
             disable_log_stats=True,
         )
 
+
+GLOO_BACKEND = "parityrl_gloo"  # weights/gloo.py registers it in the engine's worker
 
 # The fields that change what the engine computes or reports; None leaves them to vLLM.
 NUMERICS_KNOBS = ("lm_head_dtype", "logprobs_mode", "enable_prefix_caching", "async_scheduling",
@@ -158,6 +167,7 @@ def resolved_engine_settings(vllm_config) -> dict:
         "max_num_batched_tokens": sched.max_num_batched_tokens,
         "compilation_mode": str(vllm_config.compilation_config.mode),
         "worker_extension_cls": vllm_config.parallel_config.worker_extension_cls,
+        "weight_transfer_backend": getattr(vllm_config.weight_transfer_config, "backend", None),
         # Sampling defaults the model folder imposes on requests that leave them unset (vLLM's
         # OpenAI server, LLM.get_default_sampling_params()); empty with generation_config="vllm".
         "generation_config_sampling_defaults": model.get_diff_sampling_param(),

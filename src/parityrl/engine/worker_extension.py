@@ -3,11 +3,17 @@
 Loaded by name through `worker_extension_cls`, called through `collective_rpc`. It loads a
 safetensors file written by the trainer into the live model with vLLM's in-place reloader; plain
 `model.load_weights` does not work on the CPU backend, which repacks linear weights after loading.
+Importing it registers parityrl's gloo weight-transfer backend (weights/gloo.py): vLLM imports
+this module in the worker before it loads the model and creates the transfer engine.
 """
 
 from __future__ import annotations
 
 import time
+
+from parityrl.weights import gloo
+
+gloo.register()
 
 
 class WeightSyncExtension:
@@ -32,9 +38,7 @@ class WeightSyncExtension:
 
         model = self.model_runner.get_model()
         self.model_runner.reload_weights(weights_iterator=tensors())
-        refreshed = _refresh_tied_modules(model)
-        if getattr(self, "_parityrl_pad_gemms", False):  # the reload rebuilt every GEMM
-            _pad_single_row_gemms(model)
+        refreshed = self._parityrl_after_reload()
         # The trainer rewrites the shared file on the next update while this engine generates:
         # a parameter that kept a view of it instead of copying would change under the engine.
         aliased = self._parityrl_update_file.aliased(model.parameters())
@@ -43,6 +47,20 @@ class WeightSyncExtension:
         return {"digests": digests, "load_seconds": time.perf_counter() - start,
                 "digest_seconds": digest_seconds, "refreshed_tied_modules": refreshed}
 
+    def parityrl_finish_transfer(self) -> dict:
+        """After vLLM's `finish_weight_update` (gloo transport): what the reload left to do, and
+        the digests of what the transfer engine handed to vLLM."""
+        engine = self.weight_transfer_engine
+        refreshed = self._parityrl_after_reload()
+        return {"digests": dict(engine.digests), "digest_seconds": engine.digest_seconds,
+                "refreshed_tied_modules": refreshed}
+
+    def _parityrl_after_reload(self) -> list[str]:
+        model = self.model_runner.get_model()
+        refreshed = _refresh_tied_modules(model)
+        if getattr(self, "_parityrl_pad_gemms", False):  # the reload rebuilt every GEMM
+            _pad_single_row_gemms(model)
+        return refreshed
 
     def parityrl_pad_single_row_gemms(self) -> int:
         """From now on (reloads included) every CPU GEMM runs a one-row input as two rows."""

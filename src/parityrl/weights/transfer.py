@@ -70,10 +70,11 @@ def _views(buffer: torch.Tensor, header_len: int, meta: dict) -> Iterator[tuple[
         yield name, data[start:end].view(dtype).view(info["shape"])
 
 
-# Below this many elements (32 MiB in fp32) a tensor is copied on one thread. The paused engine's
-# processes still hold the other cores (vLLM's engine core spin-waits), so a parallel copy_ waits
-# for a core each time: a 2 MiB model took 45 ms instead of 1.5 ms on 2 cores, a 60 MiB one
-# 96 ms instead of 17 ms. Only copies long enough to amortise that wait go parallel.
+# Below this many elements (32 MiB in fp32) a tensor is copied on one thread. The engine's
+# processes hold the other cores (its worker computes, vLLM's engine core spin-waits), so a
+# parallel copy_ waits for a core each time: a 2 MiB model took 45 ms instead of 1.5 ms on 2
+# cores, a 60 MiB one 96 ms instead of 17 ms. Only copies long enough to amortise that wait go
+# parallel.
 _PARALLEL_COPY_NUMEL = 1 << 23
 
 

@@ -1,0 +1,223 @@
+"""Weights over torch.distributed (gloo) through vLLM's weight-transfer API.
+
+The transport for an engine that does not share memory with the trainer (another process group,
+another host). vLLM 0.32 owns the update's life cycle (`start_weight_update` → `update_weights` →
+`finish_weight_update`, in-place layer-by-layer reload); its built-in backends need CUDA, so this
+module registers a CPU one under `BACKEND`:
+
+- engine side, `GlooWeightTransferEngine`, inside vLLM's worker (registered when the worker
+  imports parityrl's worker extension): joins a process group of the trainer (rank 0) and every
+  engine worker, receives each tensor by broadcast into a fresh buffer, digests it and hands it to
+  the model's `load_weights`;
+- trainer side, `GlooTrainerTransfer`, created through vLLM's `WeightTransferTrainerFactory`:
+  broadcasts the tensors an update carries (cast to the engine's dtype, digested as they go)
+  while the engine's `update_weights` RPC runs.
+
+Pausing, prefix-cache reset, versions and the digest comparison stay in `RolloutEngine`, the same
+for every transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
+
+import torch
+from vllm.distributed.weight_transfer.base import (ParamMeta, TrainerInitInfo,
+                                                   TrainerWeightTransferEngine, WeightSource,
+                                                   WeightTransferEngine, WeightTransferInitInfo,
+                                                   WeightTransferUpdateInfo)
+
+from parityrl.weights.digest import tensor_digest
+from parityrl.weights.transfer import unique_tensors
+
+from parityrl.engine.settings import GLOO_BACKEND as BACKEND  # noqa: E402
+CONTROL_TIMEOUT_S = 300.0
+
+
+def register() -> None:
+    """Make `BACKEND` known to vLLM's factories in this process (idempotent)."""
+    from vllm.distributed.weight_transfer.factory import (WeightTransferEngineFactory,
+                                                          WeightTransferTrainerFactory)
+
+    for factory, cls in ((WeightTransferEngineFactory, "GlooWeightTransferEngine"),
+                         (WeightTransferTrainerFactory, "GlooTrainerTransfer")):
+        if BACKEND not in factory._registry:
+            factory.register_engine(BACKEND, __name__, cls)
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _group(host: str, port: int, rank: int, world_size: int):
+    from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+    return stateless_init_torch_distributed_process_group(host, port, rank, world_size,
+                                                          backend="gloo")
+
+
+# --- engine side (vLLM's worker process) ---------------------------------------------------------
+
+@dataclass
+class GlooInitInfo(WeightTransferInitInfo):
+    master_address: str
+    master_port: int
+    rank_offset: int  # this engine's first worker rank in the group (rank 0 is the trainer)
+    world_size: int
+
+
+@dataclass
+class GlooUpdateInfo(WeightTransferUpdateInfo):
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+
+
+class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo]):
+    init_info_cls = GlooInitInfo
+    update_info_cls = GlooUpdateInfo
+    supports_draft_weight_update = False
+
+    def __init__(self, config, vllm_config, device, model) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self.group = None
+        self.digests: dict[str, str] = {}  # of what this update handed to vLLM, by name
+        self.digest_seconds = 0.0
+
+    def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
+        rank = init_info.rank_offset + self.parallel_config.rank
+        self.group = _group(init_info.master_address, init_info.master_port, rank,
+                            init_info.world_size)
+
+    def start_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        self.digests, self.digest_seconds = {}, 0.0
+        initialize_layerwise_reload(self.model)
+
+    def update_weights(self, update_info: dict) -> None:
+        # The base class ends with torch.accelerator.synchronize(), which raises without an
+        # accelerator; gloo's broadcast has completed when wait() returns.
+        self.receive_weights(self.parse_update_info(update_info))
+
+    def receive_weights(self, update_info: GlooUpdateInfo) -> None:
+        if self.group is None:
+            raise RuntimeError("gloo weight transfer not initialised")
+        for name, dtype_name, shape in zip(update_info.names, update_info.dtype_names,
+                                           update_info.shapes, strict=True):
+            # A fresh buffer each time: the layer-wise reload keeps it until its layer is full.
+            tensor = torch.empty(shape, dtype=getattr(torch, dtype_name))
+            self.group.broadcast(tensor, 0).wait()
+            start = time.perf_counter()
+            self.digests[name] = tensor_digest(tensor)
+            self.digest_seconds += time.perf_counter() - start
+            self.model.load_weights([(name, tensor)])
+
+    def finish_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model, self.model_config)
+
+    def shutdown(self) -> None:
+        self.group = None
+
+
+# --- trainer side --------------------------------------------------------------------------------
+
+class StateDictSource(WeightSource):
+    """The tensors an update carries (a tied lm_head once), cast to the engine's dtype and
+    digested as they are produced."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
+                 skip: set[str] = frozenset()) -> None:
+        self.tensors = unique_tensors(state_dict, skip)
+        self.dtype = dtype
+        self.digests: dict[str, str] = {}
+
+    def metadata(self) -> list[ParamMeta]:
+        return [ParamMeta(n, self.dtype, tuple(t.shape)) for n, t in self.tensors.items()]
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in self.tensors.items():
+            sent = tensor.detach().to(self.dtype).contiguous()
+            self.digests[name] = tensor_digest(sent)
+            yield name, sent
+
+
+@dataclass
+class GlooTrainerInitInfo(TrainerInitInfo):
+    backend: ClassVar[str] = BACKEND
+    master_address: str = "127.0.0.1"
+    master_port: int = 0
+    world_size: int = 2  # the trainer + every engine worker
+    rank_offset: int = 1  # the engine's first worker rank
+
+
+class GlooTrainerTransfer(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
+    init_info_cls = GlooTrainerInitInfo
+
+    @classmethod
+    def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client, source=None):
+        self = cls(client=client, source=source, is_sender=init_info.is_sender)
+        engine_info = {"master_address": init_info.master_address,
+                       "master_port": init_info.master_port,
+                       "rank_offset": init_info.rank_offset,
+                       "world_size": init_info.world_size}
+        # Both sides block in the rendezvous: the engine's RPC runs beside ours.
+        with ThreadPoolExecutor(1) as pool:
+            joined = pool.submit(client.init_weight_transfer_engine, engine_info)
+            self.group = _group(init_info.master_address, init_info.master_port, 0,
+                                init_info.world_size)
+            joined.result()
+        return self
+
+    def send_weights(self) -> None:
+        meta = self.source.metadata()
+        info = {"names": [m.name for m in meta],
+                "dtype_names": [str(m.dtype).removeprefix("torch.") for m in meta],
+                "shapes": [list(m.shape) for m in meta]}
+        self.client.start_weight_update()
+        with ThreadPoolExecutor(1) as pool:
+            received = pool.submit(self.client.update_weights, info)
+            for _, tensor in self.source:
+                self.group.broadcast(tensor, 0).wait()
+            received.result()
+        self.client.finish_weight_update()
+
+    def shutdown(self) -> None:
+        self.group = None
+
+
+class AsyncLLMClient:
+    """vLLM's `VLLMWeightSyncClient` protocol (synchronous, dicts) over an `AsyncLLM` whose event
+    loop runs in another thread: the trainer side calls it from a worker thread."""
+
+    def __init__(self, llm, loop: asyncio.AbstractEventLoop) -> None:
+        self.llm = llm
+        self.loop = loop
+
+    def _call(self, coro) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self.loop).result(CONTROL_TIMEOUT_S)
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        self._call(self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info)))
+
+    def start_weight_update(self) -> None:
+        self._call(self.llm.start_weight_update())
+
+    def update_weights(self, update_info: dict) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        self._call(self.llm.update_weights(WeightTransferUpdateRequest(update_info)))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._call(self.llm.finish_weight_update(weight_version))
