@@ -60,6 +60,9 @@ def test_resolved_config_round_trips(tmp_path):
         ("name: x\ntrainer:\n\toptim: {}\n", [], "run.yaml:3:1: invalid YAML"),
         ("name: x\n", ["task.prompt_template={question}="], "quote it"),
         ("\ufeffname: x\nmax_steps: 0\n", [], "max_steps"),  # a BOM is fine, 0 is not
+        ("name: x\n", ["cluster.engines=2"], "engine.weight_transport=gloo"),
+        ("name: x\n", ["cluster.backend=ray"], "cluster.backend"),
+        ("name: x\n", ["engine.weight_transport=nccl"], "weight_transport"),
     ],
 )
 def test_bad_config_is_one_line_error(tmp_path, text, overrides, fragment):

@@ -109,42 +109,57 @@ def test_weight_sync_rung_flags_a_broken_update(tiny_model):
     assert "digest check" in verdict.sentence and "q_proj" in verdict.sentence
 
 
-def test_over_gloo_an_update_is_exact_a_prompt_seen_before_it_is_recomputed_and_a_gap_caught(
+def test_two_engines_over_gloo_one_broadcast_updates_both_exactly_and_a_gap_is_named_for_each(
         tiny_model):
-    """One engine for two things: the gloo transport (vLLM's weight-transfer API, a broadcast
-    from this process to the worker) carries an exact, verified update; and with prefix caching
-    on, a long prompt seen before the update is scored by the new weights after it (vLLM keeps
-    prefix-cache blocks across a reload; update_weights resets the cache)."""
+    """An engine pool of two (engine.weight_transport: gloo, vLLM's weight-transfer API): one
+    broadcast from this process updates both; each engine's digests match the trainer's, both
+    take the same version and hold the trainer's weights (parity on each); a tensor left out is
+    named for each engine. With prefix caching on, a long prompt seen before the update is scored
+    by the new weights after it (vLLM keeps prefix-cache blocks across a reload; the update
+    resets the cache)."""
+    from parityrl.engine.pool import EnginePool
+
     prompt = [5 + (i % 60) for i in range(200)]  # fills a 128-token KV block
     sampling = SamplingConfig(temperature=0.7, max_tokens=8)
 
     async def scenario():
-        engine = await RolloutEngine.start(EngineSettings(
-            model=tiny_model, enable_prefix_caching=True, weight_transport="gloo"))
+        pool = await EnginePool.start(EngineSettings(
+            model=tiny_model, enable_prefix_caching=True, weight_transport="gloo"), engines=2)
         try:
-            resolved = engine.resolved_settings()
-            assert resolved["enable_prefix_caching"] is True
+            resolved = pool.resolved_settings()
+            assert resolved["enable_prefix_caching"] is True and resolved["engines"] == 2
             assert resolved["weight_transfer_backend"] == "parityrl_gloo"
-            await engine.generate_many([prompt], sampling, n=2, seed=0)  # cached under old weights
+            binds = [e.settings.cpu_threads_bind for e in pool.engines]
+            await pool.engines[0].generate_many([prompt], sampling, n=2, seed=0)  # cached
             model = load_policy(tiny_model)
             perturb_in_place(model, 0.05, seed=4)
-            report = await engine.update_weights(model.state_dict())
-            ipc_dir = engine._ipc_dir
+            reports = await pool.update_all(model.state_dict(), version=7)
+            ipc_dir = pool.engines[0]._ipc_dir
             sockets = [p for p in ipc_dir.iterdir() if p.is_socket()]
-            rollouts = await engine.generate_many([prompt], sampling, n=2, seed=1)
+            rollouts = [await e.generate_many([prompt], sampling, n=2, seed=1)
+                        for e in pool.engines]
+            routed = await pool.generate_many(PROMPTS, sampling, n=2, seed=2)  # least loaded
+            assert pool.served == [2, 1]
+            rollouts.append(routed)
             other = load_policy(tiny_model)
             perturb_in_place(other, 0.05, seed=5)
-            with pytest.raises(WeightSyncError, match="missing.*down_proj"):
-                await engine.update_weights(other.state_dict(),
-                                            skip={"model.layers.1.mlp.down_proj.weight"})
-            return model, report, rollouts, ipc_dir, sockets
+            with pytest.raises(WeightSyncError) as gap:
+                await pool.update_weights(other.state_dict(),
+                                          skip={"model.layers.1.mlp.down_proj.weight"})
+            return model, binds, reports, rollouts, str(gap.value), ipc_dir, sockets
         finally:
-            await engine.close()
+            await pool.close()
 
-    model, report, rollouts, ipc_dir, sockets = asyncio.run(scenario())
-    assert report.check.ok and report.check.checked == len(checkpoint_tensor_names(tiny_model))
-    assert report.write_seconds < 0.01  # nothing written: the tensors went by broadcast
-    assert _mismatch(model, rollouts, sampling)["mismatch/max_abs_diff"] <= 1e-5
-    # Housekeeping on the same engine: vLLM's ZMQ sockets lived in the engine's own folder in
-    # the temp dir, and close() removed it.
+    model, binds, reports, rollouts, gap, ipc_dir, sockets = asyncio.run(scenario())
+    assert len(set(binds)) == 2  # each engine's worker on a core of its own
+    expected = len(checkpoint_tensor_names(tiny_model))
+    for report, engine_rollouts in zip(reports + reports[:1], rollouts):
+        assert report.check.ok and report.check.checked == expected
+        assert report.version == 7 and report.engines_verified == 2
+        assert report.write_seconds == 0.0  # nothing written: the tensors went by broadcast
+        assert all(v == 7 for r in engine_rollouts for v in r.versions)
+        assert _mismatch(model, engine_rollouts, sampling)["mismatch/max_abs_diff"] <= 1e-5
+    assert "engine 0:" in gap and "engine 1:" in gap and gap.count("down_proj") == 2
+    # Housekeeping: vLLM's ZMQ sockets lived in the engine's own folder in the temp dir, and
+    # close() removed it.
     assert sockets and ipc_dir.parent == Path(tempfile.gettempdir()) and not ipc_dir.exists()

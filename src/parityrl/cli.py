@@ -156,6 +156,10 @@ def doctor(
         False, "--bitwise", help="Add the bitwise rung: the trainer scores with the engine's own "
                                  "kernels (parity.mode=bitwise; float32, CPU engine); it passes "
                                  "only if every token's logprob is equal."),
+    weight_transport: str = typer.Option(
+        "shm_file", "--weight-transport",
+        help="How the rungs push weights: shm_file (shared memory) or gloo (vLLM's "
+             "weight-transfer API, as engine.weight_transport=gloo in a run)."),
 ):
     """Diagnose engine/trainer logprob parity, one fix per rung; exit 0 = parity, 1 = not."""
     from parityrl.models.builtin import resolve_model
@@ -171,6 +175,8 @@ def doctor(
         raise UserError(f"--tol must be >= 0, got {tol}")
     if bitwise and dtype != "float32":
         raise UserError(f"--bitwise is audited in float32 only, not {dtype}")
+    if weight_transport not in ("shm_file", "gloo"):
+        raise UserError(f"unknown --weight-transport {weight_transport!r}; choose shm_file or gloo")
     _quiet_libraries()
     folder = check_model_folder(resolve_model(model, say=typer.echo))
 
@@ -183,7 +189,7 @@ def doctor(
     console = Console(width=None if sys.stdout.isatty() else 160)
     cfg = DoctorConfig(model=str(folder), dtype=dtype, samplings=[sampling],
                        num_samples=num_samples, seed=seed, tol=tol, chat_template=chat_template,
-                       withhold=frozenset(withhold),
+                       withhold=frozenset(withhold), weight_transport=weight_transport,
                        **({"prompts": prompt_list} if prompt_list else {}))
     rungs = build_ladder(cfg.withhold, bitwise)
     if quick:  # the settings to use (and the bitwise rung after them)

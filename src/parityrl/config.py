@@ -47,6 +47,15 @@ class ActorConfig(_Strict):
     restart_window_s: float = Field(600.0, gt=0)
 
 
+class ClusterConfig(_Strict):
+    backend: Literal["local"] = Field(
+        "local", description="local: the trainer and the actor in this process, each engine in "
+                             "vLLM's own processes on this host (Ray: not built yet).")
+    engines: int = Field(1, ge=1, description="Engines generating side by side; more than one "
+                                              "needs engine.weight_transport: gloo (one "
+                                              "broadcast updates them all).")
+
+
 class OptimConfig(_Strict):
     lr: float = Field(1e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.99)
@@ -108,6 +117,7 @@ class RunConfig(_Strict):
     engine: EngineKnobs = Field(EngineKnobs(), description="engine/settings.py: every "
                                 "numerics knob and resource limit of vLLM.")
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, max_tokens=16)
+    cluster: ClusterConfig = ClusterConfig()
     task: TaskConfig = Field(default_factory=lambda: _default_task())
     env: EnvConfig | None = Field(None, description="Multi-turn episodes on the task's problems "
                                                     "(tasks/environment.py); None = single turn.")
@@ -147,6 +157,9 @@ class RunConfig(_Strict):
                              "one has no spread, every advantage would be 0; use group_size >= 2")
         if self.parity.mode == "bitwise":
             self._resolve_bitwise()
+        if self.cluster.engines > 1 and self.engine.weight_transport != "gloo":
+            raise ValueError(f"cluster.engines={self.cluster.engines} takes its weight updates "
+                             "over gloo: add engine.weight_transport=gloo")
         if self.sampling.max_tokens >= self.engine.max_model_len:
             raise ValueError(f"sampling.max_tokens={self.sampling.max_tokens} leaves no room for a "
                              f"prompt in engine.max_model_len={self.engine.max_model_len}")

@@ -169,8 +169,13 @@ class Pipeline:
 
     async def _start_engine(self, push: bool):
         from parityrl.engine.engine import RolloutEngine
+        from parityrl.engine.pool import EnginePool
 
-        engine = await RolloutEngine.start(engine_settings(self.cfg, self.model_dir))
+        settings = engine_settings(self.cfg, self.model_dir)
+        if self.cfg.cluster.engines > 1:
+            engine = await EnginePool.start(settings, self.cfg.cluster.engines)
+        else:
+            engine = await RolloutEngine.start(settings)
         if self.cfg.parity.mode == "bitwise":
             try:
                 self.trainer.use_engine_kernels(engine.resolved_settings())
@@ -319,13 +324,13 @@ class Pipeline:
             metrics = await asyncio.to_thread(trainer.apply, state)
             train_seconds += time.perf_counter() - apply_start
             step = trainer.version
-            sync_seconds = 0.0
+            sync_seconds, verified = 0.0, None
             generation = actor.engine_generation
             if step % cfg.sync_every == 0:
                 try:
                     report = await actor.engine.update_weights(self.trainer.model.state_dict(),
                                                                version=step)
-                    sync_seconds = report.pause_seconds
+                    sync_seconds, verified = report.pause_seconds, report.engines_verified
                 except Exception as e:
                     if not is_engine_death(e):
                         raise
@@ -345,6 +350,8 @@ class Pipeline:
         metrics |= {
             "lag/dropped_samples": float(dropped),
             "sync/seconds": sync_seconds,
+            # Engines whose received weights matched the trainer's digests (steps that pushed).
+            **({"sync/engines_verified": float(verified)} if verified is not None else {}),
             "throughput/samples_per_s": samples / elapsed,
             "throughput/tokens_per_s": metrics.get("rl/tokens", 0.0) / elapsed,
             "throughput/engine_idle_frac": max(0.0, 1.0 - busy / elapsed),

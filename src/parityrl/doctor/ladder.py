@@ -133,6 +133,7 @@ class DoctorConfig:
     # Score every rung's tokens in float64 too: how far each side is from exact arithmetic. The
     # verdict rests on it. None = when the model has at most 1e9 parameters (8 bytes a parameter).
     fp64_reference: bool | None = None
+    weight_transport: str = "shm_file"  # how pushes reach the engine (EngineSettings)
     withhold: frozenset[str] = frozenset()  # fixes left out (see the module docstring)
     sabotage_skip: frozenset[str] = frozenset()  # tests: leave these tensors out of the push
     max_model_len: int = 512
@@ -226,6 +227,7 @@ class LadderSession:
                 await self.engine.close()
             settings = EngineSettings.vllm_defaults(self.cfg.model, dtype=self.cfg.dtype,
                                                     max_model_len=self.cfg.max_model_len,
+                                                    weight_transport=self.cfg.weight_transport,
                                                     **overrides)
             self.engine = await RolloutEngine.start(settings)
             self.engine_overrides = overrides

@@ -39,6 +39,7 @@ class UpdateReport:
     write_seconds: float  # before the pause, trainer side: cast, hand-over file, digests
     load_seconds: float  # inside the worker: digests + vLLM's in-place reload (copy, repack)
     worker_digest_seconds: float  # the part of load_seconds spent on digests
+    engines_verified: int = 1  # engines of this update whose digests matched the trainer's
 
 
 # An engine control call (pause, reload, resume) taking longer than this means a stuck engine.
@@ -81,6 +82,69 @@ class WeightSyncError(RuntimeError):
     """The engine does not hold what the trainer sent."""
 
 
+async def join_gloo_group(engines: list["RolloutEngine"]):
+    """The trainer side of the gloo transport: rank 0 of one group with every engine's worker
+    (engine i at rank 1 + i), created through vLLM's trainer factory while the engines join in
+    their own RPCs."""
+    from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
+
+    from parityrl.weights import gloo
+
+    gloo.register()
+    address = engines[0].settings.weight_transport_address
+    info = gloo.GlooTrainerInitInfo(master_address=address, master_port=gloo.free_port(address),
+                                    world_size=1 + len(engines), rank_offset=1, rank=0)
+    client = gloo.AsyncLLMClient([e.llm for e in engines], asyncio.get_running_loop(),
+                                 CONTROL_TIMEOUT_S)
+    return await asyncio.to_thread(WeightTransferTrainerFactory.trainer_init, info, client=client)
+
+
+async def push_over_gloo(
+    engines: list["RolloutEngine"], transfer, state_dict: dict[str, torch.Tensor], *,
+    version: int | None, verify: bool, skip: set[str], reset_prefix_cache: bool,
+) -> list[UpdateReport]:
+    """One update for every engine of a gloo group: all pause (`mode="keep"`), one broadcast
+    reaches them all through vLLM's start → update → finish, each reports what it received,
+    resets its prefix cache, takes the version, and all resume. The trainer's digests fill in as
+    the tensors go out; each engine's are compared with them."""
+    from contextlib import AsyncExitStack
+
+    from parityrl.weights.gloo import StateDictSource
+
+    source = StateDictSource(state_dict, getattr(torch, engines[0].settings.dtype), skip)
+    async with AsyncExitStack() as locks:
+        for engine in engines:
+            await locks.enter_async_context(engine._update_lock)
+        start = time.perf_counter()
+        try:
+            await asyncio.gather(*(e._control(e.llm.pause_generation(mode="keep",
+                                                                     clear_cache=False))
+                                   for e in engines))
+            transfer.source = source
+            await asyncio.wait_for(asyncio.to_thread(transfer.send_weights), CONTROL_TIMEOUT_S)
+            loaded = time.perf_counter() - start
+            results = await asyncio.gather(*(
+                e._control(e.llm.collective_rpc("parityrl_finish_transfer")) for e in engines))
+            await asyncio.gather(*(e._after_load(version, reset_prefix_cache) for e in engines))
+        finally:
+            resumed = await asyncio.gather(*(e._resume() for e in engines),
+                                           return_exceptions=True)
+            failed = [r for r in resumed if isinstance(r, BaseException)]
+            if failed:
+                raise failed[0]
+        pause_seconds = time.perf_counter() - start
+    reports = [e._report(source.digests, result | {"load_seconds": loaded}, pause_seconds, 0.0)
+               for e, (result,) in zip(engines, results)]
+    bad = [(i, r) for i, r in enumerate(reports) if not r.check.ok]
+    for report in reports:
+        report.engines_verified = len(reports) - len(bad)
+    if verify and bad:
+        if len(engines) == 1:
+            raise WeightSyncError(bad[0][1].check.summary())
+        raise WeightSyncError("; ".join(f"engine {i}: {r.check.summary()}" for i, r in bad))
+    return reports
+
+
 class RolloutEngine:
     def __init__(self, settings: EngineSettings, llm) -> None:
         self.settings = settings
@@ -98,7 +162,10 @@ class RolloutEngine:
         self._transfer = None  # weight_transport=gloo: the trainer side of vLLM's transfer API
 
     @classmethod
-    async def start(cls, settings: EngineSettings) -> "RolloutEngine":
+    async def start(cls, settings: EngineSettings, *, join_transfer: bool = True
+                    ) -> "RolloutEngine":
+        """A running engine. With `weight_transport: gloo` it joins a transfer group of its own
+        (`join_transfer=False`: an EnginePool makes one group for all its engines)."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
         ensure_guard()  # before the engine creates its shared memory: reclaimed on any exit
@@ -132,28 +199,13 @@ class RolloutEngine:
             await engine.llm.collective_rpc("parityrl_pad_single_row_gemms")
         (engine.worker_numerics,) = await engine.llm.collective_rpc("parityrl_numerics")
         await engine.llm.update_weight_version(str(engine.version))
-        if settings.weight_transport == "gloo":
+        if settings.weight_transport == "gloo" and join_transfer:
             try:
-                engine._transfer = await engine._join_gloo_group()
+                engine._transfer = await join_gloo_group([engine])
             except BaseException:
                 await engine.close()
                 raise
         return engine
-
-    async def _join_gloo_group(self):
-        """The trainer side of the gloo transport: rank 0 of a group with the engine's worker,
-        created through vLLM's trainer factory (the engine joins in its RPC, meanwhile)."""
-        from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
-
-        from parityrl.weights import gloo
-
-        gloo.register()
-        address = self.settings.weight_transport_address
-        info = gloo.GlooTrainerInitInfo(master_address=address, master_port=gloo.free_port(address),
-                                        world_size=2, rank_offset=1, rank=0)
-        client = gloo.AsyncLLMClient(self.llm, asyncio.get_running_loop())
-        return await asyncio.to_thread(WeightTransferTrainerFactory.trainer_init, info,
-                                       client=client)
 
     def resolved_settings(self) -> dict:
         return resolved_engine_settings(self.llm.vllm_config) | self.worker_numerics
@@ -215,48 +267,46 @@ class RolloutEngine:
         `reset_prefix_cache=False` keeps stale prefixes: the doctor uses both to show that a broken
         update is caught.
         """
+        if self._transfer is not None:
+            (report,) = await push_over_gloo([self], self._transfer, state_dict, version=version,
+                                             verify=verify, skip=skip,
+                                             reset_prefix_cache=reset_prefix_cache)
+            return report
         async with self._update_lock:
             # Written while the engine still generates: after a reload the engine holds copies,
             # never views of the file (checked in the worker), so the file is free until the next
             # reload reads it, and generation pauses only for the reload itself.
             write_start = time.perf_counter()
-            if self._transfer is None:
-                path, sent = self._update_file.write(state_dict, self.settings.dtype, skip=skip)
-            else:  # sent while paused: the digests fill in as the tensors go out
-                from parityrl.weights.gloo import StateDictSource
-
-                source = StateDictSource(state_dict, getattr(torch, self.settings.dtype), skip)
-                sent = source.digests
+            path, sent = self._update_file.write(state_dict, self.settings.dtype, skip=skip)
             start = time.perf_counter()
             await self._control(self.llm.pause_generation(mode="keep", clear_cache=False))
             try:
-                if self._transfer is None:
-                    (result,) = await self._control(
-                        self.llm.collective_rpc("parityrl_load_weights", args=(str(path),)))
-                else:
-                    result = await self._send_over_gloo(source)
-                if reset_prefix_cache:
-                    await self._control(self.llm.reset_prefix_cache())
-                self.version = self.version + 1 if version is None else version
-                await self._control(self.llm.update_weight_version(str(self.version)))
+                (result,) = await self._control(
+                    self.llm.collective_rpc("parityrl_load_weights", args=(str(path),)))
+                await self._after_load(version, reset_prefix_cache)
             finally:
-                if not self.llm.errored:
-                    await self._control(self.llm.resume_generation())
+                await self._resume()
             resumed = time.perf_counter()
-        check = compare_digests(sent, result["digests"], self._expected_names)
-        report = UpdateReport(self.version, check, resumed - start, start - write_start,
-                              result["load_seconds"], result["digest_seconds"])
-        if verify and not check.ok:
-            raise WeightSyncError(check.summary())
+        report = self._report(sent, result, resumed - start, start - write_start)
+        if verify and not report.check.ok:
+            raise WeightSyncError(report.check.summary())
         return report
 
-    async def _send_over_gloo(self, source) -> dict:
-        """vLLM's start → update (beside our broadcast) → finish, then what the reload left."""
-        start = time.perf_counter()
-        self._transfer.source = source
-        await asyncio.wait_for(asyncio.to_thread(self._transfer.send_weights), CONTROL_TIMEOUT_S)
-        (result,) = await self._control(self.llm.collective_rpc("parityrl_finish_transfer"))
-        return result | {"load_seconds": time.perf_counter() - start}
+    async def _after_load(self, version: int | None, reset_prefix_cache: bool) -> None:
+        if reset_prefix_cache:
+            await self._control(self.llm.reset_prefix_cache())
+        self.version = self.version + 1 if version is None else version
+        await self._control(self.llm.update_weight_version(str(self.version)))
+
+    async def _resume(self) -> None:
+        if not self.llm.errored:
+            await self._control(self.llm.resume_generation())
+
+    def _report(self, sent: dict, result: dict, pause_seconds: float,
+                write_seconds: float) -> UpdateReport:
+        check = compare_digests(sent, result["digests"], self._expected_names)
+        return UpdateReport(self.version, check, pause_seconds, write_seconds,
+                            result["load_seconds"], result["digest_seconds"], int(check.ok))
 
     async def _control(self, call, timeout: float = CONTROL_TIMEOUT_S):
         """Await an engine control call, but not on a dead engine: a utility call sent just before

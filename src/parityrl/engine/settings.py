@@ -45,6 +45,10 @@ class EngineKnobs(BaseModel):
     cpu_attn_split_kv: bool | None = Field(
         None, description="CPU attention's split-KV decode (VLLM_CPU_ATTN_SPLIT_KV, vLLM default "
                           "on): its reduction order depends on the batch. Off in bitwise mode.")
+    cpu_threads_bind: str | None = Field(
+        None, description="CPU cores of the engine's worker threads, e.g. '0' or '0-3' "
+                          "(VLLM_CPU_OMP_THREADS_BIND; None = vLLM's automatic binding). An "
+                          "engine pool gives each engine its own core when unset.")
     pad_single_row_gemm: bool = Field(
         False, description="Run one-row GEMMs as two rows: oneDNN's M = 1 kernel rounds "
                            "differently from M >= 2 when K >= 1280. On in bitwise mode.")
@@ -84,9 +88,12 @@ class EngineSettings(EngineKnobs):
 
     def engine_environment(self) -> dict[str, str]:
         """Environment variables the engine's processes must start with (vLLM reads them there)."""
-        if self.cpu_attn_split_kv is None:
-            return {}
-        return {"VLLM_CPU_ATTN_SPLIT_KV": "1" if self.cpu_attn_split_kv else "0"}
+        env = {}
+        if self.cpu_attn_split_kv is not None:
+            env["VLLM_CPU_ATTN_SPLIT_KV"] = "1" if self.cpu_attn_split_kv else "0"
+        if self.cpu_threads_bind is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_threads_bind
+        return env
 
     def to_engine_args(self):
         from vllm.engine.arg_utils import AsyncEngineArgs

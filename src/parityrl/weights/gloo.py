@@ -1,9 +1,9 @@
 """Weights over torch.distributed (gloo) through vLLM's weight-transfer API.
 
-The transport for an engine that does not share memory with the trainer (another process group,
-another host). vLLM 0.32 owns the update's life cycle (`start_weight_update` → `update_weights` →
-`finish_weight_update`, in-place layer-by-layer reload); its built-in backends need CUDA, so this
-module registers a CPU one under `BACKEND`:
+The transport for an engine that does not share memory with the trainer (another process
+group, another host). vLLM 0.32 owns the update's life cycle (`start_weight_update` →
+`update_weights` → `finish_weight_update`, in-place layer-by-layer reload); its built-in backends
+need CUDA, so this module registers a CPU one under `BACKEND`:
 
 - engine side, `GlooWeightTransferEngine`, inside vLLM's worker (registered when the worker
   imports parityrl's worker extension): joins a process group of the trainer (rank 0) and every
@@ -32,11 +32,9 @@ from vllm.distributed.weight_transfer.base import (ParamMeta, TrainerInitInfo,
                                                    WeightTransferEngine, WeightTransferInitInfo,
                                                    WeightTransferUpdateInfo)
 
+from parityrl.engine.settings import GLOO_BACKEND as BACKEND
 from parityrl.weights.digest import tensor_digest
 from parityrl.weights.transfer import unique_tensors
-
-from parityrl.engine.settings import GLOO_BACKEND as BACKEND  # noqa: E402
-CONTROL_TIMEOUT_S = 300.0
 
 
 def register() -> None:
@@ -196,28 +194,35 @@ class GlooTrainerTransfer(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
 
 
 class AsyncLLMClient:
-    """vLLM's `VLLMWeightSyncClient` protocol (synchronous, dicts) over an `AsyncLLM` whose event
-    loop runs in another thread: the trainer side calls it from a worker thread."""
+    """vLLM's `VLLMWeightSyncClient` protocol (synchronous, dicts) over one or several `AsyncLLM`s
+    whose event loop runs in another thread: the trainer side calls it from a worker thread.
+    Every call goes to every engine at once; engine i's worker joins the group at rank
+    `rank_offset + i` (one worker per engine)."""
 
-    def __init__(self, llm, loop: asyncio.AbstractEventLoop) -> None:
-        self.llm = llm
+    def __init__(self, llms: list, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.llms = llms
         self.loop = loop
+        self.timeout = timeout  # seconds for one call; more means a stuck engine
 
-    def _call(self, coro) -> None:
-        asyncio.run_coroutine_threadsafe(coro, self.loop).result(CONTROL_TIMEOUT_S)
+    def _each(self, call) -> None:
+        async def all_engines():
+            await asyncio.gather(*(call(i, llm) for i, llm in enumerate(self.llms)))
+
+        asyncio.run_coroutine_threadsafe(all_engines(), self.loop).result(self.timeout)
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
-        self._call(self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info)))
+        self._each(lambda i, llm: llm.init_weight_transfer_engine(WeightTransferInitRequest(
+            init_info | {"rank_offset": init_info["rank_offset"] + i})))
 
     def start_weight_update(self) -> None:
-        self._call(self.llm.start_weight_update())
+        self._each(lambda i, llm: llm.start_weight_update())
 
     def update_weights(self, update_info: dict) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
-        self._call(self.llm.update_weights(WeightTransferUpdateRequest(update_info)))
+        self._each(lambda i, llm: llm.update_weights(WeightTransferUpdateRequest(update_info)))
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self._call(self.llm.finish_weight_update(weight_version))
+        self._each(lambda i, llm: llm.finish_weight_update(weight_version))

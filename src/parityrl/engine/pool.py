@@ -1,0 +1,114 @@
+"""Several engines behind the one-engine interface the actor, evaluation and pipeline use.
+
+    pool = await EnginePool.start(settings, engines=2)     # engine.weight_transport: gloo
+    rollouts = await pool.generate(prompt_ids, sampling, n=8)   # on the least-loaded engine
+    reports = await pool.update_all(state_dict, version=step)   # one broadcast, every engine
+
+Updates go to every engine in one gloo group (rank 0 the trainer, engine i at rank 1 + i): one
+broadcast, all engines paused and resumed together, each one's digests checked, the same version
+on all. Requests go to the engine with the fewest groups in flight. On a CPU host each engine's
+worker gets a core of its own (`VLLM_CPU_OMP_THREADS_BIND`), or vLLM would bind them all to the
+same one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import torch
+
+from parityrl.engine.engine import RolloutEngine, UpdateReport, join_gloo_group, push_over_gloo
+from parityrl.engine.settings import EngineSettings
+from parityrl.rollouts.types import Rollout
+from parityrl.sampling import SamplingConfig
+
+
+class EnginePool:
+    def __init__(self, engines: list[RolloutEngine], transfer) -> None:
+        self.engines = engines
+        self._transfer = transfer
+        self._in_flight = [0] * len(engines)
+        self.served = [0] * len(engines)  # groups each engine was given
+        self.last_reports: list[UpdateReport] = []  # of the latest update, one per engine
+
+    @classmethod
+    async def start(cls, settings: EngineSettings, engines: int) -> "EnginePool":
+        if settings.weight_transport != "gloo":
+            raise ValueError("several engines take their updates over gloo "
+                             "(engine.weight_transport: gloo)")
+        cores = sorted(os.sched_getaffinity(0))
+        started: list[RolloutEngine] = []
+        try:
+            for i in range(engines):
+                own = settings
+                if settings.cpu_threads_bind is None:
+                    core = str(cores[i % len(cores)])
+                    own = settings.model_copy(update={"cpu_threads_bind": core})
+                started.append(await RolloutEngine.start(own, join_transfer=False))
+            transfer = await join_gloo_group(started)
+        except BaseException:
+            await asyncio.gather(*(e.close() for e in started), return_exceptions=True)
+            raise
+        return cls(started, transfer)
+
+    # -- the one-engine interface -----------------------------------------------------------------
+    @property
+    def settings(self) -> EngineSettings:
+        return self.engines[0].settings
+
+    @property
+    def version(self) -> int:
+        return self.engines[0].version
+
+    @property
+    def preemption_counter(self):
+        return self.engines[0].preemption_counter  # per engine: see engine_preemptions
+
+    def resolved_settings(self) -> dict:
+        """The first engine's settings, and how many engines run them."""
+        return self.engines[0].resolved_settings() | {"engines": len(self.engines)}
+
+    async def generate(self, prompt_ids: list[int], sampling: SamplingConfig, *, n: int = 1,
+                       seed: int | None = None, group_id: int = 0) -> list[Rollout]:
+        i = min(range(len(self.engines)), key=self._in_flight.__getitem__)
+        self._in_flight[i] += 1
+        self.served[i] += 1
+        try:
+            return await self.engines[i].generate(prompt_ids, sampling, n=n, seed=seed,
+                                                  group_id=group_id)
+        finally:
+            self._in_flight[i] -= 1
+
+    async def generate_many(self, prompts: list[list[int]], sampling: SamplingConfig, *,
+                            n: int = 1, seed: int | None = None) -> list[Rollout]:
+        groups = await asyncio.gather(*[
+            self.generate(p, sampling, n=n, group_id=i, seed=None if seed is None else seed + i * n)
+            for i, p in enumerate(prompts)])
+        return [r for group in groups for r in group]
+
+    async def update_weights(self, state_dict: dict[str, torch.Tensor], *,
+                             version: int | None = None, verify: bool = True,
+                             skip: set[str] = frozenset(),
+                             reset_prefix_cache: bool = True) -> UpdateReport:
+        """Every engine updated (see `update_all`); the first engine's report, which counts the
+        engines whose digests matched (`engines_verified`)."""
+        return (await self.update_all(state_dict, version=version, verify=verify, skip=skip,
+                                      reset_prefix_cache=reset_prefix_cache))[0]
+
+    async def update_all(self, state_dict: dict[str, torch.Tensor], *, version: int | None = None,
+                         verify: bool = True, skip: set[str] = frozenset(),
+                         reset_prefix_cache: bool = True) -> list[UpdateReport]:
+        self.last_reports = await push_over_gloo(
+            self.engines, self._transfer, state_dict, version=version, verify=verify, skip=skip,
+            reset_prefix_cache=reset_prefix_cache)
+        return self.last_reports
+
+    async def close(self) -> None:
+        await asyncio.gather(*(e.close() for e in self.engines), return_exceptions=True)
+        self._transfer = None
+
+    def shutdown(self) -> None:
+        for engine in self.engines:
+            engine.shutdown()
+        self._transfer = None
