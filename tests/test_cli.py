@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -97,20 +98,23 @@ def test_make_model_from_gguf_truncates_a_real_model(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.real
-def test_doctor_on_a_real_model_with_chat_prompts_and_top_p(tmp_path, real_model_4l):
-    """The CLI as a user runs it on a real model (chat prompts, top-p): exit 0, nothing
-    non-finite in the JSON or the report, the plots, a verdict that says why. `--quick` (the last
-    rung, one engine start): the ladder's rungs are checked on the tiny models in
-    test_doctor_parity.py; the whole ladder on this model is a 3.3 min README command.
+def test_doctor_on_a_real_model_in_bfloat16_with_chat_prompts_top_p_top_k_over_gloo(
+        tmp_path, real_model_4l):
+    """The CLI as a user runs it on a real model (chat prompts, bfloat16, top-p with top-k, the
+    gloo weight transport): exit 0, nothing non-finite in the JSON or the report (bfloat16 with
+    top-p once gave inf/NaN), the plots, a verdict that says why, the pushed weights verified.
+    `--quick` (the last rung, one engine start): the ladder's rungs are checked on the tiny models
+    in test_doctor_parity.py; the whole ladder on this model is a 3.3 min README command.
     `--multi-turn`: two-turn episodes judged by the same rule, parity shown per turn."""
     from test_real_model import PROMPTS
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": m}) + "\n" for m in PROMPTS[:3]))
-    proc = run("doctor", "--model", real_model_4l, "--quick", "--temperature", "0.7",
-               "--top-p", "0.9", "--num-samples", "2", "--max-tokens", "16", "--prompts",
-               str(prompts), "--json", str(tmp_path / "d.json"), "--report",
-               str(tmp_path / "report"), "--multi-turn", timeout=600)
+    proc = run("doctor", "--model", real_model_4l, "--quick", "--dtype", "bfloat16",
+               "--temperature", "0.7", "--top-p", "0.9", "--top-k", "20", "--num-samples", "2",
+               "--max-tokens", "16", "--prompts", str(prompts), "--json",
+               str(tmp_path / "d.json"), "--report", str(tmp_path / "report"), "--multi-turn",
+               "--weight-transport", "gloo", timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     def no_constants(name):
@@ -122,6 +126,10 @@ def test_doctor_on_a_real_model_with_chat_prompts_and_top_p(tmp_path, real_model
     assert rung["name"] == "fp32-lm-head" and rung["consistent"] is True
     assert rung["settings"]["chat_template"] is True
     assert rung["settings"]["logprobs_mode"] == "processed_logprobs"
+    assert rung["settings"]["weight_transfer_backend"] == "parityrl_gloo"
+    assert rung["weight_sync_ok"] is True  # the rung pushed perturbed weights over gloo
+    assert rung["metrics"]["mismatch/nonfinite_tokens"] == 0
+    assert "mismatch/nucleus_boundary_frac" in rung["metrics"]
     assert data["verdict_sentences"][0].startswith("PASS: at the last rung 'fp32-lm-head'")
     report = (tmp_path / "report" / "report.md").read_text()
     assert report.startswith("# parityrl doctor: PASS")
@@ -131,9 +139,9 @@ def test_doctor_on_a_real_model_with_chat_prompts_and_top_p(tmp_path, real_model
     assert "PASS" in proc.stdout and "engine.logprobs_mode" in proc.stdout
     (turns,) = data["multi_turn"]
     assert turns["passed"] is True and turns["episodes"] == 3 * 2
-    for turn in (0, 1):
+    for turn in (0, 1):  # bfloat16: judged by the rule above, not by a float32 bound
         assert turns["metrics"][f"mismatch/turn{turn}/tokens"] > 0
-        assert turns["metrics"][f"mismatch/turn{turn}/max_abs_diff"] < 1e-3
+        assert math.isfinite(turns["metrics"][f"mismatch/turn{turn}/max_abs_diff"])
     assert "PASS (multi-turn" in proc.stdout and "turn 1:" in proc.stdout
 
 
