@@ -98,15 +98,19 @@ def test_a_tensor_left_out_of_the_update_is_caught(engine, tiny_model, loop):
 
 def test_weight_sync_rung_flags_a_broken_update(tiny_model):
     rung = next(r for r in build_ladder() if r.name == "weight-sync")
+    # o_proj, not a tensor vLLM fuses (q/k/v, gate/up): vLLM 0.32's layer-wise reload fills the
+    # missing part of a partly loaded fused parameter with uninitialised memory, and the
+    # logprobs are then garbage, sometimes NaN (README, Known limits); an unfused tensor keeps
+    # its old value, so the stale weights show as a finite mismatch.
     cfg = DoctorConfig(model=tiny_model, num_samples=2, prompts=["12+7=", "abc"],
-                       sabotage_skip=frozenset({"model.layers.0.self_attn.q_proj.weight"}))
+                       sabotage_skip=frozenset({"model.layers.0.self_attn.o_proj.weight"}))
     results, floor = asyncio.run(run_ladder(cfg, rungs=[rung]))
     (result,) = results
-    assert result.sync_ok is False and "q_proj" in result.sync_check
+    assert result.sync_ok is False and "o_proj" in result.sync_check
     assert result.metrics["mismatch/mean_abs_diff"] > 1e-4
     verdict = judge(results, floor, "float32")
     assert not verdict.passed and verdict.culprit == "weight synchronisation"
-    assert "digest check" in verdict.sentence and "q_proj" in verdict.sentence
+    assert "digest check" in verdict.sentence and "o_proj" in verdict.sentence
 
 
 def test_two_engines_over_gloo_one_broadcast_updates_both_exactly_and_a_gap_is_named_for_each(
