@@ -120,9 +120,10 @@ async def push_over_gloo(
             await asyncio.gather(*(e._control(e.llm.pause_generation(mode="keep",
                                                                      clear_cache=False))
                                    for e in engines))
+            load_start = time.perf_counter()
             transfer.source = source
             await asyncio.wait_for(asyncio.to_thread(transfer.send_weights), CONTROL_TIMEOUT_S)
-            loaded = time.perf_counter() - start
+            loaded = time.perf_counter() - load_start
             results = await asyncio.gather(*(
                 e._control(e.llm.collective_rpc("parityrl_finish_transfer")) for e in engines))
             await asyncio.gather(*(e._after_load(version, reset_prefix_cache) for e in engines))
@@ -143,6 +144,17 @@ async def push_over_gloo(
             raise WeightSyncError(bad[0][1].check.summary())
         raise WeightSyncError("; ".join(f"engine {i}: {r.check.summary()}" for i, r in bad))
     return reports
+
+
+async def generate_each(generate, prompts: list[list[int]], sampling: SamplingConfig, *,
+                        n: int, seed: int | None) -> list[Rollout]:
+    """`generate` for every prompt at once, rollouts in prompt order; prompt i gets seeds
+    seed + i*n … (see `RolloutEngine.generate_many`)."""
+    groups = await asyncio.gather(*[
+        generate(p, sampling, n=n, group_id=i, seed=None if seed is None else seed + i * n)
+        for i, p in enumerate(prompts)
+    ])
+    return [r for group in groups for r in group]
 
 
 class RolloutEngine:
@@ -236,11 +248,7 @@ class RolloutEngine:
         With a seed, prompt i uses seeds seed + i*n … seed + i*n + n-1 (vLLM gives the j-th of n
         samples seed + j), so no two samples share a random stream.
         """
-        groups = await asyncio.gather(*[
-            self.generate(p, sampling, n=n, group_id=i, seed=None if seed is None else seed + i * n)
-            for i, p in enumerate(prompts)
-        ])
-        return [r for group in groups for r in group]
+        return await generate_each(self.generate, prompts, sampling, n=n, seed=seed)
 
     def _to_rollout(self, prompt_ids, completion, group_id: int) -> Rollout:
         token_ids = list(completion.token_ids)

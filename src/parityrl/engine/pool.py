@@ -18,7 +18,8 @@ import os
 
 import torch
 
-from parityrl.engine.engine import RolloutEngine, UpdateReport, join_gloo_group, push_over_gloo
+from parityrl.engine.engine import (PreemptionCounter, RolloutEngine, UpdateReport, generate_each,
+                                    join_gloo_group, push_over_gloo)
 from parityrl.engine.settings import EngineSettings
 from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
@@ -30,7 +31,6 @@ class EnginePool:
         self._transfer = transfer
         self._in_flight = [0] * len(engines)
         self.served = [0] * len(engines)  # groups each engine was given
-        self.last_reports: list[UpdateReport] = []  # of the latest update, one per engine
 
     @classmethod
     async def start(cls, settings: EngineSettings, engines: int) -> "EnginePool":
@@ -54,16 +54,14 @@ class EnginePool:
 
     # -- the one-engine interface -----------------------------------------------------------------
     @property
-    def settings(self) -> EngineSettings:
-        return self.engines[0].settings
-
-    @property
-    def version(self) -> int:
-        return self.engines[0].version
-
-    @property
-    def preemption_counter(self):
-        return self.engines[0].preemption_counter  # per engine: see engine_preemptions
+    def preemption_counter(self) -> PreemptionCounter | None:
+        """All engines' preemptions so far, summed (None without count_preemptions)."""
+        counters = [e.preemption_counter for e in self.engines]
+        if counters[0] is None:
+            return None
+        total = PreemptionCounter()
+        total.preemptions = sum(c.preemptions for c in counters)
+        return total
 
     def resolved_settings(self) -> dict:
         """The first engine's settings, and how many engines run them."""
@@ -82,10 +80,7 @@ class EnginePool:
 
     async def generate_many(self, prompts: list[list[int]], sampling: SamplingConfig, *,
                             n: int = 1, seed: int | None = None) -> list[Rollout]:
-        groups = await asyncio.gather(*[
-            self.generate(p, sampling, n=n, group_id=i, seed=None if seed is None else seed + i * n)
-            for i, p in enumerate(prompts)])
-        return [r for group in groups for r in group]
+        return await generate_each(self.generate, prompts, sampling, n=n, seed=seed)
 
     async def update_weights(self, state_dict: dict[str, torch.Tensor], *,
                              version: int | None = None, verify: bool = True,
@@ -99,16 +94,10 @@ class EnginePool:
     async def update_all(self, state_dict: dict[str, torch.Tensor], *, version: int | None = None,
                          verify: bool = True, skip: set[str] = frozenset(),
                          reset_prefix_cache: bool = True) -> list[UpdateReport]:
-        self.last_reports = await push_over_gloo(
-            self.engines, self._transfer, state_dict, version=version, verify=verify, skip=skip,
-            reset_prefix_cache=reset_prefix_cache)
-        return self.last_reports
+        return await push_over_gloo(self.engines, self._transfer, state_dict, version=version,
+                                    verify=verify, skip=skip,
+                                    reset_prefix_cache=reset_prefix_cache)
 
     async def close(self) -> None:
         await asyncio.gather(*(e.close() for e in self.engines), return_exceptions=True)
-        self._transfer = None
-
-    def shutdown(self) -> None:
-        for engine in self.engines:
-            engine.shutdown()
         self._transfer = None
