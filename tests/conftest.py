@@ -72,6 +72,18 @@ def real_model() -> str:
     return str(resolve_model("builtin:smollm2-135m-instruct"))
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the tests that need it: a few logical CPUs, a capped object
+    store, stopped at the end of the session (runs started inside join it)."""
+    import ray
+
+    ray.init(num_cpus=4, object_store_memory=128 << 20, include_dashboard=False,
+             logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
 # --- the suite leaves /dev/shm (and the temp dir's parityrl-* folders) as it found it ---
 
 SHM = "/dev/shm"

@@ -2,8 +2,9 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
-from parityrl.config import dump_config, load_config, parse_overrides
+from parityrl.config import build_config, dump_config, load_config, parse_overrides
 from parityrl.errors import UserError
 
 
@@ -60,8 +61,12 @@ def test_resolved_config_round_trips(tmp_path):
         ("name: x\ntrainer:\n\toptim: {}\n", [], "run.yaml:3:1: invalid YAML"),
         ("name: x\n", ["task.prompt_template={question}="], "quote it"),
         ("\ufeffname: x\nmax_steps: 0\n", [], "max_steps"),  # a BOM is fine, 0 is not
-        ("name: x\n", ["cluster.engines=2"], "engine.weight_transport=gloo"),
-        ("name: x\n", ["cluster.backend=ray"], "cluster.backend"),
+        ("name: x\n", ["cluster.engines=2", "engine.weight_transport=shm_file"],
+         "over gloo, not engine.weight_transport=shm_file"),
+        ("name: x\n", ["cluster.backend=ray", "engine.weight_transport=shm_file"],
+         "cluster.backend=ray takes its weight updates over gloo"),
+        ("name: x\n", ["cluster.trainer_ranks=2"], "add cluster.backend=ray"),
+        ("name: x\n", ["cluster.backend=slurm"], "cluster.backend"),
         ("name: x\n", ["engine.weight_transport=nccl"], "weight_transport"),
     ],
 )
@@ -136,3 +141,13 @@ def test_switching_the_task_type_on_the_command_line_replaces_the_section(tmp_pa
     assert cfg.task.type == "jsonl" and cfg.task.path == "data.jsonl"
     same = load_config(path, ["task.digits=2"])  # same type: refined, not replaced
     assert same.task.type == "arithmetic" and same.task.digits == 2
+
+
+def test_several_engines_or_ray_resolve_the_transport_to_gloo(tmp_path):
+    path = write(tmp_path, "name: x\n")
+    assert load_config(path).engine.weight_transport == "shm_file"
+    for overrides in (["cluster.engines=2"], ["cluster.backend=ray"]):
+        cfg = load_config(path, overrides)
+        assert cfg.engine.weight_transport == "gloo"
+        # Written out resolved: the run directory's config.yaml loads back to the same.
+        assert build_config(yaml.safe_load(dump_config(cfg))) == cfg

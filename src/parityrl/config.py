@@ -47,13 +47,36 @@ class ActorConfig(_Strict):
     restart_window_s: float = Field(600.0, gt=0)
 
 
+class RoleResources(_Strict):
+    """What one Ray actor of a role asks the cluster for (Ray's logical resources)."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources, "
+                                                                      "e.g. {node_a: 1}.")
+
+
+class ClusterResources(_Strict):
+    engine: RoleResources = RoleResources()
+    trainer: RoleResources = RoleResources()
+
+
 class ClusterConfig(_Strict):
-    backend: Literal["local"] = Field(
+    backend: Literal["local", "ray"] = Field(
         "local", description="local: the trainer and the actor in this process, each engine in "
-                             "vLLM's own processes on this host (Ray: not built yet).")
+                             "vLLM's own processes on this host. ray: every engine and every "
+                             "trainer rank a Ray actor (cluster/ray_roles.py).")
+    address: str | None = Field(
+        None, description="ray: None starts a Ray cluster on this host for the run (stopped at "
+                          "its end); 'auto' or HOST:PORT joins a running one (`ray start`).")
     engines: int = Field(1, ge=1, description="Engines generating side by side; more than one "
-                                              "needs engine.weight_transport: gloo (one "
-                                              "broadcast updates them all).")
+                                              "takes its updates over gloo (one broadcast "
+                                              "updates them all).")
+    trainer_ranks: int = Field(1, ge=1, description="Trainer processes (ray only): one "
+                                                    "torch.distributed group, FSDP2 beyond one.")
+    object_store_mib: int = Field(512, ge=80, description="ray, cluster started for the run: "
+                                                          "the object store's size (/dev/shm).")
+    resources: ClusterResources = ClusterResources()
 
 
 class OptimConfig(_Strict):
@@ -157,13 +180,33 @@ class RunConfig(_Strict):
                              "one has no spread, every advantage would be 0; use group_size >= 2")
         if self.parity.mode == "bitwise":
             self._resolve_bitwise()
-        if self.cluster.engines > 1 and self.engine.weight_transport != "gloo":
-            raise ValueError(f"cluster.engines={self.cluster.engines} takes its weight updates "
-                             "over gloo: add engine.weight_transport=gloo")
+        self._resolve_cluster()
         if self.sampling.max_tokens >= self.engine.max_model_len:
             raise ValueError(f"sampling.max_tokens={self.sampling.max_tokens} leaves no room for a "
                              f"prompt in engine.max_model_len={self.engine.max_model_len}")
         return self
+
+    def _resolve_cluster(self) -> None:
+        """Several engines, or engines in Ray actors, take their updates over gloo: set when the
+        config leaves the transport unset, refused when it asks for the shared file."""
+        c = self.cluster
+        if c.backend == "local" and c.trainer_ranks > 1:
+            raise ValueError(f"cluster.trainer_ranks={c.trainer_ranks} runs the ranks as Ray "
+                             "actors: add cluster.backend=ray")
+        if c.backend == "local" and c.address is not None:
+            raise ValueError("cluster.address joins a Ray cluster: add cluster.backend=ray")
+        if c.engines == 1 and c.backend == "local":
+            return
+        why = (f"cluster.engines={c.engines}" if c.backend == "local"
+               else "cluster.backend=ray")
+        if "weight_transport" not in self.engine.model_fields_set:
+            self.engine = self.engine.model_copy(update={"weight_transport": "gloo"})
+        elif self.engine.weight_transport != "gloo":
+            raise ValueError(f"{why} takes its weight updates over gloo, not "
+                             f"engine.weight_transport={self.engine.weight_transport}")
+        if c.backend == "ray" and self.parity.mode == "bitwise":
+            raise ValueError("parity.mode=bitwise scores with the engine's kernels in the "
+                             "trainer's process: use cluster.backend=local")
 
     def _resolve_bitwise(self) -> None:
         """Bitwise mode sets the engine knobs it needs; one the config set otherwise is refused."""

@@ -84,34 +84,45 @@ class Pipeline:
 
     # -- set-up ---------------------------------------------------------------------------------
     def _build_trainer(self):
-        from parityrl.models.load import load_policy
-        from parityrl.models.tiny import load_tokenizer
-        from parityrl.trainer.checkpoint import latest_checkpoint, load_checkpoint
-        from parityrl.trainer.trainer import Trainer
+        """The tokenizer, and the trainer in this process (`cluster.backend: local`)."""
+        from parityrl.cluster.trainer_role import build_trainer
+        from parityrl.trainer.checkpoint import latest_checkpoint
 
-        from parityrl.models.builtin import resolve_model
-
-        cfg = self.cfg
-        random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        self.model_dir = resolve_model(cfg.model, say=self.on_message)
-        self.tokenizer = load_tokenizer(self.model_dir)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        model = load_policy(self.model_dir, cfg.dtype, cfg.trainer.attn_implementation)
-        ref = (load_policy(self.model_dir, cfg.dtype, cfg.trainer.attn_implementation)
-               if cfg.trainer.loss.kl_coef > 0 else None)
-        self.trainer = Trainer(cfg, model, pad_id, ref)
+        self._load_tokenizer()
+        self.trainer = build_trainer(self.cfg, self.model_dir, self.pad_id)
         self.start_step, self.ledger = 0, Ledger()
         if self.resume:
-            ckpt = latest_checkpoint(self.run_dir)
-            if ckpt is None:
-                raise UserError(f"nothing to resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-            state = load_checkpoint(ckpt, model, self.trainer.optimizer)
-            self.trainer.load_master_state(state.master)
-            self.start_step = state.step
-            self.ledger = Ledger(state.data_position, state.extra.get("done_above", []))
-            self.trainer.version = state.step
-            self.on_message(f"resuming {self.run_dir} from step {state.step}")
+            self._restore(latest_checkpoint(self.run_dir))
+
+    async def _build_ray_trainer(self):
+        """The tokenizer here, the trainer ranks as Ray actors (`cluster.backend: ray`)."""
+        from parityrl.cluster.trainer_role import RayTrainerGroup
+        from parityrl.trainer.checkpoint import latest_checkpoint
+
+        self._load_tokenizer()
+        random.seed(self.cfg.seed)  # this process's share of what build_trainer seeds
+        torch.manual_seed(self.cfg.seed)
+        self.trainer = await RayTrainerGroup.start(self.cfg, self.model_dir, self.pad_id)
+        self.start_step, self.ledger = 0, Ledger()
+        if self.resume:
+            self._restore(latest_checkpoint(self.run_dir))
+
+    def _load_tokenizer(self) -> None:
+        from parityrl.models.builtin import resolve_model
+        from parityrl.models.tiny import load_tokenizer
+
+        self.model_dir = resolve_model(self.cfg.model, say=self.on_message)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                       else 0)
+
+    def _restore(self, ckpt: Path | None) -> None:
+        if ckpt is None:
+            raise UserError(f"nothing to resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        state = self.trainer.restore(ckpt)
+        self.start_step = state.step
+        self.ledger = Ledger(state.data_position, state.extra.get("done_above", []))
+        self.on_message(f"resuming {self.run_dir} from step {state.step}")
 
     def _sampling(self):
         eos = self.tokenizer.eos_token_id
@@ -120,14 +131,28 @@ class Pipeline:
 
     # -- the loop -------------------------------------------------------------------------------
     async def run(self) -> TrainResult:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.cluster.backend == "ray":
+            from parityrl.cluster.ray_cluster import RayCluster
+
+            with RayCluster(cfg.cluster):
+                try:
+                    await self._build_ray_trainer()
+                    return await self._run()
+                finally:
+                    if getattr(self, "trainer", None) is not None:
+                        self.trainer.close()
+        self._build_trainer()
+        return await self._run()
+
+    async def _run(self) -> TrainResult:
         from parityrl.plots import plot_run
         from parityrl.rollouts.actor import Actor
         from parityrl.runlog import ErrorLog, JsonlLog, MetricsWriter, write_run_files
         from parityrl.tasks.registry import build_task
 
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._build_trainer()
         task = build_task(cfg.task)
         self.env = self._build_env(task)
         limits = actor_limits(cfg)
@@ -142,6 +167,7 @@ class Pipeline:
         self.actor = actor
         try:
             write_run_files(self.run_dir, cfg, engine.resolved_settings())
+            self._write_cluster_json(engine)
             writer = MetricsWriter(self.run_dir, cfg.tensorboard, resume_step=self.start_step)
             self.problems_log = JsonlLog(self.run_dir / "problems.jsonl", self.start_step)
             self.samples_log = JsonlLog(self.run_dir / "samples.jsonl", self.start_step)
@@ -172,8 +198,14 @@ class Pipeline:
         from parityrl.engine.pool import EnginePool
 
         settings = engine_settings(self.cfg, self.model_dir)
-        if self.cfg.cluster.engines > 1:
-            engine = await EnginePool.start(settings, self.cfg.cluster.engines)
+        cluster = self.cfg.cluster
+        if cluster.backend == "ray":
+            from parityrl.cluster.engine_role import ray_engine_starter
+
+            engine = await EnginePool.start(settings, cluster.engines,
+                                            ray_engine_starter(cluster.resources.engine))
+        elif cluster.engines > 1:
+            engine = await EnginePool.start(settings, cluster.engines)
         else:
             engine = await RolloutEngine.start(settings)
         if self.cfg.parity.mode == "bitwise":
@@ -183,13 +215,32 @@ class Pipeline:
                 await engine.close()
                 raise
         if push:  # the trainer's weights, not the folder's (resume, restart)
-            await engine.update_weights(self.trainer.model.state_dict(),
-                                        version=self.trainer.version)
+            await engine.update_weights(self.trainer.weights(), version=self.trainer.version)
         return engine
 
+    def _write_cluster_json(self, engine) -> None:
+        if self.cfg.cluster.backend != "ray":
+            return
+        from parityrl.cluster.ray_cluster import write_cluster_json
+
+        write_cluster_json(self.run_dir, self.cfg.cluster, {
+            "engines": [e.where | {"cpu_threads_bind": e.settings.cpu_threads_bind}
+                        for e in engine.engines],
+            "trainer_ranks": self.trainer.where})
+
     async def _restart_engine(self):
-        """A new engine holding the trainer's current weights and version (the old one died)."""
+        """The engine holding the trainer's current weights and version again (one died or got
+        stuck). In a pool only the dead engines are replaced; otherwise every engine is."""
         old = self.actor.engine
+        if hasattr(old, "replace_dead"):
+            async with self.weights_lock:
+                weights = await asyncio.to_thread(self.trainer.weights)
+                replaced = await old.replace_dead(weights, self.trainer.version)
+            if replaced:
+                self.on_message(f"engine {', '.join(map(str, replaced))} of the pool died; "
+                                f"replaced, all at version {self.trainer.version}")
+                self._write_cluster_json(old)
+                return old
         self.on_message(f"the vLLM engine died; starting a new one at version "
                         f"{self.trainer.version}")
         try:
@@ -197,7 +248,9 @@ class Pipeline:
         except Exception:  # noqa: BLE001 - it is dead; what matters is the new one
             pass
         async with self.weights_lock:
-            return await self._start_engine(push=True)
+            engine = await self._start_engine(push=True)
+        self._write_cluster_json(engine)
+        return engine
 
     def _build_env(self, task):
         from parityrl.tasks.environment import build_environment
@@ -300,8 +353,6 @@ class Pipeline:
 
     async def _train_step(self, actor, writer, groups, dropped, start, busy_before,
                           stream) -> dict:
-        from parityrl.trainer.checkpoint import save_checkpoint
-
         cfg = self.cfg
         if not groups:  # every group was too stale or rejected: nothing to learn from this round
             self.on_message(f"all {dropped} samples exceeded max_lag; no step taken" if dropped
@@ -328,8 +379,8 @@ class Pipeline:
             generation = actor.engine_generation
             if step % cfg.sync_every == 0:
                 try:
-                    report = await actor.engine.update_weights(self.trainer.model.state_dict(),
-                                                               version=step)
+                    weights = await asyncio.to_thread(trainer.weights)
+                    report = await actor.engine.update_weights(weights, version=step)
                     sync_seconds, verified = report.pause_seconds, report.engines_verified
                 except Exception as e:
                     if not is_engine_death(e):
@@ -363,6 +414,9 @@ class Pipeline:
             **({"engine/preemptions": float(actor.engine.preemption_counter.preemptions)}
                if actor.engine.preemption_counter is not None else {}),
             **actor.metrics(),
+            # Several engines: the groups each one generated so far.
+            **{f"engine/groups_served_{i}": float(n)
+               for i, n in enumerate(getattr(actor.engine, "served", ()))},
         }
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             metrics["eval/accuracy"] = await self._evaluate()
@@ -377,10 +431,9 @@ class Pipeline:
                 raise ParityAlarm(alarm)
         if step % cfg.checkpoint.every == 0 or step == cfg.max_steps:
             with _disk(f"checkpoint step {step}"):
-                save_checkpoint(self.run_dir, self.trainer.model, self.trainer.optimizer, step,
-                                self.ledger.position, cfg.checkpoint.keep,
-                                extra={"done_above": self.ledger.state()["done_above"]},
-                                master=self.trainer.master_state())
+                await asyncio.to_thread(
+                    self.trainer.save_checkpoint, self.run_dir, step, self.ledger.position,
+                    cfg.checkpoint.keep, {"done_above": self.ledger.state()["done_above"]})
         return metrics
 
 

@@ -82,10 +82,11 @@ class WeightSyncError(RuntimeError):
     """The engine does not hold what the trainer sent."""
 
 
-async def join_gloo_group(engines: list["RolloutEngine"]):
+async def join_gloo_group(engines: list):
     """The trainer side of the gloo transport: rank 0 of one group with every engine's worker
     (engine i at rank 1 + i), created through vLLM's trainer factory while the engines join in
-    their own RPCs."""
+    their own calls. `engines`: RolloutEngines, or stand-ins for engines in other processes
+    with the same update calls (cluster/engine_role.py)."""
     from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
 
     from parityrl.weights import gloo
@@ -94,13 +95,12 @@ async def join_gloo_group(engines: list["RolloutEngine"]):
     address = engines[0].settings.weight_transport_address
     info = gloo.GlooTrainerInitInfo(master_address=address, master_port=gloo.free_port(address),
                                     world_size=1 + len(engines), rank_offset=1, rank=0)
-    client = gloo.AsyncLLMClient([e.llm for e in engines], asyncio.get_running_loop(),
-                                 CONTROL_TIMEOUT_S)
+    client = gloo.EngineGroupClient(engines, asyncio.get_running_loop(), CONTROL_TIMEOUT_S)
     return await asyncio.to_thread(WeightTransferTrainerFactory.trainer_init, info, client=client)
 
 
 async def push_over_gloo(
-    engines: list["RolloutEngine"], transfer, state_dict: dict[str, torch.Tensor], *,
+    engines: list, transfer, state_dict: dict[str, torch.Tensor], *,
     version: int | None, verify: bool, skip: set[str], reset_prefix_cache: bool,
 ) -> list[UpdateReport]:
     """One update for every engine of a gloo group: all pause (`mode="keep"`), one broadcast
@@ -114,28 +114,25 @@ async def push_over_gloo(
     source = StateDictSource(state_dict, getattr(torch, engines[0].settings.dtype), skip)
     async with AsyncExitStack() as locks:
         for engine in engines:
-            await locks.enter_async_context(engine._update_lock)
+            await locks.enter_async_context(engine.update_lock)
         start = time.perf_counter()
         try:
-            await asyncio.gather(*(e._control(e.llm.pause_generation(mode="keep",
-                                                                     clear_cache=False))
-                                   for e in engines))
+            await asyncio.gather(*(e.pause() for e in engines))
             load_start = time.perf_counter()
             transfer.source = source
             await asyncio.wait_for(asyncio.to_thread(transfer.send_weights), CONTROL_TIMEOUT_S)
             loaded = time.perf_counter() - load_start
-            results = await asyncio.gather(*(
-                e._control(e.llm.collective_rpc("parityrl_finish_transfer")) for e in engines))
-            await asyncio.gather(*(e._after_load(version, reset_prefix_cache) for e in engines))
+            results = await asyncio.gather(*(e.finish_transfer() for e in engines))
+            await asyncio.gather(*(e.after_load(version, reset_prefix_cache) for e in engines))
         finally:
-            resumed = await asyncio.gather(*(e._resume() for e in engines),
+            resumed = await asyncio.gather(*(e.resume() for e in engines),
                                            return_exceptions=True)
             failed = [r for r in resumed if isinstance(r, BaseException)]
             if failed:
                 raise failed[0]
         pause_seconds = time.perf_counter() - start
-    reports = [e._report(source.digests, result | {"load_seconds": loaded}, pause_seconds, 0.0)
-               for e, (result,) in zip(engines, results)]
+    reports = [e.report(source.digests, result | {"load_seconds": loaded}, pause_seconds, 0.0)
+               for e, result in zip(engines, results)]
     bad = [(i, r) for i, r in enumerate(reports) if not r.check.ok]
     for report in reports:
         report.engines_verified = len(reports) - len(bad)
@@ -144,6 +141,14 @@ async def push_over_gloo(
             raise WeightSyncError(bad[0][1].check.summary())
         raise WeightSyncError("; ".join(f"engine {i}: {r.check.summary()}" for i, r in bad))
     return reports
+
+
+def update_report(version: int, expected_names: set[str], sent: dict, result: dict,
+                  pause_seconds: float, write_seconds: float) -> UpdateReport:
+    """What the engine's worker received (`result`) checked against what was `sent`."""
+    check = compare_digests(sent, result["digests"], expected_names)
+    return UpdateReport(version, check, pause_seconds, write_seconds, result["load_seconds"],
+                        result["digest_seconds"], int(check.ok))
 
 
 async def generate_each(generate, prompts: list[list[int]], sampling: SamplingConfig, *,
@@ -166,7 +171,7 @@ class RolloutEngine:
         self._expected_names = checkpoint_tensor_names(settings.model)
         self._update_dir = shm_folder("weights")
         self._update_file = SharedUpdateFile(self._update_dir)
-        self._update_lock = asyncio.Lock()  # one update at a time: they share the file
+        self.update_lock = asyncio.Lock()  # one update at a time: they share the file
         self._held_shm: set[int] = set()
         self._ipc_dir: Path | None = None  # vLLM's ZMQ sockets (see start)
         self.worker_numerics: dict = {}  # what the worker process runs with (see start)
@@ -280,41 +285,70 @@ class RolloutEngine:
                                              verify=verify, skip=skip,
                                              reset_prefix_cache=reset_prefix_cache)
             return report
-        async with self._update_lock:
+        async with self.update_lock:
             # Written while the engine still generates: after a reload the engine holds copies,
             # never views of the file (checked in the worker), so the file is free until the next
             # reload reads it, and generation pauses only for the reload itself.
             write_start = time.perf_counter()
             path, sent = self._update_file.write(state_dict, self.settings.dtype, skip=skip)
             start = time.perf_counter()
-            await self._control(self.llm.pause_generation(mode="keep", clear_cache=False))
+            await self.pause()
             try:
                 (result,) = await self._control(
                     self.llm.collective_rpc("parityrl_load_weights", args=(str(path),)))
-                await self._after_load(version, reset_prefix_cache)
+                await self.after_load(version, reset_prefix_cache)
             finally:
-                await self._resume()
+                await self.resume()
             resumed = time.perf_counter()
-        report = self._report(sent, result, resumed - start, start - write_start)
+        report = self.report(sent, result, resumed - start, start - write_start)
         if verify and not report.check.ok:
             raise WeightSyncError(report.check.summary())
         return report
 
-    async def _after_load(self, version: int | None, reset_prefix_cache: bool) -> None:
+    async def alive(self) -> bool:
+        return self.llm is not None and not self.llm.errored
+
+    # -- the steps of an update (push_over_gloo drives them on every engine of a group) ----------
+    async def pause(self) -> None:
+        """Freeze requests in flight with their KV cache."""
+        await self._control(self.llm.pause_generation(mode="keep", clear_cache=False))
+
+    async def finish_transfer(self) -> dict:
+        """After a gloo transfer: the worker's tied-module refresh, padding and digests."""
+        (result,) = await self._control(self.llm.collective_rpc("parityrl_finish_transfer"))
+        return result
+
+    async def after_load(self, version: int | None, reset_prefix_cache: bool) -> None:
         if reset_prefix_cache:
             await self._control(self.llm.reset_prefix_cache())
         self.version = self.version + 1 if version is None else version
         await self._control(self.llm.update_weight_version(str(self.version)))
 
-    async def _resume(self) -> None:
+    async def resume(self) -> None:
         if not self.llm.errored:
             await self._control(self.llm.resume_generation())
 
-    def _report(self, sent: dict, result: dict, pause_seconds: float,
-                write_seconds: float) -> UpdateReport:
-        check = compare_digests(sent, result["digests"], self._expected_names)
-        return UpdateReport(self.version, check, pause_seconds, write_seconds,
-                            result["load_seconds"], result["digest_seconds"], int(check.ok))
+    def report(self, sent: dict, result: dict, pause_seconds: float,
+               write_seconds: float) -> UpdateReport:
+        return update_report(self.version, self._expected_names, sent, result, pause_seconds,
+                             write_seconds)
+
+    # vLLM's weight-transfer calls (weights/gloo.py EngineGroupClient), answered by this engine.
+    async def transfer_init(self, init_info: dict) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        await self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info))
+
+    async def transfer_start(self) -> None:
+        await self.llm.start_weight_update()
+
+    async def transfer_update(self, update_info: dict) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        await self.llm.update_weights(WeightTransferUpdateRequest(update_info))
+
+    async def transfer_finish(self, weight_version: str | None = None) -> None:
+        await self.llm.finish_weight_update(weight_version)
 
     async def _control(self, call, timeout: float = CONTROL_TIMEOUT_S):
         """Await an engine control call, but not on a dead engine: a utility call sent just before

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Awaitable, Callable
 
 import torch
 
@@ -26,31 +27,52 @@ from parityrl.sampling import SamplingConfig
 
 
 class EnginePool:
-    def __init__(self, engines: list[RolloutEngine], transfer) -> None:
+    def __init__(self, engines: list, transfer, start_one) -> None:
         self.engines = engines
         self._transfer = transfer
+        self._start_one = start_one  # starts a replacement for a dead engine
         self._in_flight = [0] * len(engines)
         self.served = [0] * len(engines)  # groups each engine was given
 
     @classmethod
-    async def start(cls, settings: EngineSettings, engines: int) -> "EnginePool":
+    async def start(cls, settings: EngineSettings, engines: int,
+                    start_engine: Callable[[EngineSettings], Awaitable] | None = None
+                    ) -> "EnginePool":
+        """`engines` engines and one transfer group. `start_engine(settings)` starts one (default:
+        a RolloutEngine in this process; cluster/engine_role.py: one in a Ray actor, and then
+        they start side by side)."""
         if settings.weight_transport != "gloo":
             raise ValueError("several engines take their updates over gloo "
                              "(engine.weight_transport: gloo)")
         cores = sorted(os.sched_getaffinity(0))
-        started: list[RolloutEngine] = []
+        own = [settings if settings.cpu_threads_bind is not None else
+               settings.model_copy(update={"cpu_threads_bind": str(cores[i % len(cores)])})
+               for i in range(engines)]
+        start_one = start_engine or _start_local
+        started = await _start_all(start_one, own, side_by_side=start_engine is not None)
         try:
-            for i in range(engines):
-                own = settings
-                if settings.cpu_threads_bind is None:
-                    core = str(cores[i % len(cores)])
-                    own = settings.model_copy(update={"cpu_threads_bind": core})
-                started.append(await RolloutEngine.start(own, join_transfer=False))
             transfer = await join_gloo_group(started)
         except BaseException:
             await asyncio.gather(*(e.close() for e in started), return_exceptions=True)
             raise
-        return cls(started, transfer)
+        return cls(started, transfer, start_one)
+
+    async def replace_dead(self, weights: dict[str, torch.Tensor], version: int) -> list[int]:
+        """Engines that died replaced by new ones with the same settings, one transfer group
+        formed again over all of them, and `weights` pushed to all at `version` (the survivors
+        keep their requests in flight). Returns the indices replaced (none: nobody is dead)."""
+        alive = await asyncio.gather(*(e.alive() for e in self.engines))
+        dead = [i for i, ok in enumerate(alive) if not ok]
+        if not dead:
+            return []
+        await asyncio.gather(*(self.engines[i].close() for i in dead), return_exceptions=True)
+        fresh = await _start_all(self._start_one, [self.engines[i].settings for i in dead],
+                                 side_by_side=self._start_one is not _start_local)
+        for i, engine in zip(dead, fresh):
+            self.engines[i] = engine
+        self._transfer = await join_gloo_group(self.engines)
+        await self.update_all(weights, version=version)
+        return dead
 
     # -- the one-engine interface -----------------------------------------------------------------
     @property
@@ -101,3 +123,28 @@ class EnginePool:
     async def close(self) -> None:
         await asyncio.gather(*(e.close() for e in self.engines), return_exceptions=True)
         self._transfer = None
+
+
+async def _start_local(settings: EngineSettings) -> RolloutEngine:
+    return await RolloutEngine.start(settings, join_transfer=False)
+
+
+async def _start_all(start_one, settings: list[EngineSettings], side_by_side: bool) -> list:
+    """One engine per settings; all stopped again if one fails. In this process they start one
+    after the other (each start sets this process's environment for vLLM's spawn)."""
+    started: list = []
+    try:
+        if side_by_side:
+            results = await asyncio.gather(*(start_one(one) for one in settings),
+                                           return_exceptions=True)
+            started = [r for r in results if not isinstance(r, BaseException)]
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+        else:
+            for one in settings:
+                started.append(await start_one(one))
+    except BaseException:
+        await asyncio.gather(*(e.close() for e in started), return_exceptions=True)
+        raise
+    return started

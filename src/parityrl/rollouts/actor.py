@@ -63,9 +63,15 @@ MIN_GROUPS = 8  # the rejected share is judged from this many finished groups on
 
 
 def is_engine_death(error: BaseException) -> bool:
+    """A dead or stuck engine: vLLM's engine core died, a call timed out, or (Ray backend) the
+    engine's actor is gone."""
+    import sys
+
     from vllm.v1.engine.exceptions import EngineDeadError
 
-    return isinstance(error, (EngineDeadError, asyncio.TimeoutError))
+    ray = sys.modules.get("ray")  # only a Ray run has imported it
+    actor_died = ray is not None and isinstance(error, ray.exceptions.RayActorError)
+    return actor_died or isinstance(error, (EngineDeadError, asyncio.TimeoutError))
 
 
 async def call_with_timeout(fn, *args, timeout: float | None):

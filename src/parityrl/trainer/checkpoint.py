@@ -98,6 +98,68 @@ def _injected_fault(step: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
 
+def save_trainer(trainer, run_dir: Path, step: int, data_position: int, keep: int,
+                 extra: dict | None = None, writer: bool = True) -> Path | None:
+    """A checkpoint of `trainer` (a Trainer; every rank of a distributed one calls this)."""
+    dist = getattr(trainer, "dist", None)
+    if dist is None or dist.world_size == 1:
+        if not writer:
+            return None
+        return save_checkpoint(run_dir, trainer.model, trainer.optimizer, step, data_position,
+                               keep, extra, master=trainer.master_state())
+    return _save_sharded(trainer, run_dir, step, data_position, keep, extra)
+
+
+def _save_sharded(trainer, run_dir: Path, step: int, data_position: int, keep: int,
+                  extra: dict | None) -> Path | None:
+    """Several ranks: the full weights (model.safetensors, as with one rank) and state.json from
+    rank 0; the optimizer's sharded state is not written yet, so such a run cannot be resumed
+    (state.json says `trainer_ranks`; `restore_trainer` refuses it)."""
+    weights = trainer.weights()  # a collective: every rank
+    if not trainer.dist.is_main:
+        return None
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        seen: dict[int, str] = {}
+        unique = {}
+        for name, tensor in weights.items():  # tied tensors once, as save_model writes them
+            if tensor.data_ptr() not in seen:
+                seen[tensor.data_ptr()] = name
+                unique[name] = tensor.contiguous()
+        save_file(unique, str(tmp / "model.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({
+            "step": step, "data_position": data_position,
+            "trainer_ranks": trainer.dist.world_size, "extra": extra or {}}, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def restore_trainer(trainer, folder: Path) -> TrainingState:
+    """`trainer` as checkpoint `folder` left it (weights, optimizer, RNG, master weights)."""
+    from parityrl.errors import UserError
+
+    ranks = json.loads((folder / "state.json").read_text()).get("trainer_ranks", 1)
+    dist = getattr(trainer, "dist", None)
+    if ranks > 1 or (dist is not None and dist.world_size > 1):
+        raise UserError(f"{folder}: resuming a run with several trainer ranks is not built yet "
+                        "(the optimizer's sharded state is not checkpointed); its "
+                        "model.safetensors holds the full weights")
+    state = load_checkpoint(folder, trainer.model, trainer.optimizer)
+    trainer.load_master_state(state.master)
+    trainer.version = state.step
+    return state
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted((run_dir / "checkpoints").glob("step-*"))
     return found[-1] if found else None

@@ -24,6 +24,16 @@ class Float64Reference:
     def __init__(self, model) -> None:
         self.model = copy.deepcopy(model).to(torch.float64).eval()
 
+    @classmethod
+    def from_weights(cls, config, weights: dict[str, torch.Tensor]) -> "Float64Reference":
+        """A float64 model of `config` holding `weights` (e.g. gathered from sharded ranks)."""
+        from transformers import AutoModelForCausalLM
+
+        self = cls.__new__(cls)
+        self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval()
+        self.model.load_state_dict(weights)
+        return self
+
     def refresh(self, model) -> None:
         """Copy the weights of `model` (any dtype) into the float64 copy."""
         with torch.no_grad():

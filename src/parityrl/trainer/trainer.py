@@ -13,13 +13,16 @@ from dataclasses import dataclass, field
 import torch
 
 from parityrl.config import RunConfig
+from parityrl.errors import UserError
 from parityrl.mismatch import mismatch_metrics, per_turn_mismatch
 from parityrl.rollouts.stream import Group
 from parityrl.rollouts.types import Rollout
 from parityrl.trainer.advantages import group_advantages
 from parityrl.trainer.batch import collate, rollout_logprobs
 from parityrl.trainer.logprobs import token_logprobs
-from parityrl.trainer.precision import exact_logprobs, precision_metrics
+from parityrl.trainer.distributed import (DistContext, average_replicated_grads, clip_grad_norm,
+                                          full_state_dict, shard_model)
+from parityrl.trainer.precision import Float64Reference, exact_logprobs, precision_metrics
 from parityrl.trainer.objectives import kl_k3, policy_loss
 
 
@@ -57,8 +60,17 @@ def microbatches(rollouts: list[Rollout], token_budget: int) -> list[list[Rollou
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, model, pad_id: int, ref_model=None) -> None:
+    def __init__(self, cfg: RunConfig, model, pad_id: int, ref_model=None,
+                 dist: DistContext | None = None) -> None:
+        """`dist`: this trainer is one rank of several (trainer/distributed.py); it shards
+        `model` with FSDP2 itself, and every rank must make the same calls with the same data."""
         self.cfg = cfg
+        self.dist = dist
+        self.sharded = dist is not None and dist.world_size > 1
+        if self.sharded and cfg.parity.mode == "bitwise":
+            raise UserError("parity.mode=bitwise scores with the engine's kernels on whole "
+                            "weights: use one trainer rank")
+        self.replicated = shard_model(model) if self.sharded else []
         self.model = model.train()
         self.ref_model = ref_model
         self.pad_id = pad_id
@@ -70,8 +82,10 @@ class Trainer:
         low_precision = any(p.dtype != torch.float32 for p in self.params)
         self.master = ([torch.nn.Parameter(p.detach().float().clone()) for p in self.params]
                        if low_precision and opt.master_weights == "float32" else None)
+        # foreach kernels do not take sharded (DTensor) and whole tensors in one list.
         self.optimizer = torch.optim.AdamW(self.master or self.params, lr=opt.lr,
-                                           betas=opt.betas, weight_decay=opt.weight_decay)
+                                           betas=opt.betas, weight_decay=opt.weight_decay,
+                                           foreach=False if self.sharded else None)
         self.version = 0  # optimizer steps taken; the engine holds the same number after a push
         self.nonfinite_streak = 0  # consecutive steps whose gradient was not finite
         self.kernels = None  # bitwise mode: the engine's kernels (use_engine_kernels)
@@ -147,12 +161,15 @@ class Trainer:
     def _optimizer_step(self) -> tuple[float, bool]:
         """Clip and step; a non-finite gradient norm is not applied (the weights stay as they
         are, the version still advances so that step numbers and engine versions stay aligned)."""
+        if self.sharded:
+            average_replicated_grads(self.replicated)
         if self.master is not None:
             for master, param in zip(self.master, self.params):
                 master.grad = None if param.grad is None else param.grad.float()
                 param.grad = None
         stepped = self.master or self.params
-        grad_norm = torch.nn.utils.clip_grad_norm_(stepped, self.cfg.trainer.optim.grad_clip)
+        clip = clip_grad_norm if self.sharded else torch.nn.utils.clip_grad_norm_
+        grad_norm = clip(stepped, self.cfg.trainer.optim.grad_clip)
         applied = bool(torch.isfinite(grad_norm))
         if applied:
             self.optimizer.step()
@@ -163,6 +180,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
         return float(grad_norm), applied
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The whole state dict (HF names): what the engines load and checkpoints hold. With
+        several ranks a collective: every rank calls it."""
+        return full_state_dict(self.model) if self.sharded else self.model.state_dict()
+
+    def save_checkpoint(self, run_dir, step: int, data_position: int, keep: int,
+                        extra: dict | None = None) -> None:
+        from parityrl.trainer.checkpoint import save_trainer
+
+        save_trainer(self, run_dir, step, data_position, keep, extra,
+                     writer=self.dist is None or self.dist.is_main)
+
+    def restore(self, folder):
+        """This trainer as checkpoint `folder` left it; returns the checkpoint's TrainingState."""
+        from parityrl.trainer.checkpoint import restore_trainer
+
+        return restore_trainer(self, folder)
 
     def master_state(self) -> dict[str, torch.Tensor] | None:
         """The float32 master weights by parameter name (None when the model itself is float32)."""
@@ -219,7 +254,11 @@ class Trainer:
             return
         # The same rollouts, in the same order, as the tokens of the mismatch metrics.
         parity = [r for r in state.rollouts if self.has_parity_tokens(r)] + state.probe_rollouts
-        exact = exact_logprobs(self.model, parity, self.cfg.sampling, pad_id=self.pad_id)
+        if self.sharded:  # a whole float64 copy from the gathered weights, on every rank
+            exact = Float64Reference.from_weights(self.model.config, self.weights()).logprobs(
+                parity, self.cfg.sampling, pad_id=self.pad_id)
+        else:
+            exact = exact_logprobs(self.model, parity, self.cfg.sampling, pad_id=self.pad_id)
         keep = torch.cat([self.parity_tokens(r) for r in parity]) if parity else exact.bool()
         state.exact_lp = exact[keep]
 

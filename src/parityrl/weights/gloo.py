@@ -193,36 +193,33 @@ class GlooTrainerTransfer(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
         self.group = None
 
 
-class AsyncLLMClient:
-    """vLLM's `VLLMWeightSyncClient` protocol (synchronous, dicts) over one or several `AsyncLLM`s
+class EngineGroupClient:
+    """vLLM's `VLLMWeightSyncClient` protocol (synchronous, dicts) over one or several engines
     whose event loop runs in another thread: the trainer side calls it from a worker thread.
     Every call goes to every engine at once; engine i's worker joins the group at rank
-    `rank_offset + i` (one worker per engine)."""
+    `rank_offset + i` (one worker per engine). An engine is anything with the `transfer_*`
+    coroutines of `RolloutEngine` (in this process, or a stand-in for a Ray actor)."""
 
-    def __init__(self, llms: list, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        self.llms = llms
+    def __init__(self, engines: list, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.engines = engines
         self.loop = loop
         self.timeout = timeout  # seconds for one call; more means a stuck engine
 
     def _each(self, call) -> None:
         async def all_engines():
-            await asyncio.gather(*(call(i, llm) for i, llm in enumerate(self.llms)))
+            await asyncio.gather(*(call(i, engine) for i, engine in enumerate(self.engines)))
 
         asyncio.run_coroutine_threadsafe(all_engines(), self.loop).result(self.timeout)
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
-        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
-
-        self._each(lambda i, llm: llm.init_weight_transfer_engine(WeightTransferInitRequest(
-            init_info | {"rank_offset": init_info["rank_offset"] + i})))
+        self._each(lambda i, engine: engine.transfer_init(
+            init_info | {"rank_offset": init_info["rank_offset"] + i}))
 
     def start_weight_update(self) -> None:
-        self._each(lambda i, llm: llm.start_weight_update())
+        self._each(lambda i, engine: engine.transfer_start())
 
     def update_weights(self, update_info: dict) -> None:
-        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
-
-        self._each(lambda i, llm: llm.update_weights(WeightTransferUpdateRequest(update_info)))
+        self._each(lambda i, engine: engine.transfer_update(update_info))
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self._each(lambda i, llm: llm.finish_weight_update(weight_version))
+        self._each(lambda i, engine: engine.transfer_finish(weight_version))

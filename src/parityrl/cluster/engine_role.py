@@ -1,0 +1,157 @@
+"""An engine in a Ray actor, and its stand-in on the driver.
+
+    pool = await EnginePool.start(settings, engines=2, start_engine=ray_engine_starter(resources))
+
+`EngineRole` runs in the actor: a `RolloutEngine` (vLLM's AsyncLLM, the worker extension) that
+joins the pool's gloo group instead of one of its own. `RayEngine` is what the driver's actor,
+evaluation and EnginePool talk to: the same calls as a RolloutEngine, each one a Ray call, so
+`push_over_gloo` drives engines in other processes (or on other nodes) exactly as local ones:
+pause with mode="keep", one broadcast, digests, prefix-cache reset, version, resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from parityrl.config import RoleResources
+from parityrl.engine.engine import PreemptionCounter, UpdateReport, update_report
+from parityrl.engine.settings import EngineSettings
+from parityrl.rollouts.types import Rollout
+from parityrl.sampling import SamplingConfig
+
+# The RolloutEngine calls a driver may make on the actor's engine (one update's steps).
+UPDATE_CALLS = frozenset({"pause", "finish_transfer", "after_load", "resume", "transfer_init",
+                          "transfer_start", "transfer_update", "transfer_finish"})
+
+
+class EngineRole:
+    """Inside the Ray actor (an async actor: calls run concurrently on its event loop)."""
+
+    async def start(self, settings: EngineSettings) -> dict:
+        from parityrl.cluster.ray_cluster import where
+        from parityrl.engine.engine import RolloutEngine
+
+        self.engine = await RolloutEngine.start(settings, join_transfer=False)
+        return {"resolved": self.engine.resolved_settings(), "where": where()}
+
+    async def generate(self, prompt_ids: list[int], sampling: SamplingConfig, n: int,
+                       seed: int | None, group_id: int) -> tuple[list[Rollout], int | None]:
+        rollouts = await self.engine.generate(prompt_ids, sampling, n=n, seed=seed,
+                                              group_id=group_id)
+        counter = self.engine.preemption_counter
+        return rollouts, None if counter is None else counter.preemptions
+
+    async def alive(self) -> bool:
+        return await self.engine.alive()
+
+    async def call(self, name: str, *args):
+        if name not in UPDATE_CALLS:
+            raise ValueError(f"not an engine update call: {name}")
+        return await getattr(self.engine, name)(*args)
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+
+class RayEngine:
+    """The driver's stand-in for one engine actor (see the module docstring)."""
+
+    def __init__(self, handle, settings: EngineSettings, started: dict) -> None:
+        from parityrl.weights.transfer import checkpoint_tensor_names
+
+        self.handle = handle
+        self.settings = settings
+        self.where = started["where"]
+        self._resolved = started["resolved"]
+        self.version = 0
+        self.update_lock = asyncio.Lock()
+        self.preemption_counter = PreemptionCounter() if settings.count_preemptions else None
+        self._expected_names = checkpoint_tensor_names(settings.model)
+
+    @classmethod
+    async def start(cls, settings: EngineSettings, resources: RoleResources) -> "RayEngine":
+        import ray
+
+        from parityrl.cluster.ray_cluster import actor_options
+
+        # max_restarts=0: a dead engine is replaced by the run (a new actor, current weights).
+        actor = ray.remote(EngineRole).options(max_concurrency=10_000, max_restarts=0,
+                                               **actor_options(resources))
+        handle = actor.remote()
+        try:
+            started = await handle.start.remote(settings)
+        except BaseException:
+            ray.kill(handle)
+            raise
+        return cls(handle, settings, started)
+
+    def resolved_settings(self) -> dict:
+        return self._resolved
+
+    async def alive(self) -> bool:
+        """The actor answers and its engine runs."""
+        import ray
+
+        try:
+            return await asyncio.wait_for(self.handle.alive.remote(), timeout=30)
+        except (ray.exceptions.RayError, asyncio.TimeoutError):
+            return False
+
+    async def generate(self, prompt_ids: list[int], sampling: SamplingConfig, *, n: int = 1,
+                       seed: int | None = None, group_id: int = 0) -> list[Rollout]:
+        rollouts, preemptions = await self.handle.generate.remote(list(prompt_ids), sampling, n,
+                                                                  seed, group_id)
+        if self.preemption_counter is not None and preemptions is not None:
+            self.preemption_counter.preemptions = max(self.preemption_counter.preemptions,
+                                                      preemptions)
+        return rollouts
+
+    # -- an update's steps, run in the actor ------------------------------------------------------
+    async def pause(self) -> None:
+        await self.handle.call.remote("pause")
+
+    async def finish_transfer(self) -> dict:
+        return await self.handle.call.remote("finish_transfer")
+
+    async def after_load(self, version: int | None, reset_prefix_cache: bool) -> None:
+        await self.handle.call.remote("after_load", version, reset_prefix_cache)
+        self.version = self.version + 1 if version is None else version
+
+    async def resume(self) -> None:
+        await self.handle.call.remote("resume")
+
+    def report(self, sent: dict, result: dict, pause_seconds: float,
+               write_seconds: float) -> UpdateReport:
+        return update_report(self.version, self._expected_names, sent, result, pause_seconds,
+                             write_seconds)
+
+    async def transfer_init(self, init_info: dict) -> None:
+        await self.handle.call.remote("transfer_init", init_info)
+
+    async def transfer_start(self) -> None:
+        await self.handle.call.remote("transfer_start")
+
+    async def transfer_update(self, update_info: dict) -> None:
+        await self.handle.call.remote("transfer_update", update_info)
+
+    async def transfer_finish(self, weight_version: str | None = None) -> None:
+        await self.handle.call.remote("transfer_finish", weight_version)
+
+    async def close(self) -> None:
+        """Stop the engine in the actor (a dead actor is simply gone), then the actor."""
+        import ray
+
+        try:
+            await asyncio.wait_for(self.handle.close.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - dead or stuck: the kill below ends it either way
+            pass
+        ray.kill(self.handle)
+
+
+def ray_engine_starter(resources: RoleResources):
+    """`EnginePool.start(..., start_engine=...)`: each engine a Ray actor."""
+
+    async def start(settings: EngineSettings) -> RayEngine:
+        return await RayEngine.start(settings, resources)
+
+    return start
