@@ -75,15 +75,10 @@ class TrainerRank:
 
     def save_checkpoint(self, run_dir: str, step: int, data_position: int, keep: int,
                         extra: dict) -> None:
-        from parityrl.trainer.checkpoint import save_trainer
-
-        save_trainer(self.trainer, Path(run_dir), step, data_position, keep, extra,
-                     writer=self.rank == 0)
+        self.trainer.save_checkpoint(Path(run_dir), step, data_position, keep, extra)
 
     def restore(self, folder: str):
-        from parityrl.trainer.checkpoint import restore_trainer
-
-        return restore_trainer(self.trainer, Path(folder))
+        return self.trainer.restore(Path(folder))
 
 
 class RayTrainerGroup:

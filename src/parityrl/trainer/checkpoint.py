@@ -52,6 +52,15 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path, groups: list
 def save_checkpoint(run_dir: Path, model, optimizer, step: int, data_position: int,
                     keep: int, extra: dict | None = None,
                     master: dict[str, torch.Tensor] | None = None) -> Path:
+    opt_tensors, groups = _optimizer_tensors(optimizer)
+    return _write(run_dir, step, lambda path: save_model(model, path),  # handles tied tensors
+                  opt_tensors, groups, data_position, keep, extra, master)
+
+
+def _write(run_dir: Path, step: int, write_model, opt_tensors: dict, groups: list,
+           data_position: int, keep: int, extra: dict | None,
+           master: dict[str, torch.Tensor] | None) -> Path:
+    """Write checkpoint STEP into a temporary folder and rename it into place."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -59,9 +68,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, step: int, data_position: i
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied tensors
+        write_model(str(tmp / "model.safetensors"))
         _injected_fault(step)
-        opt_tensors, groups = _optimizer_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         if master is not None:
             save_file({k: v.contiguous() for k, v in master.items()},
@@ -99,65 +107,80 @@ def _injected_fault(step: int) -> None:
 
 
 def save_trainer(trainer, run_dir: Path, step: int, data_position: int, keep: int,
-                 extra: dict | None = None, writer: bool = True) -> Path | None:
-    """A checkpoint of `trainer` (a Trainer; every rank of a distributed one calls this)."""
-    dist = getattr(trainer, "dist", None)
-    if dist is None or dist.world_size == 1:
-        if not writer:
-            return None
-        return save_checkpoint(run_dir, trainer.model, trainer.optimizer, step, data_position,
-                               keep, extra, master=trainer.master_state())
-    return _save_sharded(trainer, run_dir, step, data_position, keep, extra)
+                 extra: dict | None = None) -> Path | None:
+    """A checkpoint of `trainer` (a Trainer; every rank of a sharded one calls this, rank 0
+    writes). The format does not depend on the number of ranks."""
+    if trainer.sharded:
+        return _save_sharded(trainer, run_dir, step, data_position, keep, extra)
+    return save_checkpoint(run_dir, trainer.model, trainer.optimizer, step, data_position, keep,
+                           extra, master=trainer.master_state())
 
 
 def _save_sharded(trainer, run_dir: Path, step: int, data_position: int, keep: int,
                   extra: dict | None) -> Path | None:
-    """Several ranks: the full weights (model.safetensors, as with one rank) and state.json from
-    rank 0; the optimizer's sharded state is not written yet, so such a run cannot be resumed
-    (state.json says `trainer_ranks`; `restore_trainer` refuses it)."""
-    weights = trainer.weights()  # a collective: every rank
+    """Several ranks: every tensor gathered whole (collectives, the same order on every rank)
+    and written by rank 0 in the one-rank format, so any number of ranks can resume it."""
+    from parityrl.trainer.distributed import full_tensor
+
+    weights = trainer.weights()
+    state = trainer.optimizer.state_dict()
+    opt_tensors = {f"state.{pid}.{key}": full_tensor(value if torch.is_tensor(value)
+                                                     else torch.tensor(value)).contiguous()
+                   for pid, entries in state["state"].items() for key, value in entries.items()}
+    master = trainer.master_state()
     if not trainer.dist.is_main:
         return None
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        seen: dict[int, str] = {}
-        unique = {}
+
+    def write_model(path: str) -> None:
+        seen, unique = set(), {}
         for name, tensor in weights.items():  # tied tensors once, as save_model writes them
             if tensor.data_ptr() not in seen:
-                seen[tensor.data_ptr()] = name
+                seen.add(tensor.data_ptr())
                 unique[name] = tensor.contiguous()
-        save_file(unique, str(tmp / "model.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({
-            "step": step, "data_position": data_position,
-            "trainer_ranks": trainer.dist.world_size, "extra": extra or {}}, indent=1))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+        save_file(unique, path)
+
+    return _write(run_dir, step, write_model, opt_tensors, state["param_groups"], data_position,
+                  keep, extra, master)
 
 
 def restore_trainer(trainer, folder: Path) -> TrainingState:
-    """`trainer` as checkpoint `folder` left it (weights, optimizer, RNG, master weights)."""
-    from parityrl.errors import UserError
-
-    ranks = json.loads((folder / "state.json").read_text()).get("trainer_ranks", 1)
-    dist = getattr(trainer, "dist", None)
-    if ranks > 1 or (dist is not None and dist.world_size > 1):
-        raise UserError(f"{folder}: resuming a run with several trainer ranks is not built yet "
-                        "(the optimizer's sharded state is not checkpointed); its "
-                        "model.safetensors holds the full weights")
-    state = load_checkpoint(folder, trainer.model, trainer.optimizer)
+    """`trainer` as checkpoint `folder` left it (weights, optimizer, RNG, master weights); with
+    several ranks each rank takes its own shards of the whole tensors the checkpoint holds."""
+    if not trainer.sharded:
+        state = load_checkpoint(folder, trainer.model, trainer.optimizer)
+    else:
+        state = _load_sharded(trainer, folder)
     trainer.load_master_state(state.master)
     trainer.version = state.step
     return state
+
+
+def _load_sharded(trainer, folder: Path) -> TrainingState:
+    from parityrl.trainer.distributed import is_sharded, shard_like
+
+    meta = json.loads((folder / "state.json").read_text())
+    saved = load_file(str(folder / "model.safetensors"))
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            whole = saved[name] if name in saved else None
+            if whole is None:  # a tied tensor written once under its other name
+                continue
+            param.copy_(shard_like(whole, param) if is_sharded(param) else whole)
+    params = trainer.optimizer.param_groups[0]["params"]
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    opt_state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        param = params[int(pid)]
+        if is_sharded(param) and value.shape == param.shape:
+            value = shard_like(value, param)
+        opt_state.setdefault(int(pid), {})[key] = value
+    trainer.optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch_rng"])
+    random.setstate(_tupled(meta["python_rng"]))
+    master_file = folder / "master.safetensors"
+    master = load_file(str(master_file)) if master_file.exists() else None
+    return TrainingState(meta["step"], meta["data_position"], meta.get("extra", {}), master)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -1,7 +1,8 @@
 """Several trainer ranks: one torch.distributed group, the decoder layers sharded with FSDP2.
 
-    dist = init_trainer_group(rank, world_size, address, port)     # gloo (CPU) or nccl (CUDA)
-    trainer = Trainer(cfg, model, pad_id, dist=dist)                 # shards the model itself
+    dist = init_trainer_group(rank, world_size, address, port)   # gloo: the model is on the CPU
+    trainer = Trainer(cfg, model, pad_id, dist=dist)               # shards the model itself
+    weights = trainer.weights()                                    # whole, on every rank
 
 Every rank receives the whole batch: FSDP2 (`fully_shard`) shards the parameters, gradients and
 optimizer state of the decoder layers over the ranks — memory, the reason to shard — while the
@@ -9,6 +10,10 @@ compute is not split. The embeddings, the final norm and the lm_head stay whole 
 `token_logprobs` projects the decoder's hidden states with the lm_head weight itself (the fp32
 projection), outside any module forward that FSDP could hook. Their gradients are averaged over
 the ranks as FSDP averages the sharded ones, so every rank steps the same.
+
+Every Trainer call that runs the model or reads its weights (accumulate, probe_parity,
+score_exact, apply, weights, save_checkpoint) holds collectives: every rank makes the same calls,
+in the same order, with the same data. parity.mode=bitwise is one rank only.
 """
 
 from __future__ import annotations
@@ -21,39 +26,54 @@ import torch.distributed as torch_dist
 
 @dataclass
 class DistContext:
+    """Which rank of how many this process is (the default process group's)."""
+
     rank: int
     world_size: int
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the one that writes checkpoints and pushes weights."""
         return self.rank == 0
 
 
-def init_trainer_group(rank: int, world_size: int, address: str, port: int) -> DistContext:
-    """Join the trainer ranks' default process group (TCP rendezvous at rank 0's address)."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+def init_trainer_group(rank: int, world_size: int, address: str, port: int,
+                       backend: str = "gloo") -> DistContext:
+    """Join the trainer ranks' default process group (TCP rendezvous at rank 0's address).
+
+    gloo: the trainer's model lives on the CPU (nccl would need CUDA tensors)."""
     torch_dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank,
                                   world_size=world_size)
     return DistContext(rank, world_size)
 
 
-def shard_model(model) -> list[torch.nn.Parameter]:
-    """`fully_shard` each decoder layer; returns the parameters left whole (replicated)."""
+def shard_model(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """`fully_shard` each decoder layer; returns the parameters left whole (replicated).
+
+    No `fully_shard` on the model itself: its embeddings and lm_head would become DTensors that
+    `token_logprobs` reads outside a forward. So each layer is an FSDP root of its own, and a
+    root keeps its parameters gathered from forward to backward unless told otherwise
+    (`reshard_after_forward=None`): `True` frees them after each layer's forward, so at most
+    one layer is whole at a time and it is gathered again for its backward.
+    """
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.get_decoder().layers:
-        fully_shard(layer)
-    return [p for p in model.parameters() if not _is_sharded(p)]
+        fully_shard(layer, reshard_after_forward=True)
+    return [p for p in model.parameters() if not is_sharded(p)]
 
 
-def _is_sharded(t: torch.Tensor) -> bool:
+def is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor: the local shard of a parameter (or gradient) FSDP2 holds."""
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
 
 
 def average_replicated_grads(params: list[torch.nn.Parameter]) -> None:
-    """Average the gradients of the whole (unsharded) parameters over the ranks."""
+    """Average the gradients of the whole (unsharded) parameters over the ranks, as FSDP2's
+    reduce-scatter averages the sharded ones. With the same batch on every rank they are equal
+    already; the average keeps the ranks' weights equal whatever each rank was given."""
     world = torch_dist.get_world_size()
     for p in params:
         if p.grad is not None:
@@ -62,13 +82,17 @@ def average_replicated_grads(params: list[torch.nn.Parameter]) -> None:
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """torch's clip_grad_norm_ over sharded and whole parameters together: each sharded
-    gradient's local part squared and summed over the ranks, each whole one counted once."""
-    sharded = torch.zeros((), dtype=torch.float64)
-    whole = torch.zeros((), dtype=torch.float64)
+    """`torch.nn.utils.clip_grad_norm_` (2-norm) over sharded and whole parameters together; a
+    collective. The squares of each sharded gradient's local part are summed over the ranks,
+    each whole gradient (the same on every rank, see `average_replicated_grads`) is counted
+    once. Scales the gradients in place by min(1, max_norm / (norm + 1e-6)) as torch does, and
+    leaves them alone when the norm is not finite (the step is skipped then). Returns the norm."""
     grads = [p.grad for p in params if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    sharded = torch.zeros((), dtype=torch.float64, device=device)
+    whole = torch.zeros((), dtype=torch.float64, device=device)
     for g in grads:
-        if _is_sharded(g):
+        if is_sharded(g):
             sharded += g.to_local().double().pow(2).sum()
         else:
             whole += g.double().pow(2).sum()
@@ -77,18 +101,36 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     if torch.isfinite(total):
         for g in grads:
-            (g.to_local() if _is_sharded(g) else g).mul_(coef)
-    return total
+            (g.to_local() if is_sharded(g) else g).mul_(coef)
+    return total.cpu()
 
 
-def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """The whole state dict with the model's own (HF) names, on every rank (a collective)."""
-    out = {}
-    for name, tensor in model.state_dict().items():
-        out[name] = tensor.full_tensor() if _is_sharded(tensor) else tensor.detach()
-    return out
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` whole: gathered from the ranks when sharded (a collective), else `t` detached."""
+    return t.detach().full_tensor() if is_sharded(t) else t.detach()
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of `whole` (the same on every rank), laid out as the DTensor `like`;
+    no communication."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole.detach().to(like.device), like.device_mesh, like.placements,
+                             src_data_rank=None)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole, unsharded state dict under the model's own (HF) names: the keys of
+    `model.state_dict()` before `shard_model`, tied weights included under both names.
+
+    A collective: every rank calls it, in the same order, and every rank gets the whole dict
+    (the models trained here are small; rank 0 alone needs it to push or save). The sharded
+    tensors are gathered copies; the whole ones share storage with the live parameters, as in
+    `model.state_dict()`."""
+    return {name: full_tensor(tensor) for name, tensor in model.state_dict().items()}
 
 
 def close_trainer_group() -> None:
+    """Leave (and destroy) the default process group, if there is one."""
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()

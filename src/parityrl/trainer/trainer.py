@@ -21,7 +21,8 @@ from parityrl.trainer.advantages import group_advantages
 from parityrl.trainer.batch import collate, rollout_logprobs
 from parityrl.trainer.logprobs import token_logprobs
 from parityrl.trainer.distributed import (DistContext, average_replicated_grads, clip_grad_norm,
-                                          full_state_dict, shard_model)
+                                          full_state_dict, full_tensor, is_sharded, shard_like,
+                                          shard_model)
 from parityrl.trainer.precision import Float64Reference, exact_logprobs, precision_metrics
 from parityrl.trainer.objectives import kl_k3, policy_loss
 
@@ -63,7 +64,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig, model, pad_id: int, ref_model=None,
                  dist: DistContext | None = None) -> None:
         """`dist`: this trainer is one rank of several (trainer/distributed.py); it shards
-        `model` with FSDP2 itself, and every rank must make the same calls with the same data."""
+        `model` with FSDP2 itself, and every rank must make the same calls with the same data.
+        Every rank computes the whole batch: the ranks share the memory of the parameters,
+        gradients and optimizer state of the decoder layers, not the compute."""
         self.cfg = cfg
         self.dist = dist
         self.sharded = dist is not None and dist.world_size > 1
@@ -190,8 +193,7 @@ class Trainer:
                         extra: dict | None = None) -> None:
         from parityrl.trainer.checkpoint import save_trainer
 
-        save_trainer(self, run_dir, step, data_position, keep, extra,
-                     writer=self.dist is None or self.dist.is_main)
+        save_trainer(self, run_dir, step, data_position, keep, extra)
 
     def restore(self, folder):
         """This trainer as checkpoint `folder` left it; returns the checkpoint's TrainingState."""
@@ -200,19 +202,24 @@ class Trainer:
         return restore_trainer(self, folder)
 
     def master_state(self) -> dict[str, torch.Tensor] | None:
-        """The float32 master weights by parameter name (None when the model itself is float32)."""
+        """The float32 master weights by parameter name (None when the model itself is float32).
+        With several ranks they are gathered whole (a collective: every rank calls it)."""
         if self.master is None:
             return None
         names = [n for n, _ in self.model.named_parameters()]
-        return {n: m.detach() for n, m in zip(names, self.master)}
+        return {n: full_tensor(m) for n, m in zip(names, self.master)}
 
     def load_master_state(self, tensors: dict[str, torch.Tensor] | None) -> None:
-        """Restore master weights (from a checkpoint, or from the model when it has none)."""
+        """Restore master weights (from a checkpoint, or from the model when it has none).
+        With several ranks `tensors` are whole and each rank keeps its own shard of them."""
         if self.master is None:
             return
         with torch.no_grad():
             for (name, param), master in zip(self.model.named_parameters(), self.master):
-                master.copy_(tensors[name] if tensors and name in tensors else param.float())
+                source = tensors[name] if tensors and name in tensors else param
+                if is_sharded(master) and not is_sharded(source):
+                    source = shard_like(source, master)
+                master.copy_(source.float())
 
     # -- the step -------------------------------------------------------------------------------
     def accumulate(self, groups: list[Group]) -> "StepState":

@@ -1,0 +1,241 @@
+"""Two trainer ranks (FSDP2 over gloo, two spawned processes) step like one in-process trainer.
+
+Every rank gets the whole batch: FSDP2 shards the decoder layers' parameters, gradients and
+optimizer state (memory), the compute is not split. Three steps on different batches, with the
+float64 reference and a parity probe on the way, must leave the same weights within 1e-6.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from parityrl.config import build_config
+from parityrl.errors import UserError
+from parityrl.models.load import load_policy
+from parityrl.trainer.distributed import DistContext
+from parityrl.trainer.trainer import Trainer
+from test_trainer import rollout
+
+STEPS = 3
+RANKS = 2
+
+
+def run_config(model_dir: str, **overrides):
+    # A small clip bound: every step clips, at a different norm each step, so a wrong norm or a
+    # skipped clip changes AdamW's moments (and the grad_norm metric).
+    return build_config({"model": model_dir, "sampling": {"temperature": 1.0},
+                         "parity": {"fp64_reference": True},
+                         "trainer": {"optim": {"lr": 1e-2, "grad_clip": 0.05}}, **overrides})
+
+
+def batch(step: int, count: int = 3, size: int = 4) -> list[list]:
+    """Groups sampled (say) by version `step`, different at every step, rewards varied."""
+    return [[rollout(version=step, reward=float((j + step + g) % 2), n=3 + (g + j + step) % 4,
+                     seed=100 * step + 10 * g + j, lp=-1.0 - 0.1 * j, group=g)
+             for j in range(size)] for g in range(count)]
+
+
+def train(trainer: Trainer) -> list[dict]:
+    """The pipeline's calls of a step, three times; the metrics of each step."""
+    metrics = []
+    for step in range(STEPS):
+        state = trainer.accumulate(batch(step))
+        trainer.probe_parity(state, batch(step, count=1)[0])
+        trainer.score_exact(state)
+        metrics.append(trainer.apply(state))
+    return metrics
+
+
+def replicated_grad(rank: int, shape) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1000 * rank + len(shape)
+                                                                          + shape[0]))
+
+
+def shared_grad(shape) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(7 + len(shape) + shape[0]))
+
+
+def bfloat16_trainer(model_dir: str, dist: DistContext | None = None) -> Trainer:
+    """A bfloat16 model trained two steps: AdamW steps its float32 masters (sharded with the
+    layers on several ranks)."""
+    torch.manual_seed(0)
+    trainer = Trainer(run_config(model_dir, dtype="bfloat16"), load_policy(model_dir, "bfloat16"),
+                      pad_id=0, dist=dist)
+    for step in range(2):
+        trainer.apply(trainer.accumulate(batch(step)))
+    return trainer
+
+
+def set_grads(trainer: Trainer, rank: int | None) -> None:
+    """Gradients of the whole parameters that differ between ranks (`rank`: this rank's; None:
+    their average over the ranks) and of the sharded ones the same on every rank. The same
+    batch everywhere makes them equal: this is the case the averaging is there for."""
+    from parityrl.trainer.distributed import full_tensor, is_sharded, shard_like
+
+    for name, p in trainer.model.named_parameters():
+        if ".layers." in name:
+            whole = shared_grad(full_tensor(p).shape)
+            p.grad = shard_like(whole, p) if is_sharded(p) else whole
+        elif rank is None:
+            p.grad = sum(replicated_grad(r, p.shape) for r in range(RANKS)) / RANKS
+        else:
+            p.grad = replicated_grad(rank, p.shape)
+
+
+def optimizer_deltas(a: Trainer, b: Trainer) -> list[float]:
+    """|Δ| of every AdamW state tensor of two trainers (gathered whole when sharded)."""
+    from parityrl.trainer.distributed import full_tensor
+
+    sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys() and sa
+    return [(full_tensor(sa[i][k]).float() - full_tensor(sb[i][k]).float()).abs().max().item()
+            for i in sa for k in sa[i]]
+
+
+def rank_main(rank: int, port: int, model_dir: str, out: str) -> None:
+    """One rank: join the group, build the trainer (it shards the model), train, gather; what
+    it saw goes to `out` (torch.save), its error too."""
+    import traceback
+
+    from parityrl.trainer.distributed import close_trainer_group, init_trainer_group
+
+    torch.set_num_threads(1)  # two ranks on two cores
+    try:
+        dist = init_trainer_group(rank, RANKS, "127.0.0.1", port)
+        try:
+            torch.manual_seed(0)
+            trainer = Trainer(run_config(model_dir), load_policy(model_dir), pad_id=0, dist=dist)
+            held = sum(getattr(p, "_local_tensor", p).numel() for p in trainer.params)
+            metrics = train(trainer)
+            weights = {k: v.clone() for k, v in trainer.weights().items()}
+            # A checkpoint of the sharded trainer (rank 0 writes the one-rank format), and a
+            # fresh sharded trainer restored from it: the same weights and optimizer state.
+            run_dir = Path(out).parent / "sharded-run"
+            trainer.save_checkpoint(run_dir, STEPS, 0, keep=1)
+            restored = Trainer(run_config(model_dir), load_policy(model_dir), pad_id=0, dist=dist)
+            restored.restore(run_dir / "checkpoints" / f"step-{STEPS:06d}")
+            back = restored.weights()
+            back_delta = max((weights[k] - back[k]).abs().max().item() for k in weights)
+            back_delta = max([back_delta, *optimizer_deltas(trainer, restored)])
+            set_grads(trainer, rank)  # one more step: averaging, clip and AdamW on their own
+            norm, _ = trainer._optimizer_step()
+            result = {"metrics": metrics, "weights": weights, "held": held, "norm": norm,
+                      "restored_delta": back_delta, "restored_version": restored.version,
+                      "stepped": {k: v.clone() for k, v in trainer.weights().items()}}
+            low = bfloat16_trainer(model_dir, dist)
+            master = {k: v.clone() for k, v in low.master_state().items()}
+            model = low.weights()
+            result |= {"master": master, "rounded": all(
+                torch.equal(model[k], m.to(torch.bfloat16)) for k, m in master.items())}
+        finally:
+            close_trainer_group()
+    except BaseException:
+        result = {"error": traceback.format_exc()}
+    torch.save(result, out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(model_dir: str, folder) -> list:
+    """`rank_main` in RANKS spawned processes (spawn imports this module by name in each)."""
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=rank_main, args=(r, port, model_dir, str(folder / f"rank{r}.pt")))
+             for r in range(RANKS)]
+    for proc in procs:
+        proc.start()
+    return procs
+
+
+def results(procs: list, folder, timeout: float = 300) -> list[dict]:
+    """What each rank saved; a rank still running after `timeout` is killed."""
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.join(max(deadline - time.monotonic(), 0))
+    finally:
+        for proc in procs:  # a rank that failed leaves the other waiting in a collective
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    outs = [folder / f"rank{r}.pt" for r in range(RANKS)]
+    found = [torch.load(o, weights_only=False) if o.exists() else {"error": f"no {o.name}"}
+             for o in outs]
+    errors = [r["error"] for r in found if "error" in r]
+    assert not errors, "\n".join(errors)
+    return found
+
+
+@pytest.mark.slow
+def test_two_fsdp2_ranks_step_like_one_trainer(model_factory, tmp_path):
+    model_dir = model_factory("qwen2-tied")
+    started = time.monotonic()
+    procs = start_ranks(model_dir, tmp_path)  # the reference trains meanwhile
+    torch.manual_seed(0)
+    one = Trainer(run_config(model_dir), load_policy(model_dir), pad_id=0)
+    start = {k: v.clone() for k, v in one.weights().items()}
+    local = train(one)
+    ranks = results(procs, tmp_path)
+    whole = one.weights()
+    print(f"1 rank in-process and {RANKS} spawned ranks: {time.monotonic() - started:.1f} s")
+
+    for r in ranks:
+        # The whole state dict under the unsharded model's names (the tied head included).
+        assert r["weights"].keys() == whole.keys()
+        assert "lm_head.weight" in whole and "model.embed_tokens.weight" in whole
+        delta = max((whole[k] - r["weights"][k]).abs().max().item() for k in whole)
+        print("max |Δ| 1 vs 2 ranks:", delta)
+        assert delta <= 1e-6
+        for step, (m1, m2) in enumerate(zip(local, r["metrics"])):
+            for key in ("rl/loss", "rl/reward_mean", "rl/grad_norm",
+                        "mismatch/precision_error_max", "mismatch/probe_tokens"):
+                assert m2[key] == pytest.approx(m1[key], rel=1e-6, abs=1e-6), (step, key)
+    assert local[0]["rl/grad_norm"] > 0.05 and local[1]["rl/loss"] != local[0]["rl/loss"]
+    assert max((whole[k] - start[k]).abs().max().item() for k in whole) > 1e-3  # it trained
+
+    # Checkpoints: the sharded one restores on two ranks and on one, exactly.
+    assert [r["restored_delta"] for r in ranks] == [0.0, 0.0]
+    assert [r["restored_version"] for r in ranks] == [STEPS, STEPS]
+    single = Trainer(run_config(model_dir), load_policy(model_dir), pad_id=0)
+    single.restore(tmp_path / "sharded-run" / "checkpoints" / f"step-{STEPS:06d}")
+    assert max((whole[k] - single.weights()[k]).abs().max().item() for k in whole) <= 1e-6
+    assert max(optimizer_deltas(one, single)) <= 1e-6
+
+    # Each rank holds half of each decoder layer, and the embeddings and norm whole.
+    params = dict(one.model.named_parameters())
+    layers = sum(p.numel() for n, p in params.items() if ".layers." in n)
+    assert [r["held"] for r in ranks] == [sum(p.numel() for p in params.values()) - layers // 2] * 2
+
+    # Whole gradients that differ between the ranks are averaged before the clip (of sharded
+    # and whole gradients together) and the step: one trainer given the average steps the same.
+    set_grads(one, None)
+    norm, _ = one._optimizer_step()
+    stepped = one.weights()
+    for r in ranks:
+        assert r["norm"] == pytest.approx(norm, rel=1e-6)
+        assert max((stepped[k] - r["stepped"][k]).abs().max().item() for k in stepped) <= 1e-6
+
+    # bfloat16: the float32 masters, gathered whole, stepped as one trainer's.
+    master = bfloat16_trainer(model_dir).master_state()
+    for r in ranks:
+        assert r["master"].keys() == master.keys() and r["rounded"]
+        assert all(r["master"][k].dtype == torch.float32 for k in master)
+        delta = max((master[k] - r["master"][k]).abs().max().item() for k in master)
+        print("bfloat16, max |Δ| of the float32 masters 1 vs 2 ranks:", delta)
+        assert delta <= 1e-6
+
+
+def test_bitwise_parity_refuses_several_ranks(tiny_model):
+    cfg = build_config({"model": tiny_model, "parity": {"mode": "bitwise"}})
+    with pytest.raises(UserError, match="one trainer rank"):
+        Trainer(cfg, load_policy(tiny_model), pad_id=0, dist=DistContext(rank=0, world_size=2))
