@@ -32,11 +32,11 @@ def reward_module_importable():
 
 def sync_config(model: str, prompts: Path, **overrides) -> dict:
     cfg = {
-        "name": "ray", "seed": 0, "max_steps": 3, "mode": "sync", "model": model,
-        "sampling": {"temperature": 0.7, "max_tokens": 24},
+        "name": "ray", "seed": 0, "max_steps": 2, "mode": "sync", "model": model,
+        "sampling": {"temperature": 0.7, "max_tokens": 16},
         # A dense reward (share of digits): advantages are non-zero from the first step.
         "task": {"type": "jsonl", "path": str(prompts), "reward": "rewards:digit_share"},
-        "actor": {"group_size": 4, "prompts_per_step": 8},
+        "actor": {"group_size": 4, "prompts_per_step": 6},
         "trainer": {"optim": {"lr": 1e-3}},
         "parity": {"fp64_reference": True},
         "engine": {"max_model_len": 128, "kv_cache_gib": 0.125},
@@ -67,7 +67,7 @@ def test_two_engines_and_two_trainer_ranks_on_ray_match_local_and_survive_a_kill
     result = run_training(build_config(cfg), ray_dir, on_step=kill_an_engine,
                           on_message=messages.append)
     rows = read_metrics(ray_dir / "metrics.jsonl")
-    assert result.steps == 3 and [r["step"] for r in rows] == [1, 2, 3]
+    assert result.steps == 2 and [r["step"] for r in rows] == [1, 2]
 
     # Same seed, sync mode: the first step is the local backend's step.
     assert rows[0]["rl/loss"] == pytest.approx(local["rl/loss"], abs=1e-5)
@@ -76,7 +76,7 @@ def test_two_engines_and_two_trainer_ranks_on_ray_match_local_and_survive_a_kill
 
     # Every update reached both engines and matched the trainer's digests there; the engines
     # sampled what the trainer scores (same-version tokens), at the local backend's level.
-    assert [r["sync/engines_verified"] for r in rows] == [2.0, 2.0, 2.0]
+    assert [r["sync/engines_verified"] for r in rows] == [2.0, 2.0]
     for r in rows:
         assert r["mismatch/max_abs_diff"] <= max(1e-5, 2 * local["mismatch/max_abs_diff"])
     assert rows[-1]["engine/groups_served_0"] > 0 and rows[-1]["engine/groups_served_1"] > 0
@@ -94,5 +94,5 @@ def test_two_engines_and_two_trainer_ranks_on_ray_match_local_and_survive_a_kill
     whole = sum(p.numel() for p in load_policy(tiny_model).parameters())
     held = [r["parameters_held"] for r in where["trainer_ranks"]]
     assert held[0] == held[1] < whole
-    assert (ray_dir / "checkpoints" / "step-000003" / "model.safetensors").exists()
+    assert (ray_dir / "checkpoints" / "step-000002" / "model.safetensors").exists()
 
