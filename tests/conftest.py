@@ -72,6 +72,17 @@ def real_model() -> str:
     return str(resolve_model("builtin:smollm2-135m-instruct"))
 
 
+@pytest.fixture(scope="module")
+def plugins_importable():
+    """The test reward and environment plugins (tests/fixtures) importable by import path, here
+    and in `parityrl` subprocesses, for one module."""
+    from helpers import fixture_plugins_importable
+
+    with pytest.MonkeyPatch.context() as mp:
+        fixture_plugins_importable(mp)
+        yield
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the tests that need it: a few logical CPUs, a capped object

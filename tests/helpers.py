@@ -44,10 +44,27 @@ def with_overrides(cfg: dict, overrides: dict) -> dict:
     return cfg
 
 
-def reward_fixtures_importable(mp) -> None:
-    """tests/fixtures/rewards.py importable in this process and in `parityrl` subprocesses."""
+def fixture_plugins_importable(mp) -> None:
+    """tests/fixtures (rewards.py, envs.py) importable in this process and in `parityrl`
+    subprocesses. Tests take it through conftest's `plugins_importable` fixture."""
     mp.syspath_prepend(str(FIXTURES))
     mp.setenv("PYTHONPATH", os.pathsep.join([str(FIXTURES), os.environ.get("PYTHONPATH", "")]))
+
+
+def digit_share_config(model: str, prompts: Path, **overrides) -> dict:
+    """A training run on `prompts` (write_addition_rows) with the dense test reward (the share
+    of digits in a completion: an untrained tiny model gets non-zero advantages from it), small
+    enough for the suite; dotted `overrides` adjust it ("actor.prompts_per_step": 6)."""
+    cfg = {
+        "name": "test", "seed": 0, "max_steps": 6, "mode": "async", "model": model,
+        "sampling": {"temperature": 0.7, "max_tokens": 32},
+        "task": {"type": "jsonl", "path": str(prompts), "reward": "rewards:digit_share"},
+        "actor": {"group_size": 4, "prompts_per_step": 4},
+        "trainer": {"optim": {"lr": 1e-3}},
+        "engine": {"max_model_len": 128, "kv_cache_gib": 0.1},
+        "tensorboard": False,
+    }
+    return with_overrides(cfg, overrides)
 
 
 def tree_of(root: int) -> list[int]:
@@ -78,6 +95,28 @@ def engine_core_pids(root: int) -> list[int]:
         except OSError:
             continue
     return found
+
+
+# --- what a run holds in /dev/shm ----------------------------------------------------------------
+
+def shm_of(root: int) -> set[str]:
+    """What the run rooted at `root` holds in /dev/shm right now: paths of the files it maps or
+    holds open, and its parityrl-* folders."""
+    from parityrl.shm_guard import _entries, _owned_folders, _shm_inodes
+
+    pids = tree_of(root)
+    inodes = set().union(*(_shm_inodes(p) for p in pids))
+    folders = _owned_folders(set(pids))
+    return {path for ino, path in _entries(folders).items() if ino in inodes} | folders
+
+
+def wait_gone(paths: set[str], seconds: float = 10.0) -> set[str]:
+    deadline = time.monotonic() + seconds
+    left = {p for p in paths if os.path.exists(p)}
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = {p for p in left if os.path.exists(p)}
+    return left
 
 
 # --- `parityrl train` as a process the test can kill ---------------------------------------------

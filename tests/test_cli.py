@@ -178,8 +178,7 @@ def test_resuming_a_finished_run_says_so_before_starting_anything(tmp_path):
 
 @pytest.mark.slow
 def test_export_of_a_checkpoint_is_a_model_folder_the_doctor_passes(tmp_path, tiny_model,
-                                                                   monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).parent / "fixtures"))  # the dense test reward
+                                                                   plugins_importable):
     from parityrl.config import build_config
     from parityrl.pipeline import run_training
 

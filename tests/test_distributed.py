@@ -103,7 +103,9 @@ def rank_main(rank: int, port: int, model_dir: str, out: str) -> None:
     it saw goes to `out` (torch.save), its error too."""
     import traceback
 
-    from parityrl.trainer.distributed import close_trainer_group, init_trainer_group
+    import torch.distributed as torch_dist
+
+    from parityrl.trainer.distributed import init_trainer_group
 
     torch.set_num_threads(1)  # two ranks on two cores
     try:
@@ -134,7 +136,7 @@ def rank_main(rank: int, port: int, model_dir: str, out: str) -> None:
             result |= {"master": master, "rounded": all(
                 torch.equal(model[k], m.to(torch.bfloat16)) for k, m in master.items())}
         finally:
-            close_trainer_group()
+            torch_dist.destroy_process_group()
     except BaseException:
         result = {"error": traceback.format_exc()}
     torch.save(result, out)

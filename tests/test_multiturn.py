@@ -187,20 +187,17 @@ def chat_trainer(model_dir: str) -> Trainer:
 
 @pytest.mark.slow
 def test_the_shipped_multi_turn_recipe_trains_with_parity_in_every_turn(real_model_4l, tmp_path,
-                                                                          monkeypatch):
+                                                                          plugins_importable):
     """configs/calculator.yaml on the 4-layer copy in float32, with the two-turn test environment
     plugged by import path (a 4-layer model never calls the calculator): every episode has an
     observation, parity holds in each turn, the evaluation runs episodes too."""
     import json
     from pathlib import Path
 
-    from helpers import reward_fixtures_importable
-
     from parityrl.config import load_config
     from parityrl.pipeline import run_training
     from parityrl.runlog import read_metrics
 
-    reward_fixtures_importable(monkeypatch)
     recipe = Path(__file__).parent.parent / "configs" / "calculator.yaml"
     cfg = load_config(recipe, [f"model={real_model_4l}", "dtype=float32", "max_steps=1",
                                "actor.group_size=2", "actor.prompts_per_step=3",
@@ -282,14 +279,11 @@ def test_an_update_between_turns_gives_two_versions_and_parity_only_on_same_vers
 
 @pytest.mark.slow
 def test_an_environment_that_raises_or_hangs_rejects_its_group_and_the_rest_goes_on(
-        engine, loop, real_model_4l, monkeypatch):
-    from helpers import reward_fixtures_importable
-
+        engine, loop, real_model_4l, plugins_importable):
     from parityrl.rollouts.actor import Actor, ActorLimits
     from parityrl.tasks.environment import EnvConfig, build_environment
     from parityrl.tasks.registry import build_task
 
-    reward_fixtures_importable(monkeypatch)
     tok = tokenizer_of(real_model_4l)
     task = build_task(build_config({"task": {"chat_template": True}}).task)
     env_config = EnvConfig(type="python", factory="envs:faulty", timeout_s=2.0)

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import (kill_group, metric_rows, reward_fixtures_importable, start_train, train_cmd,
-                     wait_while_running, with_overrides, write_addition_rows)
+from helpers import (digit_share_config, kill_group, metric_rows, shm_of, start_train,
+                     train_cmd, wait_gone, wait_while_running, write_addition_rows)
 from parityrl.config import build_config
 from parityrl.pipeline import ParityAlarm, run_training
 from parityrl.runlog import read_metrics
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("plugins_importable")]
 
 
 @pytest.fixture(scope="module")
@@ -28,27 +28,13 @@ def prompts_file(tmp_path_factory) -> Path:
     return write_addition_rows(tmp_path_factory.mktemp("task") / "prompts.jsonl")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def reward_module_importable():
-    with pytest.MonkeyPatch.context() as mp:
-        reward_fixtures_importable(mp)
-        yield
-
-
 def make_config(model: str, prompts: Path, **overrides) -> dict:
-    cfg = {
-        "name": "test", "seed": 0, "max_steps": 6, "mode": "async", "model": model,
-        # Long completions and two batches in flight: some groups are still generating when the
-        # weights are pushed (in-flight updates), while the parity probe waits for a finished one.
-        "sampling": {"temperature": 0.7, "max_tokens": 96},
-        "task": {"type": "jsonl", "path": str(prompts), "reward": "rewards:digit_share"},
-        "actor": {"group_size": 4, "prompts_per_step": 4, "max_lag": 1, "max_groups_in_flight": 8},
-        "parity": {"probe_wait_s": 5.0},
-        "trainer": {"optim": {"lr": 1e-3}},
-        "checkpoint": {"every": 3},
-        "engine": {"max_model_len": 160, "kv_cache_gib": 0.25},
-    }
-    return with_overrides(cfg, overrides)
+    # Long completions and two batches in flight: some groups are still generating when the
+    # weights are pushed (in-flight updates), while the parity probe waits for a finished one.
+    return digit_share_config(model, prompts, **{
+        "sampling.max_tokens": 96, "actor.max_lag": 1, "actor.max_groups_in_flight": 8,
+        "parity.probe_wait_s": 5.0, "checkpoint.every": 3, "engine.max_model_len": 160,
+        "engine.kv_cache_gib": 0.25, "tensorboard": True, **overrides})
 
 
 def measured(rows: list[dict], key: str) -> list[float]:
@@ -56,7 +42,7 @@ def measured(rows: list[dict], key: str) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def async_run(tiny_model, prompts_file, tmp_path_factory, reward_module_importable):
+def async_run(tiny_model, prompts_file, tmp_path_factory, plugins_importable):
     run_dir = tmp_path_factory.mktemp("async-run")
     cfg = build_config(make_config(tiny_model, prompts_file))
     messages: list[str] = []
@@ -136,19 +122,23 @@ def test_v1_defaults_show_the_seed_bug_and_the_alarm_stops_the_run(tiny_model, p
     assert first["rl/clip_frac"] > 0  # ... already clipping
 
 
-def test_killed_run_resumes_without_lost_or_duplicated_steps(tiny_model, prompts_file, tmp_path):
+def test_killed_run_resumes_without_lost_or_duplicated_steps_and_leaves_nothing_in_dev_shm(
+        tiny_model, prompts_file, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(make_config(
-        tiny_model, prompts_file, max_steps=8, **{"checkpoint.every": 2})))
+        tiny_model, prompts_file, max_steps=6, **{"checkpoint.every": 2})))
     run_dir = tmp_path / "run"
     proc = start_train(str(config), "--out", str(run_dir))
     try:
-        wait_while_running(proc, lambda: metric_rows(run_dir) >= 5)
+        wait_while_running(proc, lambda: metric_rows(run_dir) >= 3)
+        held = shm_of(proc.pid)  # the weights file, vLLM's segments
     finally:
-        kill_group(proc)  # the CLI and the engine processes it started
+        kill_group(proc)  # SIGKILL to the CLI and the engine processes it started
     killed_at = time.time()
+    assert any("parityrl-weights-" in p for p in held) and any("psm_" in p for p in held), held
+    assert wait_gone(held) == set()  # the run's guardian reclaimed them (parityrl/shm_guard.py)
     before = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
-    assert len(before) >= 5 and before[-1] < 8
+    assert len(before) >= 3 and before[-1] < 6
 
     resumed = subprocess.run(train_cmd("--resume", str(run_dir)), capture_output=True, text=True,
                              timeout=600)
@@ -157,8 +147,8 @@ def test_killed_run_resumes_without_lost_or_duplicated_steps(tiny_model, prompts
     for noise in ("Task was destroyed but it is pending", "resource_tracker"):
         assert noise not in resumed.stderr, resumed.stderr[-2000:]
     rows = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["step"] for r in rows] == list(range(1, 7))
     last_checkpoint = max(s for s in before if s % 2 == 0)
     assert all(r["time"] < killed_at for r in rows if r["step"] <= last_checkpoint)
     assert all(r["time"] > killed_at for r in rows if r["step"] > last_checkpoint)
-    assert (run_dir / "checkpoints" / "step-000008" / "model.safetensors").exists()
+    assert (run_dir / "checkpoints" / "step-000006" / "model.safetensors").exists()

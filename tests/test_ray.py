@@ -14,35 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from helpers import reward_fixtures_importable, with_overrides, write_addition_rows
+from helpers import digit_share_config, write_addition_rows
 from parityrl.config import build_config
 from parityrl.pipeline import run_training
 from parityrl.models.load import load_policy
 from parityrl.runlog import read_metrics
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def reward_module_importable():
-    with pytest.MonkeyPatch.context() as mp:
-        reward_fixtures_importable(mp)
-        yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("plugins_importable")]
 
 
 def sync_config(model: str, prompts: Path, **overrides) -> dict:
-    cfg = {
-        "name": "ray", "seed": 0, "max_steps": 2, "mode": "sync", "model": model,
-        "sampling": {"temperature": 0.7, "max_tokens": 16},
-        # A dense reward (share of digits): advantages are non-zero from the first step.
-        "task": {"type": "jsonl", "path": str(prompts), "reward": "rewards:digit_share"},
-        "actor": {"group_size": 4, "prompts_per_step": 6},
-        "trainer": {"optim": {"lr": 1e-3}},
-        "parity": {"fp64_reference": True},
-        "engine": {"max_model_len": 128, "kv_cache_gib": 0.125},
-        "tensorboard": False,
-    }
-    return with_overrides(cfg, overrides)
+    return digit_share_config(model, prompts, **{
+        "name": "ray", "max_steps": 2, "mode": "sync", "sampling.max_tokens": 16,
+        "actor.prompts_per_step": 6, "parity.fp64_reference": True,
+        "engine.kv_cache_gib": 0.125, **overrides})
 
 
 def test_two_engines_and_two_trainer_ranks_on_ray_match_local_and_survive_a_killed_engine(

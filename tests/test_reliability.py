@@ -13,12 +13,12 @@ import pytest
 import torch
 import yaml
 
-from helpers import (engine_core_pids, kill_group, metric_rows, reward_fixtures_importable,
-                     start_train, train_cmd, wait_while_running, with_overrides,
-                     write_addition_rows)
+from helpers import (digit_share_config, engine_core_pids, kill_group, metric_rows, start_train,
+                     train_cmd, wait_while_running, write_addition_rows)
 from parityrl.config import build_config
 from parityrl.runlog import read_metrics
 
+pytestmark = pytest.mark.usefixtures("plugins_importable")
 
 
 @pytest.fixture(scope="module")
@@ -26,23 +26,9 @@ def prompts_file(tmp_path_factory) -> Path:
     return write_addition_rows(tmp_path_factory.mktemp("task") / "prompts.jsonl")
 
 
-@pytest.fixture(autouse=True)
-def reward_module_importable(monkeypatch):
-    reward_fixtures_importable(monkeypatch)
-
-
 def config(model: str, prompts: Path, **overrides) -> dict:
-    cfg = {
-        "name": "rel", "seed": 0, "max_steps": 6, "mode": "async", "model": model,
-        "sampling": {"temperature": 0.7, "max_tokens": 32},
-        "task": {"type": "jsonl", "path": str(prompts), "reward": "rewards:digit_share"},
-        "actor": {"group_size": 4, "prompts_per_step": 4},
-        "trainer": {"optim": {"lr": 1e-3}},
-        "checkpoint": {"every": 2},
-        "engine": {"max_model_len": 128, "kv_cache_gib": 0.1},
-        "tensorboard": False,
-    }
-    return with_overrides(cfg, overrides)
+    return digit_share_config(model, prompts, **{"name": "rel", "checkpoint.every": 2,
+                                                 **overrides})
 
 
 def outcomes(run_dir: Path) -> dict[str, list[int]]:
@@ -127,7 +113,7 @@ def test_a_nonfinite_engine_logprob_skips_its_sample_and_a_nonfinite_gradient_it
 def test_engine_core_killed_mid_run_is_replaced_and_nothing_is_lost(tiny_model, prompts_file,
                                                                    tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump(config(tiny_model, prompts_file, max_steps=8)))
+    cfg.write_text(yaml.safe_dump(config(tiny_model, prompts_file, max_steps=6)))
     run_dir = tmp_path / "run"
     proc = start_train(str(cfg), "--out", str(run_dir), stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE)
@@ -139,12 +125,12 @@ def test_engine_core_killed_mid_run_is_replaced_and_nothing_is_lost(tiny_model, 
         kill_group(proc)
     assert proc.returncode == 0, err[-3000:]
     rows = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["step"] for r in rows] == list(range(1, 7))
     assert rows[-1]["engine/restarts"] == 1
     assert "engine restart" in out + err
-    assert "rel step 8/8" in out  # plain progress lines when stdout is not a terminal
+    assert "rel step 6/6" in out  # plain progress lines when stdout is not a terminal
     assert (run_dir / "errors.log").read_text().startswith("== engine_restart")
-    assert assert_each_index_once(run_dir) >= 8 * 4
+    assert assert_each_index_once(run_dir) >= 6 * 4
     # After the restart the engine holds the trainer's weights: parity on fresh rollouts.
     assert max(r.get("mismatch/max_abs_diff", 0.0) for r in rows) <= 1e-5
 

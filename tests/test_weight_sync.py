@@ -13,7 +13,7 @@ from helpers import engine_running
 
 from parityrl.doctor.ladder import DoctorConfig, build_ladder, perturb_in_place, run_ladder
 from parityrl.doctor.verdict import judge
-from parityrl.engine.engine import RolloutEngine, WeightSyncError
+from parityrl.engine.engine import WeightSyncError
 from parityrl.engine.settings import EngineSettings
 from parityrl.mismatch import mismatch_metrics
 from parityrl.models.load import load_policy

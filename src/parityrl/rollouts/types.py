@@ -9,7 +9,7 @@ context only, never in the loss or the parity metrics). `sampled` and `turns` sa
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -82,6 +82,3 @@ class Rollout:
         for t, v in zip(turns, versions):
             pure[t] = pure[t] and v == version
         return [pure[t] for t in turns]
-
-    def to_dict(self) -> dict:
-        return asdict(self)

@@ -20,7 +20,6 @@ class RolloutBatch:
     completion_mask: torch.Tensor  # [B, T]: 1 at sampled completion tokens (not observations)
     engine_logprobs: torch.Tensor  # [B, T-1]
     versions: torch.Tensor  # [B, T-1], -1 outside completions
-    token_mask: torch.Tensor  # [B, T-1] bool: sampled completion tokens
 
     def to(self, device) -> "RolloutBatch":
         return RolloutBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
@@ -43,8 +42,7 @@ def collate(rollouts: list[Rollout], pad_id: int) -> RolloutBatch:
         # Token at position t is predicted at position t-1: shift by one.
         engine_lp[i, p - 1 : p + c - 1] = torch.tensor(r.logprobs, dtype=torch.float32)
         versions[i, p - 1 : p + c - 1] = torch.tensor(r.versions)
-    return RolloutBatch(input_ids, attention, completion, engine_lp, versions,
-                        completion[:, 1:].bool())
+    return RolloutBatch(input_ids, attention, completion, engine_lp, versions)
 
 
 def rollout_logprobs(

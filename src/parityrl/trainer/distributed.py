@@ -129,8 +129,3 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     `model.state_dict()`."""
     return {name: full_tensor(tensor) for name, tensor in model.state_dict().items()}
 
-
-def close_trainer_group() -> None:
-    """Leave (and destroy) the default process group, if there is one."""
-    if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
