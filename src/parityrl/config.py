@@ -65,7 +65,7 @@ class ClusterConfig(_Strict):
     backend: Literal["local", "ray"] = Field(
         "local", description="local: the trainer and the actor in this process, each engine in "
                              "vLLM's own processes on this host. ray: every engine and every "
-                             "trainer rank a Ray actor (cluster/ray_roles.py).")
+                             "trainer rank a Ray actor (parityrl/cluster/).")
     address: str | None = Field(
         None, description="ray: None starts a Ray cluster on this host for the run (stopped at "
                           "its end); 'auto' or HOST:PORT joins a running one (`ray start`).")
@@ -74,6 +74,12 @@ class ClusterConfig(_Strict):
                                               "updates them all).")
     trainer_ranks: int = Field(1, ge=1, description="Trainer processes (ray only): one "
                                                     "torch.distributed group, FSDP2 beyond one.")
+    split_batch: bool = Field(
+        True, description="Beyond one trainer rank: each rank runs forward and backward on its "
+                          "share of the batch (data parallel). false: every rank computes the "
+                          "whole batch, and the weights do not depend on the number of ranks "
+                          "beyond float32 rounding (a split sums the gradients in another order, "
+                          "which AdamW amplifies where a gradient is near zero).")
     object_store_mib: int = Field(512, ge=80, description="ray, cluster started for the run: "
                                                           "the object store's size (/dev/shm).")
     resources: ClusterResources = ClusterResources()

@@ -4,9 +4,15 @@
     trainer = Trainer(cfg, model, pad_id, dist=dist)               # shards the model itself
     weights = trainer.weights()                                    # whole, on every rank
 
-Every rank receives the whole batch: FSDP2 (`fully_shard`) shards the parameters, gradients and
-optimizer state of the decoder layers over the ranks — memory, the reason to shard — while the
-compute is not split. The embeddings, the final norm and the lm_head stay whole on every rank:
+FSDP2 (`fully_shard`) shards the parameters, gradients and optimizer state of the decoder
+layers over the ranks (memory). With `cluster.split_batch` (the default) the batch is split too
+(compute): every rank receives every group, takes its contiguous share of the rollouts
+(`data_parallel_shares`) and scales its loss so that FSDP's average of the ranks' gradients is
+the whole batch's gradient; a rank with fewer micro-batches runs empty backward passes to join
+the others' collectives, and the per-token statistics are gathered back, so every rank reports
+the whole batch's metrics. Without it every rank computes the whole batch, and the result does
+not depend on the number of ranks beyond float32 rounding.
+The embeddings, the final norm and the lm_head stay whole on every rank:
 `token_logprobs` projects the decoder's hidden states with the lm_head weight itself (the fp32
 projection), outside any module forward that FSDP could hook. Their gradients are averaged over
 the ranks as FSDP averages the sharded ones, so every rank steps the same.
@@ -70,15 +76,35 @@ def is_sharded(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def data_parallel_shares(items: list, dist: DistContext) -> list[list]:
+    """`items` cut into `dist.world_size` contiguous shares as even as possible (rank order);
+    every rank computes all of them, so each knows how much work the others have."""
+    n, world = len(items), dist.world_size
+    return [items[n * r // world: n * (r + 1) // world] for r in range(world)]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order; a collective."""
+    out = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
 def average_replicated_grads(params: list[torch.nn.Parameter]) -> None:
     """Average the gradients of the whole (unsharded) parameters over the ranks, as FSDP2's
-    reduce-scatter averages the sharded ones. With the same batch on every rank they are equal
-    already; the average keeps the ranks' weights equal whatever each rank was given."""
+    reduce-scatter averages the sharded ones, so that every rank steps the same. A parameter
+    one rank has no gradient for (its share never reached it) counts as zero there; one no rank
+    has a gradient for keeps none, and AdamW leaves it alone as on one rank."""
     world = torch_dist.get_world_size()
-    for p in params:
-        if p.grad is not None:
-            torch_dist.all_reduce(p.grad, op=torch_dist.ReduceOp.SUM)
-            p.grad.div_(world)
+    has = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float64)
+    torch_dist.all_reduce(has, op=torch_dist.ReduceOp.MAX)
+    for p, anyone in zip(params, has.tolist()):
+        if not anyone:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch_dist.all_reduce(p.grad, op=torch_dist.ReduceOp.SUM)
+        p.grad.div_(world)
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

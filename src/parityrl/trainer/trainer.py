@@ -21,8 +21,8 @@ from parityrl.trainer.advantages import group_advantages
 from parityrl.trainer.batch import collate, rollout_logprobs
 from parityrl.trainer.logprobs import token_logprobs
 from parityrl.trainer.distributed import (DistContext, average_replicated_grads, clip_grad_norm,
-                                          full_state_dict, full_tensor, is_sharded, shard_like,
-                                          shard_model)
+                                          data_parallel_shares, full_state_dict, full_tensor,
+                                          gather_objects, is_sharded, shard_like, shard_model)
 from parityrl.trainer.precision import Float64Reference, exact_logprobs, precision_metrics
 from parityrl.trainer.objectives import kl_k3, policy_loss
 
@@ -46,6 +46,16 @@ class StepTokens:
         return name in self.parts
 
 
+def gather_step_tokens(mine: StepTokens) -> StepTokens:
+    """Every rank's per-token statistics, concatenated in rank order (a collective)."""
+    merged = StepTokens()
+    for part in gather_objects(mine):
+        for name, tensors in part.parts.items():
+            merged.parts.setdefault(name, []).extend(tensors)
+        merged.skipped_samples += part.skipped_samples
+    return merged
+
+
 def microbatches(rollouts: list[Rollout], token_budget: int) -> list[list[Rollout]]:
     """Consecutive chunks whose padded size (rows × longest row) stays within the budget."""
     chunks: list[list[Rollout]] = [[]]
@@ -65,11 +75,13 @@ class Trainer:
                  dist: DistContext | None = None) -> None:
         """`dist`: this trainer is one rank of several (trainer/distributed.py); it shards
         `model` with FSDP2 itself, and every rank must make the same calls with the same data.
-        Every rank computes the whole batch: the ranks share the memory of the parameters,
-        gradients and optimizer state of the decoder layers, not the compute."""
+        The ranks share the memory of the decoder layers' parameters, gradients and optimizer
+        state and, with `cluster.split_batch`, the compute of the loss: each rank runs forward
+        and backward on its own share of the batch (data parallel)."""
         self.cfg = cfg
         self.dist = dist
         self.sharded = dist is not None and dist.world_size > 1
+        self.split_batch = self.sharded and cfg.cluster.split_batch
         if self.sharded and cfg.parity.mode == "bitwise":
             raise UserError("parity.mode=bitwise scores with the engine's kernels on whole "
                             "weights: use one trainer rank")
@@ -132,6 +144,8 @@ class Trainer:
         stats.skipped_samples += int(bad_rows.numel())
         keep = ~torch.isin(rows, bad_rows)
         if not keep.any():
+            if self.split_batch:  # the other ranks are in this micro-batch's collectives
+                self._idle_backward()
             return
         lp = out.logprobs[mask][keep]
         lp_b = batch.engine_logprobs[mask][keep]
@@ -151,7 +165,8 @@ class Trainer:
             loss = loss + tcfg.loss.kl_coef * kl_ref
         if tcfg.loss.entropy_coef > 0:
             loss = loss - tcfg.loss.entropy_coef * entropy
-        (loss.sum() / total_tokens).backward()
+        scale = self.dist.world_size if self.split_batch else 1  # undoes FSDP's average
+        (loss.sum() * scale / total_tokens).backward()
         # Flattened in the order of `out.logprobs[mask]`: row by row, sampled tokens in order.
         pure = torch.tensor([p for r in chunk for p in r.parity_mask(self.version)],
                             device=device)[keep]
@@ -223,14 +238,40 @@ class Trainer:
 
     # -- the step -------------------------------------------------------------------------------
     def accumulate(self, groups: list[Group]) -> "StepState":
-        """Forward and backward over `groups`; gradients are accumulated, weights unchanged."""
+        """Forward and backward over `groups`; gradients are accumulated, weights unchanged.
+
+        With several ranks and `cluster.split_batch`, every rank is given every group
+        (advantages are per group) and computes its own contiguous share of the rollouts; each
+        scales its loss by the number of ranks, since FSDP averages the gradients over them.
+        The per-token statistics are gathered back in batch order, so every rank's metrics are
+        the whole batch's."""
         rollouts = self._assign_advantages(groups)
         total_tokens = max(sum(r.num_tokens for r in rollouts), 1)
         state = StepState(rollouts, StepTokens(), self.version)
-        for chunk in microbatches(rollouts, self.cfg.trainer.optim.tokens_per_microbatch):
-            if sum(r.num_tokens for r in chunk):
-                self._microbatch_loss(chunk, total_tokens, state.tokens)
+        budget = self.cfg.trainer.optim.tokens_per_microbatch
+        shares = data_parallel_shares(rollouts, self.dist) if self.split_batch else [rollouts]
+        per_rank = [[c for c in microbatches(share, budget) if sum(r.num_tokens for r in c)]
+                    for share in shares]
+        mine = per_rank[self.dist.rank if self.split_batch else 0]
+        state.local_rollouts = sum(len(c) for c in mine)
+        for chunk in mine:
+            self._microbatch_loss(chunk, total_tokens, state.tokens)
+        if self.split_batch:
+            # Every rank joins every FSDP collective: as many backward passes as the busiest rank.
+            for _ in range(max(map(len, per_rank)) - len(mine)):
+                self._idle_backward()
+                state.idle_passes += 1
+            state.tokens = gather_step_tokens(state.tokens)
         return state
+
+    def _idle_backward(self) -> None:
+        """A forward and backward through the decoder that adds nothing to any gradient: what a
+        rank with fewer micro-batches than another runs, so that both make the same FSDP
+        collectives (each layer's all-gather and reduce-scatter)."""
+        device = next(self.model.parameters()).device
+        ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=device)
+        hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state
+        (hidden.sum() * 0.0).backward()
 
     def probe_parity(self, state: "StepState", rollouts: list[Rollout]) -> None:
         """Score extra rollouts sampled by the current weights (e.g. queued for the next step).
@@ -357,4 +398,6 @@ class StepState:
     probe_outside: list[torch.Tensor] = field(default_factory=list)
     probe_turns: list[torch.Tensor] = field(default_factory=list)
     exact_lp: torch.Tensor | None = None  # float64 logprobs of the parity tokens
+    local_rollouts: int = 0  # rollouts this rank ran forward and backward on
+    idle_passes: int = 0  # backward passes with nothing to add, to match a busier rank's
 
