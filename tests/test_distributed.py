@@ -138,9 +138,17 @@ def rank_main(rank: int, port: int, model_dir: str, out: str) -> None:
             back_delta = max([back_delta, *optimizer_deltas(trainer, restored)])
             set_grads(trainer, rank)  # one more step: averaging, clip and AdamW on their own
             norm, _ = trainer._optimizer_step()
+            stepped = {k: v.clone() for k, v in trainer.weights().items()}
+            # The restored optimizer state steps too (each rank's shards of it): the same step.
+            restored_version = restored.version
+            set_grads(restored, rank)
+            restored._optimizer_step()
+            back = restored.weights()
+            back_delta = max([back_delta, *((stepped[k] - back[k]).abs().max().item()
+                                            for k in stepped)])
             result = {"metrics": metrics, "weights": weights, "held": held, "norm": norm,
-                      "restored_delta": back_delta, "restored_version": restored.version,
-                      "stepped": {k: v.clone() for k, v in trainer.weights().items()}}
+                      "restored_delta": back_delta, "restored_version": restored_version,
+                      "stepped": stepped}
             low = bfloat16_trainer(model_dir, dist)
             master = {k: v.clone() for k, v in low.master_state().items()}
             model = low.weights()
