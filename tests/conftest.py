@@ -76,10 +76,11 @@ def real_model() -> str:
 def plugins_importable():
     """The test reward and environment plugins (tests/fixtures) importable by import path, here
     and in `parityrl` subprocesses, for one module."""
-    from helpers import fixture_plugins_importable
+    from helpers import FIXTURES
 
     with pytest.MonkeyPatch.context() as mp:
-        fixture_plugins_importable(mp)
+        mp.syspath_prepend(str(FIXTURES))
+        mp.setenv("PYTHONPATH", os.pathsep.join([str(FIXTURES), os.environ.get("PYTHONPATH", "")]))
         yield
 
 

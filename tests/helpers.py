@@ -44,13 +44,6 @@ def with_overrides(cfg: dict, overrides: dict) -> dict:
     return cfg
 
 
-def fixture_plugins_importable(mp) -> None:
-    """tests/fixtures (rewards.py, envs.py) importable in this process and in `parityrl`
-    subprocesses. Tests take it through conftest's `plugins_importable` fixture."""
-    mp.syspath_prepend(str(FIXTURES))
-    mp.setenv("PYTHONPATH", os.pathsep.join([str(FIXTURES), os.environ.get("PYTHONPATH", "")]))
-
-
 def digit_share_config(model: str, prompts: Path, **overrides) -> dict:
     """A training run on `prompts` (write_addition_rows) with the dense test reward (the share
     of digits in a completion: an untrained tiny model gets non-zero advantages from it), small

@@ -7,7 +7,8 @@
 
 Each rank builds the same `Trainer` from the one RunConfig (`build_trainer`, which the local
 backend calls in-process) and receives the whole batch: FSDP2 shards the parameters, gradients
-and optimizer state over the ranks (memory), it does not split the batch (trainer/distributed.py).
+and optimizer state over the ranks, and with `cluster.split_batch` each rank computes its share
+of the batch (trainer/distributed.py).
 The group answers the calls the pipeline makes on a local `Trainer`, so the step loop is one.
 """
 

@@ -49,7 +49,7 @@ class EnginePool:
                settings.model_copy(update={"cpu_threads_bind": str(cores[i % len(cores)])})
                for i in range(engines)]
         start_one = start_engine or _start_local
-        started = await _start_all(start_one, own, side_by_side=start_engine is not None)
+        started = await _start_all(start_one, own)
         try:
             transfer = await join_gloo_group(started)
         except BaseException:
@@ -66,8 +66,7 @@ class EnginePool:
         if not dead:
             return []
         await asyncio.gather(*(self.engines[i].close() for i in dead), return_exceptions=True)
-        fresh = await _start_all(self._start_one, [self.engines[i].settings for i in dead],
-                                 side_by_side=self._start_one is not _start_local)
+        fresh = await _start_all(self._start_one, [self.engines[i].settings for i in dead])
         for i, engine in zip(dead, fresh):
             self.engines[i] = engine
         self._transfer = await join_gloo_group(self.engines)
@@ -129,12 +128,13 @@ async def _start_local(settings: EngineSettings) -> RolloutEngine:
     return await RolloutEngine.start(settings, join_transfer=False)
 
 
-async def _start_all(start_one, settings: list[EngineSettings], side_by_side: bool) -> list:
+async def _start_all(start_one, settings: list[EngineSettings]) -> list:
     """One engine per settings; all stopped again if one fails. In this process they start one
-    after the other (each start sets this process's environment for vLLM's spawn)."""
+    after the other (each start sets this process's environment for vLLM's spawn); elsewhere
+    (Ray actors) side by side."""
     started: list = []
     try:
-        if side_by_side:
+        if start_one is not _start_local:
             results = await asyncio.gather(*(start_one(one) for one in settings),
                                            return_exceptions=True)
             started = [r for r in results if not isinstance(r, BaseException)]

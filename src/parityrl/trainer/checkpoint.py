@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file, save_model, load_model
 
+from parityrl.trainer.distributed import full_tensor, is_sharded, shard_like
+
 
 @dataclass
 class TrainingState:
@@ -31,20 +33,27 @@ class TrainingState:
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+    """The optimizer's state tensors, whole: a sharded parameter's state is gathered from the
+    ranks (a collective then: every rank calls this)."""
     state = optimizer.state_dict()
     tensors = {}
     for pid, entries in state["state"].items():
         for key, value in entries.items():
             t = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"state.{pid}.{key}"] = t.detach().contiguous().cpu()
+            tensors[f"state.{pid}.{key}"] = full_tensor(t).contiguous().cpu()
     return tensors, state["param_groups"]
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path, groups: list) -> None:
+    """The saved (whole) state tensors; for a sharded parameter this rank's shard of each."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     tensors = load_file(str(folder / "optimizer.safetensors"))
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         _, pid, key = name.split(".", 2)
+        param = params[int(pid)]
+        if is_sharded(param) and value.shape == param.shape:  # not AdamW's scalar step
+            value = shard_like(value, param)
         state.setdefault(int(pid), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
@@ -120,13 +129,8 @@ def _save_sharded(trainer, run_dir: Path, step: int, data_position: int, keep: i
                   extra: dict | None) -> Path | None:
     """Several ranks: every tensor gathered whole (collectives, the same order on every rank)
     and written by rank 0 in the one-rank format, so any number of ranks can resume it."""
-    from parityrl.trainer.distributed import full_tensor
-
     weights = trainer.weights()
-    state = trainer.optimizer.state_dict()
-    opt_tensors = {f"state.{pid}.{key}": full_tensor(value if torch.is_tensor(value)
-                                                     else torch.tensor(value)).contiguous()
-                   for pid, entries in state["state"].items() for key, value in entries.items()}
+    opt_tensors, groups = _optimizer_tensors(trainer.optimizer)
     master = trainer.master_state()
     if not trainer.dist.is_main:
         return None
@@ -139,48 +143,29 @@ def _save_sharded(trainer, run_dir: Path, step: int, data_position: int, keep: i
                 unique[name] = tensor.contiguous()
         save_file(unique, path)
 
-    return _write(run_dir, step, write_model, opt_tensors, state["param_groups"], data_position,
-                  keep, extra, master)
+    return _write(run_dir, step, write_model, opt_tensors, groups, data_position, keep, extra,
+                  master)
 
 
 def restore_trainer(trainer, folder: Path) -> TrainingState:
     """`trainer` as checkpoint `folder` left it (weights, optimizer, RNG, master weights); with
     several ranks each rank takes its own shards of the whole tensors the checkpoint holds."""
-    if not trainer.sharded:
-        state = load_checkpoint(folder, trainer.model, trainer.optimizer)
-    else:
-        state = _load_sharded(trainer, folder)
+    load_weights = (lambda path: _load_shards(trainer.model, path)) if trainer.sharded else None
+    state = load_checkpoint(folder, trainer.model, trainer.optimizer, load_weights)
     trainer.load_master_state(state.master)
     trainer.version = state.step
     return state
 
 
-def _load_sharded(trainer, folder: Path) -> TrainingState:
-    from parityrl.trainer.distributed import is_sharded, shard_like
-
-    meta = json.loads((folder / "state.json").read_text())
-    saved = load_file(str(folder / "model.safetensors"))
+def _load_shards(model, path: str) -> None:
+    """This rank's shards of the whole tensors in the model file (the rest whole)."""
+    saved = load_file(path)
     with torch.no_grad():
-        for name, param in trainer.model.named_parameters():
-            whole = saved[name] if name in saved else None
-            if whole is None:  # a tied tensor written once under its other name
+        for name, param in model.named_parameters():
+            if name not in saved:  # a tied tensor written once under its other name
                 continue
+            whole = saved[name]
             param.copy_(shard_like(whole, param) if is_sharded(param) else whole)
-    params = trainer.optimizer.param_groups[0]["params"]
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    opt_state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        _, pid, key = name.split(".", 2)
-        param = params[int(pid)]
-        if is_sharded(param) and value.shape == param.shape:
-            value = shard_like(value, param)
-        opt_state.setdefault(int(pid), {})[key] = value
-    trainer.optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch_rng"])
-    random.setstate(_tupled(meta["python_rng"]))
-    master_file = folder / "master.safetensors"
-    master = load_file(str(master_file)) if master_file.exists() else None
-    return TrainingState(meta["step"], meta["data_position"], meta.get("extra", {}), master)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -188,9 +173,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(folder: Path, model, optimizer) -> TrainingState:
+def load_checkpoint(folder: Path, model, optimizer, load_weights=None) -> TrainingState:
+    """`load_weights(path)`: how the model takes the model file (default: safetensors'
+    load_model, which knows tied tensors)."""
     state = json.loads((folder / "state.json").read_text())
-    load_model(model, str(folder / "model.safetensors"))
+    (load_weights or (lambda path: load_model(model, path)))(str(folder / "model.safetensors"))
     _load_optimizer(optimizer, folder, state["param_groups"])
     torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch_rng"])
     random.setstate(_tupled(state["python_rng"]))
