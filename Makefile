@@ -1,7 +1,8 @@
 # The two commands of the README. Both create/reuse .venv (scripts/setup-venv.sh) first.
 #   make demo   – the main job on the embedded default (tiny local model, real vLLM CPU engine)
-#   make test   – the test suite (real engine, real models built locally)
-.PHONY: demo test setup bench
+#   make test   – the test suite (real engine, real models built locally); what CI runs
+#   make test-quick – the tests that need no engine (the inner loop: a couple of minutes)
+.PHONY: demo test test-quick setup bench
 
 setup:
 	@scripts/setup-venv.sh
@@ -11,6 +12,9 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest
+
+test-quick: setup
+	.venv/bin/python -m pytest -m "not slow"
 
 # Not run by CI: speed of every stage against its anchor (about 5 min on 2 cores).
 bench: setup

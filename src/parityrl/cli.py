@@ -179,6 +179,11 @@ def doctor(
         raise UserError(f"unknown --weight-transport {weight_transport!r}; choose shm_file or gloo")
     _quiet_libraries()
     folder = check_model_folder(resolve_model(model, say=typer.echo))
+    from parityrl.hardware import bfloat16_warning
+
+    warning = bfloat16_warning(dtype)
+    if warning:
+        typer.echo(warning, err=True)
 
     from rich.console import Console
 

@@ -131,8 +131,13 @@ class Pipeline:
 
     # -- the loop -------------------------------------------------------------------------------
     async def run(self) -> TrainResult:
+        from parityrl.hardware import bfloat16_warning
+
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        warning = bfloat16_warning(cfg.dtype)
+        if warning:
+            self.on_message(warning)
         if cfg.cluster.backend == "ray":
             from parityrl.cluster.ray_cluster import RayCluster
 
@@ -194,8 +199,8 @@ class Pipeline:
                            last.get("eval/accuracy"))
 
     async def _start_engine(self, push: bool):
-        from parityrl.engine.engine import RolloutEngine
         from parityrl.engine.pool import EnginePool
+        from parityrl.engine.source import start_engine
 
         settings = engine_settings(self.cfg, self.model_dir)
         cluster = self.cfg.cluster
@@ -207,7 +212,7 @@ class Pipeline:
         elif cluster.engines > 1:
             engine = await EnginePool.start(settings, cluster.engines)
         else:
-            engine = await RolloutEngine.start(settings)
+            engine = await start_engine(settings)
         if self.cfg.parity.mode == "bitwise":
             try:
                 self.trainer.use_engine_kernels(engine.resolved_settings())

@@ -219,7 +219,7 @@ class LadderSession:
         self.kernels = None  # the bitwise rung's EngineKernels
 
     async def engine_for(self, rung: Rung):
-        from parityrl.engine.engine import RolloutEngine
+        from parityrl.engine.source import start_engine
 
         overrides = rung.engine_overrides(self.cfg.seed)
         if self.engine is None or overrides != self.engine_overrides:
@@ -229,7 +229,7 @@ class LadderSession:
                                                     max_model_len=self.cfg.max_model_len,
                                                     weight_transport=self.cfg.weight_transport,
                                                     **overrides)
-            self.engine = await RolloutEngine.start(settings)
+            self.engine = await start_engine(settings)
             self.engine_overrides = overrides
             # A fresh engine loads the folder's weights: give it the trainer's if they moved.
             if rung.pushes and not self.engine_has_trainer_weights:

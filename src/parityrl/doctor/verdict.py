@@ -15,7 +15,8 @@ parameters) a per-dtype default bound is used.
 The doctor also knows both sides' settings (the engine's as vLLM resolved them), and a rung whose
 settings disagree with the trainer's on a numerics knob fails whatever the numbers say: raw
 logprobs against the trainer's processed ones, lm_heads in different dtypes, weights the trainer
-moved but never pushed, prefix caching across a weight update without a cache reset. Measurement
+moved but never pushed or that arrived incomplete (the digest check), prefix caching across a
+weight update without a cache reset. Measurement
 alone cannot always see the second in bfloat16 (on SmolLM2 truncated to 4 layers a bfloat16
 engine head against the trainer's float32 one raised the engine's error only 1.4×).
 
@@ -80,6 +81,9 @@ def settings_faults(r: RungResult) -> list[tuple[str, str]]:
     if s.get("weights_pushed") is False:
         faults.append(("weight synchronisation",
                        "the trainer's new weights were never pushed to the engine"))
+    if r.sync_ok is False:  # whichever rung it is: what the engine holds is not what was sent
+        faults.append(("weight synchronisation",
+                       f"the weight push failed its digest check ({r.sync_check})"))
     if r.prefix_reuse_possible:
         faults.append(("weight synchronisation",
                        "prefix caching is on and the cache was not reset after the weight "

@@ -162,6 +162,23 @@ async def generate_each(generate, prompts: list[list[int]], sampling: SamplingCo
     return [r for group in groups for r in group]
 
 
+# Where every engine start is appended as a JSON line (what started, how long it took), when set:
+# the test suite counts the engines it started, in its own process and in those it spawned.
+ENGINE_START_LOG = "PARITYRL_ENGINE_START_LOG"
+
+
+def log_engine_start(settings: EngineSettings, seconds: float) -> None:
+    path = os.environ.get(ENGINE_START_LOG)
+    if not path:
+        return
+    import json
+
+    line = json.dumps({"pid": os.getpid(), "seconds": round(seconds, 2), "model": settings.model,
+                       "dtype": settings.dtype, "settings": settings.model_dump(mode="json")})
+    with open(path, "a") as f:  # one short write: lines of concurrent engines do not interleave
+        f.write(line + "\n")
+
+
 class RolloutEngine:
     def __init__(self, settings: EngineSettings, llm) -> None:
         self.settings = settings
@@ -185,6 +202,7 @@ class RolloutEngine:
         (`join_transfer=False`: an EnginePool makes one group for all its engines)."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        started_at = time.perf_counter()
         ensure_guard()  # before the engine creates its shared memory: reclaimed on any exit
         # vLLM names its ZMQ sockets in VLLM_RPC_BASE_PATH (default: the temp dir) and leaves them
         # there; this engine's go in a folder of its own, removed at close (or by the guardian).
@@ -212,9 +230,7 @@ class RolloutEngine:
                     os.environ[name] = value
         engine._ipc_dir = ipc_dir
         engine.preemption_counter = counter
-        if settings.pad_single_row_gemm:
-            await engine.llm.collective_rpc("parityrl_pad_single_row_gemms")
-        (engine.worker_numerics,) = await engine.llm.collective_rpc("parityrl_numerics")
+        await engine.pad_single_row_gemms(settings.pad_single_row_gemm)
         await engine.llm.update_weight_version(str(engine.version))
         if settings.weight_transport == "gloo" and join_transfer:
             try:
@@ -222,6 +238,7 @@ class RolloutEngine:
             except BaseException:
                 await engine.close()
                 raise
+        log_engine_start(settings, time.perf_counter() - started_at)
         return engine
 
     def resolved_settings(self) -> dict:
@@ -307,6 +324,14 @@ class RolloutEngine:
 
     async def alive(self) -> bool:
         return self.llm is not None and not self.llm.errored
+
+    async def unfinished_requests(self) -> int:
+        return self.llm.get_num_unfinished_requests()
+
+    async def pad_single_row_gemms(self, on: bool = True) -> None:
+        """Run one-row GEMMs as two rows (bitwise mode does this at start), or stop doing so."""
+        await self.llm.collective_rpc("parityrl_pad_single_row_gemms", args=(on,))
+        (self.worker_numerics,) = await self.llm.collective_rpc("parityrl_numerics")
 
     # -- the steps of an update (push_over_gloo drives them on every engine of a group) ----------
     async def pause(self) -> None:

@@ -62,10 +62,11 @@ class WeightSyncExtension:
             _pad_single_row_gemms(model)
         return refreshed
 
-    def parityrl_pad_single_row_gemms(self) -> int:
-        """From now on (reloads included) every CPU GEMM runs a one-row input as two rows."""
-        self._parityrl_pad_gemms = True
-        return _pad_single_row_gemms(self.model_runner.get_model())
+    def parityrl_pad_single_row_gemms(self, on: bool = True) -> int:
+        """From now on (reloads included) every CPU GEMM runs a one-row input as two rows; or,
+        with `on=False`, as it comes again. Returns the GEMMs changed."""
+        self._parityrl_pad_gemms = on
+        return _pad_single_row_gemms(self.model_runner.get_model(), on)
 
     def parityrl_numerics(self) -> dict:
         """What this worker computes with, read here (not what was asked for)."""
@@ -91,20 +92,21 @@ def pad_single_row(linear):
         return linear(x, weight, bias)
 
     padded.parityrl_padded = True
+    padded.parityrl_unpadded = linear
     return padded
 
 
-def _pad_single_row_gemms(model) -> int:
+def _pad_single_row_gemms(model, on: bool = True) -> int:
     """Wrap each module's CPU GEMM (`cpu_linear`, set by vLLM's dispatch after every load) with
-    `pad_single_row`: the trainer's batched pass never has M = 1."""
-    wrapped = 0
+    `pad_single_row` (the trainer's batched pass never has M = 1), or unwrap it (`on=False`)."""
+    changed = 0
     for module in model.modules():
         linear = getattr(module, "cpu_linear", None)
-        if linear is None or getattr(linear, "parityrl_padded", False):
+        if linear is None or getattr(linear, "parityrl_padded", False) == on:
             continue
-        module.cpu_linear = pad_single_row(linear)
-        wrapped += 1
-    return wrapped
+        module.cpu_linear = pad_single_row(linear) if on else linear.parityrl_unpadded
+        changed += 1
+    return changed
 
 
 def _refresh_tied_modules(model) -> list[str]:

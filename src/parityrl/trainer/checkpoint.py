@@ -129,22 +129,29 @@ def _save_sharded(trainer, run_dir: Path, step: int, data_position: int, keep: i
                   extra: dict | None) -> Path | None:
     """Several ranks: every tensor gathered whole (collectives, the same order on every rank)
     and written by rank 0 in the one-rank format, so any number of ranks can resume it."""
+    import torch.distributed as torch_dist
+
     weights = trainer.weights()
     opt_tensors, groups = _optimizer_tensors(trainer.optimizer)
     master = trainer.master_state()
-    if not trainer.dist.is_main:
-        return None
+    written = None
+    try:
+        if trainer.dist.is_main:
+            def write_model(path: str) -> None:
+                seen, unique = set(), {}
+                for name, tensor in weights.items():  # tied tensors once, as save_model does
+                    if tensor.data_ptr() not in seen:
+                        seen.add(tensor.data_ptr())
+                        unique[name] = tensor.contiguous()
+                save_file(unique, path)
 
-    def write_model(path: str) -> None:
-        seen, unique = set(), {}
-        for name, tensor in weights.items():  # tied tensors once, as save_model writes them
-            if tensor.data_ptr() not in seen:
-                seen.add(tensor.data_ptr())
-                unique[name] = tensor.contiguous()
-        save_file(unique, path)
-
-    return _write(run_dir, step, write_model, opt_tensors, groups, data_position, keep, extra,
-                  master)
+            written = _write(run_dir, step, write_model, opt_tensors, groups, data_position, keep,
+                             extra, master)
+    finally:
+        # Every rank returns once the checkpoint is complete (or rank 0's write failed, which it
+        # then raises): a rank that reads it next (a restore) never meets it half-written.
+        torch_dist.barrier()
+    return written
 
 
 def restore_trainer(trainer, folder: Path) -> TrainingState:

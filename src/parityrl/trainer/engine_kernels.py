@@ -74,6 +74,27 @@ class _EngineLinear:
         return self.linear(x, self.layer.weight, self.bias)
 
 
+def one_row_gemm_differs(in_features: int, out_features: int, threads: int | None = None,
+                         seed: int = 0) -> bool:
+    """A fact of this CPU: does vLLM's CPU GEMM give a row other bits on its own (M = 1) than in a
+    batch (M = 2)? True for K >= 1280 on an AVX-512 Xeon (oneDNN's M = 1 kernel), false with the
+    AVX2 paths (measured there: the engine's padding has nothing to fix). `threads`: the engine
+    worker's thread count (the kernel may depend on it)."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    x = torch.randn(1, in_features, generator=gen)
+    linear = _EngineLinear(weight, None)
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        alone = linear.layer.cpu_linear(x, linear.layer.weight, None)
+        batched = linear.layer.cpu_linear(x.expand(2, -1).contiguous(), linear.layer.weight, None)
+    finally:
+        torch.set_num_threads(previous)
+    return not torch.equal(alone[0], batched[0])
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     from vllm.ir.ops.layernorm import rms_norm
 
