@@ -14,8 +14,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The default tiny model has the demo model's layout (models/warm_start.py DEMO_MODEL): runs on
+# builtin:arithmetic-warm and on it share engines (engine_host.py); its init is wider (0.1), so
+# that a random model's distributions are peaked like a trained one's.
+TINY = dict(arch="qwen2", tie_embeddings=False, hidden=128, heads=4, kv_heads=2)
 VARIANTS = {
-    "qwen2": dict(arch="qwen2", tie_embeddings=False),
+    "qwen2": TINY,
     "qwen2-tied": dict(arch="qwen2", tie_embeddings=True),
     "llama": dict(arch="llama", tie_embeddings=False),
     "llama-tied": dict(arch="llama", tie_embeddings=True),
@@ -26,12 +30,86 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def loop():
-    """An event loop shared by a module's tests (and its module-scoped engine)."""
+    """An event loop shared by a module's tests (and its module-scoped engine handles)."""
     import asyncio
 
     loop = asyncio.new_event_loop()
     yield loop
     loop.close()
+
+
+# --- engines: shared across the session (engine_host.py), counted at the end --------------------
+
+@pytest.fixture(scope="session", autouse=True)
+def engine_host(request):
+    """Every engine the product starts in this process (start_engine: runs, the doctor, the
+    CLI) comes from one host of running engines, shared by all tests; closed at the end."""
+    from engine_host import EngineHost
+
+    from parityrl.engine.source import engines_from
+
+    host = EngineHost()
+    request.config.engine_host = host
+    with engines_from(host):
+        yield host
+    host.close()
+
+
+def _engine_uses(config) -> int:
+    """Engines started anywhere so far plus engines handed out by the host."""
+    from parityrl.engine.engine import ENGINE_START_LOG
+
+    path = os.environ.get(ENGINE_START_LOG)
+    started = sum(1 for _ in open(path)) if path and os.path.exists(path) else 0
+    host = getattr(config, "engine_host", None)
+    return started + (host.leases if host is not None else 0)
+
+
+@pytest.fixture(autouse=True)
+def engine_tests_are_marked_slow(request):
+    """`make test-quick` runs the tests not marked slow: none of them may use an engine."""
+    before = _engine_uses(request.config)
+    yield
+    if request.node.get_closest_marker("slow") is None and _engine_uses(request.config) > before:
+        pytest.fail("this test used a vLLM engine: mark it slow (make test-quick runs the tests "
+                    "that need none)")
+
+
+def pytest_configure(config):
+    # Every engine start, in this process and in those the tests spawn (parityrl train, Ray
+    # actors), appends a line here (engine/engine.py log_engine_start).
+    from parityrl.engine.engine import ENGINE_START_LOG
+
+    if ENGINE_START_LOG not in os.environ:
+        fd, path = tempfile.mkstemp(prefix="parityrl-engine-starts-", suffix=".jsonl")
+        os.close(fd)
+        os.environ[ENGINE_START_LOG] = path
+        config.engine_start_log = path
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    import json
+
+    from parityrl.engine.engine import ENGINE_START_LOG
+
+    path = os.environ.get(ENGINE_START_LOG)
+    if not path or not os.path.exists(path):
+        return
+    starts = [json.loads(line) for line in open(path) if line.strip()]
+    host = getattr(config, "engine_host", None)
+    shared = host.starts if host is not None else []
+    here = [s for s in starts if s["pid"] == os.getpid()]
+    elsewhere = [s for s in starts if s["pid"] != os.getpid()]
+    seconds = sum(s["seconds"] for s in starts)
+    write = terminalreporter.write_line
+    write(f"vLLM engines started: {len(starts)}, {seconds:.0f} s starting them — "
+          f"{len(shared)} shared by the tests (engine_host.py, {host.handovers if host else 0} "
+          f"hand-overs), {len(here) - len(shared)} private in the test process, "
+          f"{len(elsewhere)} in processes the tests spawned (parityrl train, Ray actors)")
+    for s in shared:
+        write(f"  shared {s.seconds:5.1f} s  {s.label}")
+    if getattr(config, "engine_start_log", None):
+        os.unlink(config.engine_start_log)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,21 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 @contextmanager
 def engine_running(loop, settings):
-    """A RolloutEngine started on `loop`, closed on exit (for module-scoped fixtures)."""
+    """An engine with `settings` for code running on `loop`: the session's shared one of that
+    kind (engine_host.py), holding the settings' model weights at version 0; handed back on exit."""
+    from parityrl.engine.source import start_engine
+
+    engine = loop.run_until_complete(start_engine(settings))
+    try:
+        yield engine
+    finally:
+        loop.run_until_complete(engine.close())
+
+
+@contextmanager
+def private_engine(loop, settings):
+    """An engine of the caller's own, started on `loop` and stopped on exit: for a test that
+    kills or breaks it, or must watch it start or close."""
     from parityrl.engine.engine import RolloutEngine
 
     engine = loop.run_until_complete(RolloutEngine.start(settings))
@@ -24,6 +38,28 @@ def engine_running(loop, settings):
         yield engine
     finally:
         loop.run_until_complete(engine.close())
+
+
+def cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`parityrl ARGS` run by its entry point in this process, so that the engines it starts come
+    from the session's host: exit code, stdout and stderr as a subprocess would give them."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from parityrl.cli import main
+
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = ["parityrl", *args]
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                main()
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(["parityrl", *args], code, out.getvalue(), err.getvalue())
 
 
 def write_addition_rows(path: Path) -> Path:

@@ -3,10 +3,10 @@
 The real vLLM CPU engine generates; the trainer scores the same tokens with the engine's kernels
 (trainer/engine_kernels.py); every token must be equal (not a tolerance). Models: the tiny untied
 Qwen2 through the doctor's bitwise rung, and a tiny tied Llama whose MLP is 1280 wide, where
-oneDNN's one-row GEMM rounds differently from its batched one: single requests (every decode step
-one row) show that the engine's padding of one-row GEMMs is what makes it hold. A bitwise
-training run: test_pipeline.py. SmolLM2 (30 layers, float32) is a README command, not a test
-(suite time): `parityrl doctor --model builtin:smollm2-135m-instruct --quick --bitwise ...`.
+oneDNN's one-row GEMM rounds differently from its batched one on AVX-512 CPUs (not on its AVX2
+path): single requests (every decode step one row) show that the engine's padding of one-row GEMMs
+makes it hold wherever it matters. A bitwise training run: the last test here. SmolLM2 (30 layers,
+float32) is a command in docs/bitwise.md, not a test (suite time): `parityrl doctor --model builtin:smollm2-135m-instruct --quick --bitwise ...`.
 """
 
 from __future__ import annotations
@@ -51,18 +51,21 @@ def test_doctor_bitwise_rung_is_exact_on_tiny_qwen2(tiny_model):
 
 
 @pytest.mark.slow
-def test_on_a_tied_llama_one_row_decodes_are_exact_only_with_the_engines_gemm_padding(
+def test_on_a_tied_llama_one_row_decodes_are_exact_with_the_engines_gemm_padding(
         model_factory, loop):
     """One engine, bitwise settings but the padding off at start: single requests (every decode
-    step a one-row GEMM, K = 1280) differ; once the worker pads one-row GEMMs (the RPC bitwise mode
-    makes at start) they are equal, at T 0.7 with top-p and at T 1.0. Then eight requests that
-    outgrow a KV cache of eight blocks: the preemptions are counted."""
-    from helpers import engine_running
+    step a one-row GEMM, K = 1280) differ wherever this CPU's one-row GEMM rounds differently
+    from its batched one (a machine fact, measured first: AVX-512 oneDNN yes, its AVX2 path no);
+    once the worker pads one-row GEMMs (what bitwise mode does at start) they are equal, at T 0.7
+    with top-p and at T 1.0. Then eight requests that outgrow a KV cache of eight blocks: the
+    preemptions are counted. A private engine: its KV cache is made too small on purpose."""
+    from helpers import private_engine
 
     from parityrl.engine.settings import BITWISE_KNOBS, EngineSettings
     from parityrl.models.load import load_policy
     from parityrl.trainer.engine_kernels import (EngineKernels, Sequence,
-                                                 bitwise_setting_faults, processed_logprobs)
+                                                 bitwise_setting_faults, one_row_gemm_differs,
+                                                 processed_logprobs)
 
     model = model_factory("llama-tied-wide")
     kv_bytes_per_block = 2 * 2 * 5 * 32 * 4 * 128  # layers × (K, V) × kv heads × head dim × fp32
@@ -79,12 +82,21 @@ def test_on_a_tied_llama_one_row_decodes_are_exact_only_with_the_engines_gemm_pa
         assert len(engine_lp) >= 20
         return int((ours != engine_lp).sum())
 
-    with engine_running(loop, settings) as engine:
+    with private_engine(loop, settings) as engine:
         assert bitwise_setting_faults(engine.resolved_settings()) == [
             "single_row_gemm_padded=False (needs True)"]
+        # Every GEMM shape of the model (the MLP's down projection has K = 1280), with the
+        # worker's thread count.
+        threads = engine.worker_numerics["worker_threads"]
+        layer = kernels.layers[0]
+        shapes = {tuple(g.layer.weight.shape)
+                  for g in (layer.qkv, layer.o, layer.gate_up, layer.down, kernels.head)}
+        rounds_apart = any(one_row_gemm_differs(k, n, threads) for n, k in shapes)
         prompt = [5, 17, 9, 30, 22, 7]
-        assert differing(engine, SAMPLINGS[0], [prompt]) > 0
-        loop.run_until_complete(engine.llm.collective_rpc("parityrl_pad_single_row_gemms"))
+        unpadded = differing(engine, SAMPLINGS[0], [prompt])
+        assert (unpadded > 0) == rounds_apart, (unpadded, rounds_apart)
+        loop.run_until_complete(engine.pad_single_row_gemms(True))
+        assert engine.resolved_settings()["single_row_gemm_padded"] is True
         for sampling in SAMPLINGS:
             assert differing(engine, sampling, [prompt]) == 0
         before = engine.preemption_counter.preemptions
@@ -195,3 +207,32 @@ def test_the_bitwise_verdict_names_differing_tokens_and_preemptions():
     verdict = judge([broken], {}, "float32")
     assert not verdict.passed and verdict.culprit == "kernels"
     assert "cpu_attn_split_kv=True" in verdict.sentence
+
+
+@pytest.mark.slow
+def test_a_sync_run_in_bitwise_mode_is_exact_at_every_step(tiny_model, tmp_path,
+                                                           plugins_importable):
+    """Sync mode, top-p, bitwise parity: every token equal, every ratio exactly 1 (sync mode in
+    the default parity mode: test_story.py, the reference config)."""
+    import json
+
+    from helpers import digit_share_config, write_addition_rows
+
+    from parityrl.config import build_config
+    from parityrl.pipeline import run_training
+    from parityrl.runlog import read_metrics
+
+    prompts = write_addition_rows(tmp_path / "prompts.jsonl")
+    cfg = build_config(digit_share_config(tiny_model, prompts, **{
+        "mode": "sync", "max_steps": 3, "parity.mode": "bitwise", "sampling.top_p": 0.9,
+        "sampling.max_tokens": 96, "engine.max_model_len": 160}))
+    run_training(cfg, tmp_path / "run", on_message=lambda m: None)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["lag/max"] for r in rows] == [0, 0, 0]
+    assert all(r["rl/clip_frac"] == 0 for r in rows)
+    assert all(r["mismatch/tokens"] == r["rl/tokens"] > 0 for r in rows)
+    assert all(r["mismatch/max_abs_diff"] == 0.0 for r in rows)
+    assert all(r["rl/ratio_min"] == r["rl/ratio_max"] == 1.0 for r in rows)
+    assert all(r["engine/preemptions"] == 0 for r in rows)
+    settings = json.loads((tmp_path / "run" / "engine_settings.json").read_text())
+    assert settings["cpu_attn_split_kv"] is False and settings["single_row_gemm_padded"] is True

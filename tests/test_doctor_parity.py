@@ -2,11 +2,10 @@
 
 The parity rungs run once (qwen2, three samplings on one engine per rung: raw vs processed at
 vLLM's defaults, then the explicit, eager settings with and without a weight push and the fp32
-head); the tied-embedding variant runs the last rung, where it differs: the weight push and the
-fp32 lm_head, whose packed copy a tied model shares with its embedding (a tied llama is SmolLM2's
-architecture: test_real_model.py runs that rung on it, test_bitwise.py the bitwise rung on a tiny
-one). The first rung, vLLM's
-compiled defaults, runs on its own engine.
+head). Tied embeddings differ at the last rung (the weight push and the fp32 lm_head, whose packed
+copy a tied model shares with its embedding): SmolLM2 is a tied llama, and test_real_model.py and
+the CLI doctor test in test_cli.py run that rung on it, test_bitwise.py the bitwise rung on a tiny
+tied llama. The first rung, vLLM's compiled defaults, runs on its own engine.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import pytest
 
 from parityrl.doctor.ladder import DoctorConfig, build_ladder, run_ladder_sync
-from parityrl.doctor.report import by_sampling, judge_all
 from parityrl.doctor.verdict import judge
 from parityrl.sampling import SamplingConfig
 
@@ -61,23 +59,6 @@ def test_raw_logprobs_show_the_semantic_offset_and_every_fix_reaches_parity(ladd
     assert verdict.passed, verdict.text
     assert verdict.sentence.startswith("PASS: at the last rung 'fp32-lm-head'")
     assert not judge([raw], floor, "float32").passed
-
-
-# The llama architecture runs this rung in test_real_model.py (SmolLM2: tied) and the bitwise rung
-# in test_bitwise.py (a tied tiny llama).
-@pytest.mark.parametrize("variant", ["qwen2-tied"])
-def test_weight_push_and_fp32_head_reach_parity_for_every_variant(model_factory, variant):
-    cfg = DoctorConfig(model=model_factory(variant), samplings=[SAMPLINGS["top-p 0.9"]],
-                       num_samples=3, prompts=PROMPTS)
-    # The last rung alone: the trainer perturbs its weights, pushes them, fp32 head on both sides.
-    results, floor = run_ladder_sync(cfg, rungs=build_ladder()[-1:])
-    assert [r.name for r in results] == ["fp32-lm-head"]
-    for r in results:
-        assert r.sync_ok, r.sync_check
-        assert r.metrics["mismatch/max_abs_diff"] <= 1e-5, (variant, r.name)
-    passed, verdicts = judge_all(results, floor, "float32")
-    assert passed, verdicts[0].text
-    assert len(by_sampling(results)) == 1
 
 
 def test_first_rung_runs_vllm_defaults_and_reports_what_vllm_resolved(tiny_model):

@@ -169,7 +169,7 @@ def test_observation_tokens_never_reach_the_loss(tiny_model):
 SAMPLING = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=12)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def engine(real_model_4l, loop):
     from helpers import engine_running
 

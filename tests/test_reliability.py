@@ -7,14 +7,15 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from helpers import (digit_share_config, engine_core_pids, kill_group, metric_rows, start_train,
-                     train_cmd, wait_while_running, write_addition_rows)
+from helpers import (digit_share_config, engine_core_pids, kill_group, metric_rows, shm_of,
+                     start_train, train_cmd, wait_gone, wait_while_running, write_addition_rows)
 from parityrl.config import build_config
 from parityrl.runlog import read_metrics
 
@@ -107,32 +108,129 @@ def test_a_nonfinite_engine_logprob_skips_its_sample_and_a_nonfinite_gradient_it
     assert trainer.nonfinite_streak == 0
 
 
-# --- engine death, failing rewards, a kill during a checkpoint write ---------------------------
+# --- engine death, a SIGKILL, a kill during a checkpoint write: `parityrl train` as a process -----
+# The process is the point here (its process group, its exit code, /dev/shm, a resume after a
+# SIGKILL): these runs start private engines. Each run meets several faults in turn.
 
 @pytest.mark.slow
-def test_engine_core_killed_mid_run_is_replaced_and_nothing_is_lost(tiny_model, prompts_file,
-                                                                   tmp_path):
+def test_an_engine_death_then_a_sigkill_then_resume_loses_and_repeats_no_step(
+        tiny_model, prompts_file, tmp_path):
+    """async, 8 steps, a checkpoint every 2. After step 2 the engine core is SIGKILLed: the run
+    starts a new engine at the trainer's version and goes on. After step 5 the whole process
+    group is SIGKILLed: its guardian reclaims what it held in /dev/shm. `--resume` goes on from
+    step 4: every step once, the ones after the checkpoint done again, parity after both."""
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump(config(tiny_model, prompts_file, max_steps=6)))
+    cfg.write_text(yaml.safe_dump(config(tiny_model, prompts_file, max_steps=8)))
     run_dir = tmp_path / "run"
     proc = start_train(str(cfg), "--out", str(run_dir), stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE)
     try:
         wait_while_running(proc, lambda: metric_rows(run_dir) >= 2)
         os.kill(engine_core_pids(proc.pid)[0], signal.SIGKILL)
-        out, err = proc.communicate(timeout=300)
+        # Step 5's metrics come after step 4's checkpoint is complete.
+        wait_while_running(proc, lambda: metric_rows(run_dir) >= 5)
+        held = shm_of(proc.pid)  # the weights file, vLLM's segments
+    finally:
+        kill_group(proc)  # SIGKILL to the CLI and the engine processes it started
+    killed_at = time.time()
+    out, err = proc.communicate()
+    assert "engine restart" in out + err
+    assert any("parityrl-weights-" in p for p in held) and any("psm_" in p for p in held), held
+    assert wait_gone(held) == set()  # the run's guardian reclaimed them (parityrl/shm_guard.py)
+    before = read_metrics(run_dir / "metrics.jsonl")
+    assert 5 <= len(before) < 8 and max(r["engine/restarts"] for r in before) == 1
+    assert (run_dir / "errors.log").read_text().startswith("== engine_restart")
+    last_checkpoint = max(r["step"] for r in before if r["step"] % 2 == 0 and r["step"] < 5)
+
+    resumed = subprocess.run(train_cmd("--resume", str(run_dir)), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # A clean exit: no task left pending, no segment removed behind the resource tracker's back.
+    for noise in ("Task was destroyed but it is pending", "resource_tracker"):
+        assert noise not in resumed.stderr, resumed.stderr[-2000:]
+    assert "rel step 8/8" in resumed.stdout  # plain progress lines when stdout is no terminal
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(r["time"] < killed_at for r in rows if r["step"] <= last_checkpoint)
+    assert all(r["time"] > killed_at for r in rows if r["step"] > last_checkpoint)
+    assert assert_each_index_once(run_dir) >= 8 * 4
+    # After the restart and after the resume the engine holds the trainer's weights.
+    assert max(r.get("mismatch/max_abs_diff", 0.0) for r in rows) <= 1e-5
+    assert (run_dir / "checkpoints" / "step-000008" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_checkpoint_write_then_resume_restores_the_saved_state_and_an_engine_death_with_no_restart_left_ends_it_cleanly(
+        tiny_model, prompts_file, tmp_path):
+    """sync, a checkpoint every 2, the write of step 4's made slow and the run SIGKILLed during
+    it: step 2's checkpoint is intact and is what --resume restores, tensor by tensor; the
+    resumed run (no engine restart allowed) trains on-policy in parity, the same problems in
+    the same steps; then its engine core dies: exit 1 with one error line, nothing left in
+    /dev/shm."""
+    from safetensors.torch import load_file
+
+    from parityrl.pipeline import Pipeline
+
+    plain = config(tiny_model, prompts_file, mode="sync", max_steps=8)
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(plain))
+    run_dir = tmp_path / "run"
+    proc = start_train(str(cfg_file), "--out", str(run_dir),
+                       env={"PARITYRL_FAULT_CHECKPOINT_SLEEP": "4:60"})
+    writing = run_dir / "checkpoints" / ".tmp-step-000004" / "model.safetensors"
+    try:
+        wait_while_running(proc, writing.exists)
     finally:
         kill_group(proc)
-    assert proc.returncode == 0, err[-3000:]
+    saved = run_dir / "checkpoints" / "step-000002"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        ".tmp-step-000004", "step-000002"]
+
+    # What --resume restores equals what was saved, tensor by tensor.
+    pipeline = Pipeline(build_config(plain), run_dir, resume=True, on_message=lambda m: None)
+    pipeline._build_trainer()
+    trainer = pipeline.trainer
+    for name, tensor in load_file(str(saved / "model.safetensors")).items():
+        assert torch.equal(trainer.model.state_dict()[name], tensor), name
+    opt_saved = load_file(str(saved / "optimizer.safetensors"))
+    for key, value in opt_saved.items():
+        _, pid, field = key.split(".", 2)
+        assert torch.equal(trainer.optimizer.state_dict()["state"][int(pid)][field], value), key
+    assert torch.equal(torch.get_rng_state(), load_file(str(saved / "rng.safetensors"))["torch_rng"])
+    state = json.loads((saved / "state.json").read_text())
+    assert trainer.version == 2 and pipeline.ledger.position == state["data_position"]
+
+    # A dead engine ends this run: no restart left (the config said 1).
+    resumed_at = time.time()
+    resumed = start_train("--resume", str(run_dir), "actor.max_restarts=0",
+                          stderr=subprocess.PIPE)
+
+    def step_4_done_again() -> bool:
+        return any(r["step"] == 4 and r["time"] > resumed_at
+                   for r in read_metrics(run_dir / "metrics.jsonl"))
+
+    try:
+        wait_while_running(resumed, step_4_done_again)
+        held = shm_of(resumed.pid)
+        cores = engine_core_pids(resumed.pid)
+        assert cores, "no engine-core process found"
+        os.kill(cores[0], signal.SIGKILL)
+        resumed.wait(timeout=120)
+        assert resumed.returncode == 1
+        errors = [line for line in resumed.stderr.read().splitlines()
+                  if line.startswith("error:")]
+        assert errors and "engine died" in errors[0], errors
+    finally:
+        kill_group(resumed)
+    assert wait_gone(held) == set()
     rows = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, 7))
-    assert rows[-1]["engine/restarts"] == 1
-    assert "engine restart" in out + err
-    assert "rel step 6/6" in out  # plain progress lines when stdout is not a terminal
-    assert (run_dir / "errors.log").read_text().startswith("== engine_restart")
-    assert assert_each_index_once(run_dir) >= 6 * 4
-    # After the restart the engine holds the trainer's weights: parity on fresh rollouts.
-    assert max(r.get("mismatch/max_abs_diff", 0.0) for r in rows) <= 1e-5
+    assert [r["step"] for r in rows][:4] == [1, 2, 3, 4]
+    # The engine got the restored weights before generating: step 3 is on-policy and in parity.
+    assert rows[2]["lag/max"] == 0 and rows[2]["mismatch/max_abs_diff"] <= 1e-5
+    # The same problems, in the same steps, as without the kill: in sync mode (no group of this
+    # task is rejected) step k trains the k-th run of `prompts_per_step` indices.
+    per_step = [sorted(r["trained"]) for r in read_metrics(run_dir / "problems.jsonl")]
+    assert per_step[:4] == [list(range(4 * k, 4 * k + 4)) for k in range(4)]
 
 
 @pytest.mark.slow
@@ -162,55 +260,6 @@ def test_rewards_that_raise_or_hang_are_rejected_and_counted(tiny_model, prompts
     assert "ValueError: cannot score" in log
     assert sum("reward_error" in m for m in messages) == 1
     assert_each_index_once(tmp_path)
-
-
-@pytest.mark.slow
-def test_kill_during_a_checkpoint_write_then_resume_restores_the_saved_state(
-        tiny_model, prompts_file, tmp_path):
-    from safetensors.torch import load_file
-
-    from parityrl.pipeline import Pipeline
-
-    plain = config(tiny_model, prompts_file, mode="sync", max_steps=4)
-    cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(yaml.safe_dump(plain))
-    run_dir = tmp_path / "run"
-    proc = start_train(str(cfg_file), "--out", str(run_dir),
-                       env={"PARITYRL_FAULT_CHECKPOINT_SLEEP": "4:60"})
-    writing = run_dir / "checkpoints" / ".tmp-step-000004" / "model.safetensors"
-    try:
-        wait_while_running(proc, writing.exists)
-    finally:
-        kill_group(proc)
-    saved = run_dir / "checkpoints" / "step-000002"
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        ".tmp-step-000004", "step-000002"]
-
-    # What --resume restores equals what was saved, tensor by tensor.
-    pipeline = Pipeline(build_config(plain), run_dir, resume=True, on_message=lambda m: None)
-    pipeline._build_trainer()
-    trainer = pipeline.trainer
-    for name, tensor in load_file(str(saved / "model.safetensors")).items():
-        assert torch.equal(trainer.model.state_dict()[name], tensor), name
-    opt_saved = load_file(str(saved / "optimizer.safetensors"))
-    for key, value in opt_saved.items():
-        _, pid, field = key.split(".", 2)
-        assert torch.equal(trainer.optimizer.state_dict()["state"][int(pid)][field], value), key
-    assert torch.equal(torch.get_rng_state(), load_file(str(saved / "rng.safetensors"))["torch_rng"])
-    state = json.loads((saved / "state.json").read_text())
-    assert trainer.version == 2 and pipeline.ledger.position == state["data_position"]
-
-    resumed = subprocess.run(train_cmd("--resume", str(run_dir)), capture_output=True, text=True,
-                             timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, 5))
-    # The engine got the restored weights before generating: step 3 is on-policy and in parity.
-    assert rows[2]["lag/max"] == 0 and rows[2]["mismatch/max_abs_diff"] <= 1e-5
-    # The same problems, in the same steps, as without the kill: in sync mode (no group of this
-    # task is rejected) step k trains the k-th run of `prompts_per_step` indices.
-    per_step = [sorted(r["trained"]) for r in read_metrics(run_dir / "problems.jsonl")]
-    assert per_step == [list(range(4 * k, 4 * k + 4)) for k in range(4)]
 
 
 # --- disk faults -------------------------------------------------------------------------------
