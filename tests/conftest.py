@@ -107,7 +107,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
           f"hand-overs), {len(here) - len(shared)} private in the test process, "
           f"{len(elsewhere)} in processes the tests spawned (parityrl train, Ray actors)")
     for s in shared:
-        write(f"  shared {s.seconds:5.1f} s  {s.label}")
+        asked = ", ".join(sorted(host.asked_by.get(s.kind, ())))
+        write(f"  shared {s.seconds:5.1f} s  {s.label}  ({asked})")
     if getattr(config, "engine_start_log", None):
         os.unlink(config.engine_start_log)
 

@@ -15,8 +15,8 @@ Handing an engine over pushes the asking model folder's weights into it through 
 own update path (pause(keep) → in-place reload → digests → prefix-cache reset → version 0): the
 caller meets an engine that holds exactly its folder's weights at version 0, as a fresh one would,
 and every hand-over is one more check of that path. Resource limits (context length, KV cache
-size, batch limits) are not part of the kind: an engine at least as large as asked serves, and
-the run's engine_settings.json says what it had.
+size, batch limits) and the engine seed are not part of the kind: an engine at least as large as
+asked serves, and the run's engine_settings.json says what it had.
 
 The engines live on an event loop of their own, in a thread: tests and product code that run
 their own loops (asyncio.run in run_training, the doctor, the CLI) await them through the handle.
@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -69,7 +70,10 @@ def model_layout(folder: str | Path) -> str:
 
 
 def engine_kind(settings: EngineSettings) -> str:
-    fields = settings.model_dump(mode="json", exclude={"model", "gpu_memory_utilization",
+    # Not the seed either: it only seeds requests that bring none, and every request the product
+    # sends brings its own (actor, episodes, doctor, pool); a shared engine's global generator has
+    # moved on with earlier tests anyway.
+    fields = settings.model_dump(mode="json", exclude={"model", "gpu_memory_utilization", "seed",
                                                        *RESOURCES})
     return json.dumps({**fields, "model_layout": model_layout(settings.model)}, sort_keys=True)
 
@@ -96,6 +100,7 @@ def _max_positions(folder: str) -> int:
 class Start:
     label: str
     seconds: float
+    kind: str
 
 
 class EngineHost:
@@ -114,6 +119,7 @@ class EngineHost:
         self.starts: list[Start] = []
         self.leases = 0  # engines handed to callers
         self.handovers = 0  # ... that first took the caller's weights
+        self.asked_by: dict[str, set[str]] = {}  # kind → the test files that asked for it
 
     # -- the EngineSource the product asks (engine/source.py) ---------------------------------
     async def start(self, settings: EngineSettings) -> "SharedEngine":
@@ -134,6 +140,8 @@ class EngineHost:
         kind = engine_kind(settings)
         self.leases += 1
         self._asked[kind] = self._asked.get(kind, 0) + 1
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[0]
+        self.asked_by.setdefault(kind, set()).add(Path(test).name)
         engine = await self._take_idle(kind, settings)
         if engine is None:
             engine = await self._start(settings)
@@ -169,7 +177,8 @@ class EngineHost:
             await self._drop(engine)
         started = time.perf_counter()
         engine = await RolloutEngine.start(sized)
-        self.starts.append(Start(_label(settings), time.perf_counter() - started))
+        self.starts.append(Start(_label(settings), time.perf_counter() - started,
+                                 engine_kind(settings)))
         self._holds[id(engine)] = str(settings.model)
         return engine
 
@@ -211,8 +220,7 @@ class EngineHost:
 
     async def _close_all(self) -> None:
         idle, self._idle = self._idle, []
-        for _, engine in idle:
-            await self._drop(engine)
+        await asyncio.gather(*(self._drop(engine) for _, engine in idle))
 
     def mark_changed(self, engine) -> None:
         """The engine's weights moved away from its folder's (an update through a handle)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from parityrl.doctor.ladder import DoctorConfig, build_ladder, run_ladder_sync
-from parityrl.doctor.verdict import judge
+from parityrl.doctor.verdict import consistency, judge
 from parityrl.sampling import SamplingConfig
 
 pytestmark = pytest.mark.slow
@@ -58,14 +58,18 @@ def test_raw_logprobs_show_the_semantic_offset_and_every_fix_reaches_parity(ladd
     verdict = judge([raw, *results], floor, "float32")
     assert verdict.passed, verdict.text
     assert verdict.sentence.startswith("PASS: at the last rung 'fp32-lm-head'")
-    assert not judge([raw], floor, "float32").passed
+    # Withheld, the semantics fix fails and names its layer (test_real_model.py withholds the others).
+    alone = judge([raw], floor, "float32")
+    assert not alone.passed and alone.culprit == "semantics", alone.text
+    assert alone.sentence.startswith("FAIL at the semantics layer")
+    state = consistency(raw)
+    assert not state.ok and state.ratio > 10, state.why
 
 
 def test_first_rung_runs_vllm_defaults_and_reports_what_vllm_resolved(tiny_model):
     """Nothing numerics-related passed to vLLM: compiled mode, prefix caching, raw logprobs, the
     folder's generation config, and the notes say so; raw logprobs fail the consistency rule."""
     from parityrl.doctor.report import baseline_notes
-    from parityrl.doctor.verdict import consistency
 
     cfg = DoctorConfig(model=tiny_model, samplings=[SAMPLINGS["temperature 0.7"]],
                        num_samples=2, prompts=PROMPTS)
