@@ -3,6 +3,9 @@ every engine, an engine actor killed mid-run and replaced.
 
 The same run on the local backend is the reference: in sync mode with the same seed the first
 step's loss and reward must match it, and the parity metrics stay at its level.
+
+The Ray run's engines are private: they live in Ray actors (one is killed on purpose); the local
+reference run takes the shared engine.
 """
 
 from __future__ import annotations

@@ -120,7 +120,8 @@ def test_two_engines_over_gloo_one_broadcast_updates_both_exactly_and_a_gap_is_n
     take the same version and hold the trainer's weights (parity on each); a tensor left out is
     named for each engine. With prefix caching on, a long prompt seen before the update is scored
     by the new weights after it (vLLM keeps prefix-cache blocks across a reload; the update
-    resets the cache)."""
+    resets the cache). Its two engines are private: the pool forms its gloo group with the
+    engines it starts (engine/pool.py), so a running engine cannot join."""
     from parityrl.engine.pool import EnginePool
 
     prompt = [5 + (i % 60) for i in range(200)]  # fills a 128-token KV block
