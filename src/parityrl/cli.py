@@ -156,6 +156,11 @@ def doctor(
         False, "--bitwise", help="Add the bitwise rung: the trainer scores with the engine's own "
                                  "kernels (parity.mode=bitwise; float32, CPU engine); it passes "
                                  "only if every token's logprob is equal."),
+    sampler_draws: int = typer.Option(
+        0, "--sampler-draws", min=0,
+        help="Also test the sampler on the last rung's engine: this many one-token draws a "
+             "prompt, G-tested against the engine's reported probabilities and the trainer's "
+             "distribution (0 = off; 2000 is a good start)."),
     weight_transport: str = typer.Option(
         "shm_file", "--weight-transport",
         help="How the rungs push weights: shm_file (shared memory) or gloo (vLLM's "
@@ -220,9 +225,14 @@ def doctor(
                 status.update(f"rung {len(done) + 1}/{len(rungs)}: {rungs[len(done)].name}")
             if multi_turn and result.name == rungs[-1 - bitwise].name:
                 status.update("multi-turn check: two-turn episodes on this rung's engine")
+            elif sampler_draws and result.name == rungs[-1 - bitwise].name:
+                status.update(f"sampler check: {sampler_draws} one-token draws a prompt")
 
+        samplers = []  # the sampler check's results (one list per sampling)
         results, floor = run_ladder_sync(cfg, on_rung, rungs,
-                                         turns.append if multi_turn else None)
+                                         turns.append if multi_turn else None,
+                                         samplers.append if sampler_draws else None,
+                                         sampler_draws)
     print_table(results, floor, console)
     passed, verdicts = judge_all(results, floor, dtype, tol)
     for v in verdicts:
@@ -231,6 +241,11 @@ def doctor(
         for check in turns:
             console.print("\n".join(check.lines()), highlight=False)
         passed = passed and all(check.passed for check in turns)
+    from parityrl.doctor import sampler as sampler_check
+
+    for checked in samplers:
+        console.print("\n".join(sampler_check.verdict_lines(checked)), highlight=False)
+        passed = passed and all(r.passed for r in checked)
     console.print(advice(), highlight=False)
     header = {"model": model, "dtype": dtype, "temperature": temperature, "top_p": top_p,
               "top_k": top_k, "chat_template": results[0].settings["chat_template"],
@@ -242,6 +257,8 @@ def doctor(
             extra["multi_turn"] = [{"passed": c.passed, "why": c.consistency.why,
                                     "metrics": c.result.metrics, "episodes": c.episodes,
                                     "template_mismatches": c.unfaithful} for c in turns]
+        if samplers:
+            extra["sampler"] = [sampler_check.to_json(checked) for checked in samplers]
         write_json(json_out, to_json(results, floor, verdicts, passed, extra))
     if report:
         path = write_report(results, floor, verdicts, passed, report, header)

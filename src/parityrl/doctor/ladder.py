@@ -298,11 +298,14 @@ class LadderSession:
 async def run_ladder(
     cfg: DoctorConfig, on_rung: Callable[[RungResult], None] | None = None,
     rungs: list[Rung] | None = None, on_multi_turn: Callable | None = None,
+    on_sampler: Callable | None = None, sampler_draws: int = 2000,
 ) -> tuple[list[RungResult], dict]:
     """Run the ladder in order; returns one result per rung and sampling, and the trainer's noise
     floor (measured on the first rung's rollouts of the first sampling). With `on_multi_turn`,
     the multi-turn check (doctor/multiturn.py) runs on the engine of the last rung before the
-    bitwise one, after that rung, and each of its results is handed to it."""
+    bitwise one, after that rung, and each of its results is handed to it; with `on_sampler`,
+    the sampler check (doctor/sampler.py, `sampler_draws` draws a prompt) there too, once per
+    sampling."""
     rungs = rungs if rungs is not None else build_ladder(cfg.withhold)
     session = LadderSession(cfg)
     results: list[RungResult] = []
@@ -347,11 +350,19 @@ async def run_ladder(
 
                 for check in await check_multi_turn(session, rung):
                     on_multi_turn(check)
+            if on_sampler is not None and index == last_default:
+                from parityrl.doctor.sampler import check_sampler
+
+                for sampling in cfg.samplings:
+                    on_sampler(await check_sampler(
+                        engine, session.model, session.prompt_ids, sampling, sampler_draws,
+                        cfg.seed, fp32_lm_head=rung.trainer_fp32_lm_head))
     finally:
         await session.close()
     return results, floor
 
 
 def run_ladder_sync(cfg: DoctorConfig, on_rung=None, rungs: list[Rung] | None = None,
-                    on_multi_turn=None):
-    return asyncio.run(run_ladder(cfg, on_rung, rungs, on_multi_turn))
+                    on_multi_turn=None, on_sampler=None, sampler_draws: int = 2000):
+    return asyncio.run(run_ladder(cfg, on_rung, rungs, on_multi_turn, on_sampler,
+                                  sampler_draws))

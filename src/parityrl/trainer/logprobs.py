@@ -192,6 +192,21 @@ def token_logprobs(
     return TokenLogprobs(logprobs=out_lp, entropy=out_ent, mask=wanted, outside_nucleus=out_outside)
 
 
+def next_token_logprobs(model, prompt_ids: list[int], sampling: SamplingConfig, *,
+                        fp32_lm_head: bool = True) -> torch.Tensor:
+    """The whole processed distribution [V] of the token after `prompt_ids`: the same projection
+    and sampler processing as `token_logprobs`, every vocabulary entry instead of one sampled token
+    (masked ones -inf). The doctor's sampler check (doctor/sampler.py) tests the engine's draws
+    against it."""
+    check_model_supported(model)
+    ids = torch.tensor([prompt_ids])
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 position_ids=torch.arange(len(prompt_ids))[None]
+                                 ).last_hidden_state
+    processed, _ = process_logits(project_to_vocab(model, hidden[:, -1], fp32_lm_head), sampling)
+    return processed.log_softmax(-1)[0]
+
+
 def _engine_logprobs(kernels, input_ids, attention_mask, completion_mask, sampling,
                      logprobs_mode: LogprobsMode, sampled: torch.Tensor):
     """Bitwise mode: (sampled-token logprobs [N], all logprobs [N, V]) from the engine's kernels,

@@ -1,0 +1,188 @@
+"""The doctor's sampler check: does the engine sample from the distribution whose logprobs it
+reports, and is that the trainer's?
+
+Every parity number compares the engine's *reported* logprob of a sampled token with the
+trainer's. If the sampler draws from another distribution (raw logprobs reported while the sampler
+applies temperature and top-p: the seed's bug; a temperature or a top-p applied on one side only),
+those numbers can agree while the rollouts are off the policy they are credited to. Here, for each
+prompt, the engine draws one token many times (a seed each) with the rung's sampling parameters,
+and the counts are tested (G-test) against
+
+- the engine's own reported probabilities of the drawn tokens: is the sampler faithful to what it
+  reports? and
+- the trainer's processed next-token distribution (trainer/logprobs.py `next_token_logprobs`): is
+  it the distribution the trainer credits the tokens to?
+
+Bins: each token expected at least MIN_EXPECTED times has its own; the others share one, whose
+probability is the rest of the mass (for the engine, 1 − the reported probabilities of the tokens
+with bins of their own: the undrawn tokens' probabilities are never reported). A token drawn that
+the trainer gives probability 0 (outside its top-k/top-p set) makes G infinite (the reported TV
+is then 1, an upper bound). The two tests of
+every prompt share the check's false-alarm rate `alpha` (Bonferroni): a correct setup fails with
+probability at most `alpha`. It runs on the ladder's engine after the last rung, like the
+multi-turn check: no engine start of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from parityrl.sampling import SamplingConfig
+
+NAME = "sampler"
+MIN_EXPECTED = 5.0  # the usual validity floor of the chi-square approximation to G
+ALPHA = 1e-3  # the check's false-alarm rate on a correct setup (all its tests together)
+
+
+@dataclass
+class GTest:
+    g: float
+    dof: int
+    p_value: float
+    tv: float  # total variation between the drawn frequencies and the reference, over the bins
+    bins: int
+
+
+def g_test(counts: dict[int, int], reference: dict[int, float], complete: bool = False) -> GTest:
+    """Draw counts per token against reference probabilities per token. Tokens absent from
+    `reference` share the rest of its mass (1 − sum); with `complete` (the reference names every
+    token it gives a probability, as the trainer's does) a drawn token absent from it or at 0 is
+    impossible: G is infinite."""
+    draws = sum(counts.values())
+    if complete and any(reference.get(t, 0.0) <= 0.0 for t in counts):
+        return GTest(math.inf, max(1, len(reference) - 1), 0.0, 1.0, len(reference))
+    own = {t: p for t, p in reference.items() if p * draws >= MIN_EXPECTED}
+    observed = [counts.get(t, 0) for t in own]
+    expected = [p * draws for p in own.values()]
+    # The pooled bin: every other token, drawn or not.
+    observed.append(draws - sum(observed))
+    expected.append(max(0.0, 1.0 - sum(own.values())) * draws)
+    g = 0.0
+    for o, e in zip(observed, expected):
+        if o > 0:
+            g = math.inf if e <= 0 else g + 2.0 * o * math.log(o / e)
+    dof = max(1, sum(1 for e in expected if e > 0) - 1)
+    p_value = 0.0 if math.isinf(g) else float(
+        torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                torch.tensor(max(g, 0.0) / 2, dtype=torch.float64)))
+    tv = 0.5 * sum(abs(o - e) for o, e in zip(observed, expected)) / draws
+    return GTest(g, dof, p_value, tv, len(expected))
+
+
+@dataclass
+class SamplerResult:
+    prompt: int  # index in the doctor's prompts
+    sampling: SamplingConfig
+    draws: int
+    distinct: int  # distinct tokens drawn
+    engine: GTest  # against the engine's reported probabilities
+    trainer: GTest  # against the trainer's processed distribution
+    alpha: float  # per test
+    reported_spread: float  # largest spread of one token's reported logprob across its draws
+
+    @property
+    def faithful(self) -> bool:
+        return self.engine.p_value >= self.alpha
+
+    @property
+    def on_policy(self) -> bool:
+        return self.trainer.p_value >= self.alpha
+
+    @property
+    def passed(self) -> bool:
+        return self.faithful and self.on_policy
+
+
+async def draw_next_tokens(engine, prompt_ids: list[int], sampling: SamplingConfig, draws: int,
+                           seed: int) -> tuple[Counter, dict[int, list[float]]]:
+    """`draws` one-token continuations of `prompt_ids`, a seed each: counts per token and the
+    logprobs the engine reported for it."""
+    one = sampling.model_copy(update={"max_tokens": 1})
+    rollouts = await engine.generate_many([prompt_ids], one, n=draws, seed=seed)
+    counts: Counter = Counter()
+    reported: dict[int, list[float]] = {}
+    for r in rollouts:
+        token = r.completion_ids[0]
+        counts[token] += 1
+        reported.setdefault(token, []).append(r.logprobs[0])
+    return counts, reported
+
+
+async def check_sampler(engine, model, prompt_ids: list[list[int]], sampling: SamplingConfig,
+                        draws: int, seed: int = 0, *, fp32_lm_head: bool = True,
+                        trainer_sampling: SamplingConfig | None = None,
+                        alpha: float = ALPHA) -> list[SamplerResult]:
+    """Per prompt, `draws` engine draws tested against the engine's reported probabilities and
+    the trainer's distribution (under `trainer_sampling`, default `sampling`: a different one is
+    how a tests injects a parameter applied on one side only)."""
+    from parityrl.trainer.logprobs import next_token_logprobs
+
+    per_test = alpha / (2 * len(prompt_ids))
+    results = []
+    for i, ids in enumerate(prompt_ids):
+        counts, reported = await draw_next_tokens(engine, ids, sampling, draws,
+                                                  seed + i * draws)
+        engine_probs = {t: math.exp(sum(lps) / len(lps)) for t, lps in reported.items()}
+        with torch.no_grad():
+            trainer_lp = next_token_logprobs(model, ids, trainer_sampling or sampling,
+                                             fp32_lm_head=fp32_lm_head).double()
+        trainer_probs = trainer_lp.exp()
+        kept = torch.nonzero(trainer_probs > 0).squeeze(-1).tolist()
+        trainer_ref = {t: float(trainer_probs[t]) for t in kept}
+        spread = max(max(lps) - min(lps) for lps in reported.values())
+        results.append(SamplerResult(i, sampling, draws, len(counts),
+                                     g_test(counts, engine_probs),
+                                     g_test(counts, trainer_ref, complete=True),
+                                     per_test, spread))
+    return results
+
+
+def _label(s: SamplingConfig) -> str:
+    return f"T={s.temperature:g}, top_p={s.top_p:g}, top_k={s.top_k}"
+
+
+def verdict_lines(results: list[SamplerResult]) -> list[str]:
+    """The check's verdict: PASS, or FAIL at the sampler layer with what failed, and the tests'
+    numbers per prompt."""
+    first = results[0]
+    head = (f"({NAME}, {_label(first.sampling)}): {len(results)} prompts × {first.draws} "
+            f"one-token draws, G-tests at a false-alarm rate of {first.alpha * 2 * len(results):g}")
+    unfaithful = [r for r in results if not r.faithful]
+    off_policy = [r for r in results if not r.on_policy]
+    if not unfaithful and not off_policy:
+        lines = [f"PASS {head}: the engine samples from the distribution it reports, and it is "
+                 "the trainer's."]
+    else:
+        lines = [f"FAIL at the sampler layer {head}:"]
+        if unfaithful:
+            lines.append(f"  the engine's draws do not follow the probabilities it reports "
+                         f"(prompts {', '.join(str(r.prompt) for r in unfaithful)}): its "
+                         "logprobs are not those of the distribution it samples from; check "
+                         "engine.logprobs_mode (processed_logprobs).")
+        if off_policy:
+            lines.append(f"  the engine's draws do not follow the trainer's processed "
+                         f"distribution (prompts {', '.join(str(r.prompt) for r in off_policy)}):"
+                         " the two sides process logits differently (temperature, top_p, top_k, "
+                         "lm_head dtype).")
+    for r in results:
+        lines.append(f"  prompt {r.prompt}: {r.distinct} distinct tokens; engine-reported "
+                     f"p = {r.engine.p_value:.3g} (TV {r.engine.tv:.3f}); trainer p = "
+                     f"{r.trainer.p_value:.3g} (TV {r.trainer.tv:.3f})")
+    return lines
+
+
+def to_json(results: list[SamplerResult]) -> dict:
+    return {"passed": all(r.passed for r in results),
+            "prompts": [{"prompt": r.prompt, "draws": r.draws, "distinct": r.distinct,
+                         "alpha_per_test": r.alpha, "reported_spread": r.reported_spread,
+                         "engine": _finite(vars(r.engine)), "trainer": _finite(vars(r.trainer))}
+                        for r in results]}
+
+
+def _finite(test: dict) -> dict:
+    """JSON has no infinity: an infinite G (a draw the reference calls impossible) is null."""
+    return {k: None if isinstance(v, float) and math.isinf(v) else v for k, v in test.items()}

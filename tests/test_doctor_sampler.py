@@ -1,0 +1,120 @@
+"""The doctor's sampler check (doctor/sampler.py): the G-test on its own (calibrated on correct
+draws, sharp on wrong ones), then on the real engine: a correct setup passes, raw logprobs reported
+while the sampler applies temperature and top-p fail as unfaithful, a temperature applied on the
+trainer's side only fails as off-policy; and `parityrl doctor --sampler-draws` says so."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import cli_in_process, engine_running
+
+from parityrl.doctor.sampler import check_sampler, g_test, verdict_lines
+from parityrl.engine.settings import EngineSettings
+from parityrl.models.load import load_policy
+from parityrl.sampling import SamplingConfig
+
+SAMPLING = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=1)
+PROMPTS = [[5, 6, 76, 7, 84], [20, 21, 22], [40, 41, 42, 43, 98]]
+DRAWS = 2000
+
+
+def _distribution(size: int = 40, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(size, generator=gen, dtype=torch.float64) * 1.5).softmax(-1)
+
+
+def _draw(p: torch.Tensor, draws: int, seed: int) -> dict[int, int]:
+    gen = torch.Generator().manual_seed(seed)
+    drawn = torch.multinomial(p.float(), draws, replacement=True, generator=gen)
+    return {int(t): int(c) for t, c in zip(*torch.unique(drawn, return_counts=True))}
+
+
+def test_on_correct_draws_the_p_values_are_uniform_so_the_false_alarm_rate_is_the_stated_one():
+    p = _distribution()
+    full = {t: float(p[t]) for t in range(len(p))}
+    p_values = [g_test(_draw(p, DRAWS, seed), full).p_value for seed in range(400)]
+    # Uniform p-values: about 5 % below 0.05, about half below 0.5.
+    assert 0.02 <= sum(v < 0.05 for v in p_values) / 400 <= 0.09
+    assert 0.42 <= sum(v < 0.5 for v in p_values) / 400 <= 0.58
+    # As the engine reports: probabilities of the drawn tokens only, the rest pooled.
+    counts = _draw(p, DRAWS, 0)
+    drawn_only = {t: full[t] for t in counts}
+    assert g_test(counts, drawn_only).p_value > 1e-3
+
+
+def test_draws_from_another_temperature_or_an_impossible_token_fail():
+    p = _distribution()
+    full = {t: float(p[t]) for t in range(len(p))}
+    hotter = (p.log() / 0.7).softmax(-1)
+    assert g_test(_draw(hotter, DRAWS, 1), full).p_value < 1e-9
+    # A kept set that leaves out a token the sampler draws: G is infinite, p is 0.
+    nucleus = {t: v for t, v in full.items() if t != int(p.argmax())}
+    total = sum(nucleus.values())
+    nucleus = {t: v / total for t, v in nucleus.items()}
+    impossible = g_test(_draw(p, DRAWS, 2), nucleus, complete=True)
+    assert math.isinf(impossible.g) and impossible.p_value == 0.0
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model):
+    return load_policy(tiny_model, "float32")
+
+
+def _check(loop, engine, policy, **kwargs):
+    return loop.run_until_complete(check_sampler(engine, policy, PROMPTS, SAMPLING, DRAWS,
+                                                 seed=0, **kwargs))
+
+
+@pytest.mark.slow
+def test_the_engine_samples_what_it_reports_and_a_one_sided_temperature_is_named(
+        tiny_model, policy, loop):
+    with engine_running(loop, EngineSettings(model=tiny_model)) as engine:
+        results = _check(loop, engine, policy)
+        one_sided = _check(loop, engine, policy,
+                           trainer_sampling=SAMPLING.model_copy(update={"temperature": 1.0}))
+        # Seeded draws: the check is reproducible.
+        twice = [loop.run_until_complete(check_sampler(engine, policy, PROMPTS[:2], SAMPLING,
+                                                       300, seed=7)) for _ in range(2)]
+    assert all(r.passed for r in results), verdict_lines(results)
+    assert [(r.engine, r.trainer) for r in twice[0]] == [(r.engine, r.trainer) for r in twice[1]]
+    assert all(r.distinct >= 3 for r in results)  # a distribution, not one token
+    assert max(r.reported_spread for r in results) <= 1e-5
+    assert verdict_lines(results)[0].startswith("PASS (sampler")
+    assert all(r.faithful for r in one_sided) and not any(r.on_policy for r in one_sided)
+    assert not any(r.passed for r in one_sided)
+    lines = verdict_lines(one_sided)
+    assert lines[0].startswith("FAIL at the sampler layer")
+    assert "trainer's processed distribution" in lines[1]
+
+
+@pytest.mark.slow
+def test_raw_logprobs_reported_beside_a_processed_sampler_are_unfaithful(tiny_model, policy,
+                                                                         loop):
+    # vLLM's default logprobs mode, everything else explicit (the doctor's raw rung's engine).
+    raw = EngineSettings(model=tiny_model, lm_head_dtype=None, logprobs_mode=None)
+    with engine_running(loop, raw) as engine:
+        assert engine.resolved_settings()["logprobs_mode"] == "raw_logprobs"
+        results = _check(loop, engine, policy)
+    assert not any(r.faithful for r in results)
+    assert all(r.on_policy for r in results)  # it samples the right distribution
+    lines = verdict_lines(results)
+    assert lines[0].startswith("FAIL at the sampler layer")
+    assert "engine.logprobs_mode" in lines[1]
+
+
+@pytest.mark.slow
+def test_doctor_sampler_draws_reports_the_check_and_its_exit_code(tiny_model, tmp_path):
+    out = tmp_path / "d.json"
+    proc = cli_in_process("doctor", "--model", tiny_model, "--quick", "--temperature", "0.7",
+                          "--top-p", "0.9", "--num-samples", "2", "--max-tokens", "8",
+                          "--sampler-draws", "500", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASS (sampler, T=0.7, top_p=0.9, top_k=0)" in proc.stdout
+    (check,) = json.loads(out.read_text())["sampler"]
+    assert check["passed"] is True and len(check["prompts"]) >= 3
+    assert all(p["draws"] == 500 and p["engine"]["p_value"] > 0 for p in check["prompts"])
