@@ -84,7 +84,7 @@ def _label(settings: EngineSettings) -> str:
     defaults = EngineSettings(model=settings.model)
     for name in ("lm_head_dtype", "logprobs_mode", "enable_prefix_caching", "enforce_eager",
                  "enable_chunked_prefill", "cpu_attn_split_kv", "pad_single_row_gemm",
-                 "weight_transport"):
+                 "weight_transport", "max_lora_rank"):
         value = getattr(settings, name)
         if value != getattr(defaults, name):
             parts.append(f"{name}={value}")
@@ -202,6 +202,7 @@ class EngineHost:
             self.handovers += 1
         if engine.preemption_counter is not None:
             engine.preemption_counter.preemptions = 0
+        engine.adapter = None  # a fresh LoRA engine has no adapter until one is pushed
 
     async def _give_back(self, engine) -> None:
         self._held.discard(id(engine))
@@ -262,6 +263,13 @@ class SharedEngine:
     async def update_weights(self, *args, **kwargs):
         self._host.mark_changed(self._engine)
         return await self._host.on_host(self._engine.update_weights(*args, **kwargs))
+
+    async def update_adapter(self, *args, **kwargs):
+        return await self._host.on_host(self._engine.update_adapter(*args, **kwargs))
+
+    @property
+    def adapter(self):
+        return self._engine.adapter
 
     async def alive(self) -> bool:
         return not self._closed and await self._host.on_host(self._engine.alive())

@@ -161,6 +161,11 @@ def doctor(
         help="Also test the sampler on the last rung's engine: this many one-token draws a "
              "prompt, G-tested against the engine's reported probabilities and the trainer's "
              "distribution (0 = off; 2000 is a good start)."),
+    lora: Optional[int] = typer.Option(
+        None, "--lora", min=1, metavar="RANK",
+        help="Measure with a random non-zero LoRA adapter of this rank on every linear of the "
+             "decoder, pushed into the engine as a training run pushes it; the weight-sync rung "
+             "moves the adapter."),
     weight_transport: str = typer.Option(
         "shm_file", "--weight-transport",
         help="How the rungs push weights: shm_file (shared memory) or gloo (vLLM's "
@@ -180,6 +185,12 @@ def doctor(
         raise UserError(f"--tol must be >= 0, got {tol}")
     if bitwise and dtype != "float32":
         raise UserError(f"--bitwise is audited in float32 only, not {dtype}")
+    if lora and bitwise:
+        raise UserError("--lora with --bitwise is not built yet: the trainer's kernel pass has no "
+                        "LoRA path")
+    if lora and weight_transport != "shm_file":
+        raise UserError("--lora pushes adapters as PEFT folders on this host: use "
+                        "--weight-transport shm_file")
     if weight_transport not in ("shm_file", "gloo"):
         raise UserError(f"unknown --weight-transport {weight_transport!r}; choose shm_file or gloo")
     _quiet_libraries()
@@ -200,6 +211,7 @@ def doctor(
     cfg = DoctorConfig(model=str(folder), dtype=dtype, samplings=[sampling],
                        num_samples=num_samples, seed=seed, tol=tol, chat_template=chat_template,
                        withhold=frozenset(withhold), weight_transport=weight_transport,
+                       lora_rank=lora,
                        **({"prompts": prompt_list} if prompt_list else {}))
     rungs = build_ladder(cfg.withhold, bitwise)
     if quick:  # the settings to use (and the bitwise rung after them)

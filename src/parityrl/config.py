@@ -96,8 +96,22 @@ class OptimConfig(_Strict):
                                "weights (model = step the low-precision weights themselves).")
 
 
+class LoRAConfig(_Strict):
+    """A LoRA adapter trained instead of every weight (trainer/lora.py): the base stays frozen,
+    the optimizer, checkpoints and the update sent to the engines cover the adapter only."""
+
+    rank: int = Field(8, ge=1, description="Adapter rank r.")
+    alpha: float = Field(32.0, gt=0, description="Scale numerator: the update is alpha/r · BA.")
+    targets: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="Every linear of the decoder (the lm_head excluded), or the "
+                                  "module names to adapt, e.g. [q_proj, v_proj].")
+    rslora: bool = Field(False, description="Scale by alpha/√r instead of alpha/r.")
+
+
 class TrainerConfig(_Strict):
     fp32_lm_head: bool = Field(True, description="lm_head projection in float32.")
+    lora: LoRAConfig | None = Field(None, description="Train a LoRA adapter; None = every "
+                                                      "weight (full fine-tuning).")
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     max_nonfinite_steps: int = Field(
         3, ge=1, description="Consecutive steps with a non-finite gradient (not applied) before "
@@ -187,6 +201,7 @@ class RunConfig(_Strict):
         if self.parity.mode == "bitwise":
             self._resolve_bitwise()
         self._resolve_cluster()
+        self._resolve_lora()
         if self.sampling.max_tokens >= self.engine.max_model_len:
             raise ValueError(f"sampling.max_tokens={self.sampling.max_tokens} leaves no room for a "
                              f"prompt in engine.max_model_len={self.engine.max_model_len}")
@@ -213,6 +228,29 @@ class RunConfig(_Strict):
         if c.backend == "ray" and self.parity.mode == "bitwise":
             raise ValueError("parity.mode=bitwise scores with the engine's kernels in the "
                              "trainer's process: use cluster.backend=local")
+
+    def _resolve_lora(self) -> None:
+        """A LoRA run's engines hold adapters of its rank: engine.max_lora_rank follows
+        trainer.lora.rank (vLLM's next allowed value) unless the config sets a larger one."""
+        lora = self.trainer.lora
+        if lora is None:
+            return
+        from parityrl.trainer.lora import engine_max_rank
+
+        not_built = [why for why, on in (
+            ("cluster.engines > 1", self.cluster.engines > 1),
+            ("cluster.backend=ray", self.cluster.backend == "ray"),
+            ("parity.mode=bitwise", self.parity.mode == "bitwise")) if on]
+        if not_built:
+            raise ValueError(f"trainer.lora with {not_built[0]} is not built yet: adapter "
+                             "updates go to one local engine")
+        needed = engine_max_rank(lora.rank)
+        if "max_lora_rank" in self.engine.model_fields_set and self.engine.max_lora_rank:
+            if self.engine.max_lora_rank < lora.rank:
+                raise ValueError(f"engine.max_lora_rank={self.engine.max_lora_rank} cannot hold "
+                                 f"trainer.lora.rank={lora.rank}")
+            return
+        self.engine = self.engine.model_copy(update={"max_lora_rank": needed})
 
     def _resolve_bitwise(self) -> None:
         """Bitwise mode sets the engine knobs it needs; one the config set otherwise is refused."""

@@ -219,9 +219,25 @@ class Pipeline:
             except BaseException:
                 await engine.close()
                 raise
-        if push:  # the trainer's weights, not the folder's (resume, restart)
-            await engine.update_weights(self.trainer.weights(), version=self.trainer.version)
+        # The trainer's weights, not the folder's (resume, restart); a LoRA engine always gets
+        # the trainer's adapter before its first request (it generates with an adapter only).
+        if push or self._lora is not None:
+            try:
+                await self._push(engine, self.trainer.weights(), self.trainer.version)
+            except BaseException:
+                await engine.close()
+                raise
         return engine
+
+    @property
+    def _lora(self) -> dict | None:
+        return getattr(self.trainer, "lora", None)
+
+    async def _push(self, engine, weights: dict, version: int):
+        """The trainer's policy into `engine`: every weight, or with LoRA the adapter only."""
+        if self._lora is not None:
+            return await engine.update_adapter(weights, self._lora, version=version)
+        return await engine.update_weights(weights, version=version)
 
     def _write_cluster_json(self, engine) -> None:
         if self.cfg.cluster.backend != "ray":
@@ -385,7 +401,7 @@ class Pipeline:
             if step % cfg.sync_every == 0:
                 try:
                     weights = await asyncio.to_thread(trainer.weights)
-                    report = await actor.engine.update_weights(weights, version=step)
+                    report = await self._push(actor.engine, weights, step)
                     sync_seconds, verified = report.pause_seconds, report.engines_verified
                 except Exception as e:
                     if not is_engine_death(e):

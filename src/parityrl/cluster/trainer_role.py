@@ -34,6 +34,11 @@ def build_trainer(cfg: RunConfig, model_dir: str | Path, pad_id: int, dist=None)
     torch.manual_seed(cfg.seed)
     attn = cfg.trainer.attn_implementation
     model = load_policy(model_dir, cfg.dtype, attn)
+    if cfg.trainer.lora is not None:
+        from parityrl.trainer.lora import attach_lora
+
+        lora = cfg.trainer.lora
+        attach_lora(model, lora.rank, lora.alpha, lora.targets, lora.rslora, seed=cfg.seed)
     ref = load_policy(model_dir, cfg.dtype, attn) if cfg.trainer.loss.kl_coef > 0 else None
     return Trainer(cfg, model, pad_id, ref, dist=dist)
 

@@ -137,6 +137,11 @@ class DoctorConfig:
     withhold: frozenset[str] = frozenset()  # fixes left out (see the module docstring)
     sabotage_skip: frozenset[str] = frozenset()  # tests: leave these tensors out of the push
     max_model_len: int = 512
+    # A random non-zero LoRA adapter of this rank on every linear of the decoder (B = 0 would
+    # test nothing): the engine holds the adapter, pushed after it starts; the weight-sync rung
+    # moves the adapter, not the base. None = no adapter.
+    lora_rank: int | None = None
+    lora_b_std: float = 0.02  # B ~ N(0, std²); alpha = 2·rank
 
     @property
     def perturbation(self) -> float:
@@ -172,10 +177,13 @@ class RungResult:
 
 
 def perturb_in_place(model, scale: float, seed: int) -> dict[str, torch.Tensor]:
-    """Move every parameter by `scale` times its own std (deterministic); returns the state dict."""
+    """Move every trainable parameter by `scale` times its own std (deterministic): every weight,
+    or a LoRA adapter's alone. Returns the state dict."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
+            if not p.requires_grad:
+                continue
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
             p.add_(noise * scale * (p.float().std().item() if p.numel() > 1 else 1.0))
     return model.state_dict()
@@ -212,6 +220,13 @@ class LadderSession:
                               else cfg.chat_template)
         self.prompt_ids = [encode_prompt(tokenizer, p, self.chat_template) for p in cfg.prompts]
         self.model = load_policy(cfg.model, cfg.dtype)
+        self.lora = None
+        if cfg.lora_rank:
+            from parityrl.trainer.lora import attach_lora, lora_settings
+
+            attach_lora(self.model, cfg.lora_rank, 2.0 * cfg.lora_rank, seed=cfg.seed,
+                        init_b_std=cfg.lora_b_std)
+            self.lora = lora_settings(self.model)
         self.exact = Float64Reference(self.model) if _wants_fp64(cfg, self.model) else None
         self.engine = None
         self.engine_overrides: dict | None = None
@@ -225,14 +240,22 @@ class LadderSession:
         if self.engine is None or overrides != self.engine_overrides:
             if self.engine is not None:
                 await self.engine.close()
+            lora = {}
+            if self.lora is not None:
+                from parityrl.trainer.lora import engine_max_rank
+
+                lora = {"max_lora_rank": engine_max_rank(self.lora["rank"])}
             settings = EngineSettings.vllm_defaults(self.cfg.model, dtype=self.cfg.dtype,
                                                     max_model_len=self.cfg.max_model_len,
                                                     weight_transport=self.cfg.weight_transport,
-                                                    **overrides)
+                                                    **lora, **overrides)
             self.engine = await start_engine(settings)
             self.engine_overrides = overrides
+            if self.lora is not None:  # the adapter is part of the policy at every rung
+                await self.push_adapter(verify=True)
+                self.engine_has_trainer_weights = True
             # A fresh engine loads the folder's weights: give it the trainer's if they moved.
-            if rung.pushes and not self.engine_has_trainer_weights:
+            elif rung.pushes and not self.engine_has_trainer_weights:
                 await self.engine.update_weights(self.model.state_dict())
                 self.engine_has_trainer_weights = True
         return self.engine
@@ -249,11 +272,24 @@ class LadderSession:
         self.engine_has_trainer_weights = False
         if not rung.pushes:
             return None, None
-        report = await engine.update_weights(
-            state, verify=False, skip=cfg.sabotage_skip,
-            reset_prefix_cache="prefix-cache-reset" not in cfg.withhold)
+        if self.lora is not None:
+            report = await self.push_adapter(verify=False)
+        else:
+            report = await engine.update_weights(
+                state, verify=False, skip=cfg.sabotage_skip,
+                reset_prefix_cache="prefix-cache-reset" not in cfg.withhold)
         self.engine_has_trainer_weights = not cfg.sabotage_skip
         return report.check.summary(), report.check.ok
+
+    async def push_adapter(self, verify: bool):
+        """The trainer's adapter into the engine. Withholding the prefix-cache reset also keeps
+        the adapter's name, as a naive in-place reload does (vLLM keys cached prefixes by it)."""
+        from parityrl.trainer.lora import adapter_state_dict
+
+        stale = "prefix-cache-reset" in self.cfg.withhold
+        return await self.engine.update_adapter(
+            adapter_state_dict(self.model), self.lora, verify=verify,
+            skip=self.cfg.sabotage_skip, reset_prefix_cache=not stale, keep_name=stale)
 
     def kernels_for(self, rung: Rung):
         """The bitwise rung's trainer side: the engine's kernels on the trainer's weights."""
@@ -322,7 +358,7 @@ async def run_ladder(
                 sync_check, sync_ok = await session.move_weights(rung, index)
             resolved = engine.resolved_settings() | {
                 "trainer_fp32_lm_head": rung.trainer_fp32_lm_head, "trainer_dtype": cfg.dtype,
-                "chat_template": session.chat_template,
+                "chat_template": session.chat_template, "trainer_lora": session.lora,
                 "weights_pushed": rung.pushes if rung.perturbs else None,
                 "prefix_cache_reset_after_update":
                     ("prefix-cache-reset" not in cfg.withhold) if rung.perturbs else None}

@@ -194,6 +194,7 @@ class RolloutEngine:
         self.worker_numerics: dict = {}  # what the worker process runs with (see start)
         self.preemption_counter: PreemptionCounter | None = None  # with count_preemptions
         self._transfer = None  # weight_transport=gloo: the trainer side of vLLM's transfer API
+        self.adapter = None  # with max_lora_rank: the LoRARequest every request carries
 
     @classmethod
     async def start(cls, settings: EngineSettings, *, join_transfer: bool = True
@@ -253,9 +254,13 @@ class RolloutEngine:
 
         request_id = f"r{next(self._request_ids)}"
         params = sampling.to_vllm(seed=seed, n=n)
+        if self.settings.max_lora_rank and self.adapter is None:
+            raise RuntimeError("a LoRA engine generates with an adapter only: call "
+                               "update_adapter first")
         final = None
         async for output in self.llm.generate(
-            TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id=request_id
+            TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id=request_id,
+            lora_request=self.adapter,
         ):
             final = output
         assert final is not None and final.finished
@@ -320,6 +325,58 @@ class RolloutEngine:
         report = self.report(sent, result, resumed - start, start - write_start)
         if verify and not report.check.ok:
             raise WeightSyncError(report.check.summary())
+        return report
+
+    async def update_adapter(
+        self, tensors: dict[str, torch.Tensor], lora: dict, *, version: int | None = None,
+        verify: bool = True, reset_prefix_cache: bool = True, keep_name: bool = False,
+        skip: set[str] = frozenset(),
+    ) -> UpdateReport:
+        """Push a LoRA adapter (trainer/lora.py: PEFT-named tensors and their rank/alpha/targets)
+        into the running engine, under the same contract as `update_weights`: requests in flight
+        keep their KV cache and continue on the new adapter (it replaces the one slot in place),
+        the prefix cache is reset, the version increments, and the slot's bytes are digested in
+        the worker against what the trainer predicts. Each version gets a name of its own (vLLM
+        keys prefix-cache entries by adapter name and path, not weights); `keep_name=True` reuses
+        the current one, as a naive in-place reload would (the doctor's stale-cache rung);
+        `skip` leaves tensors out of the folder (tests: the digests must catch it)."""
+        from vllm.lora.request import LoRARequest
+
+        from parityrl.trainer.lora import engine_digests, write_peft_folder
+
+        if not self.settings.max_lora_rank:
+            raise RuntimeError("this engine was started without LoRA (max_lora_rank unset)")
+        async with self.update_lock:
+            write_start = time.perf_counter()
+            new_version = self.version + 1 if version is None else version
+            name = self.adapter.lora_name if keep_name and self.adapter else f"v{new_version}"
+            sent_tensors = {n: t for n, t in tensors.items() if n not in skip}
+            folder = write_peft_folder(self._update_dir / f"adapter-{name}", sent_tensors, lora,
+                                       base_model=self.settings.model,
+                                       dtype=getattr(torch, self.settings.dtype))
+            sent = engine_digests(tensors, lora, getattr(torch, self.settings.dtype),
+                                  self.settings.max_lora_rank)
+            start = time.perf_counter()
+            await self.pause()
+            try:
+                await self._control(self.llm.add_lora(LoRARequest(
+                    name, 1, str(folder), load_inplace=True)))
+                (result,) = await self._control(
+                    self.llm.collective_rpc("parityrl_adapter_digests", args=(1,)))
+                await self.after_load(version, reset_prefix_cache)
+                # Requests must not carry load_inplace: it would reload from disk every step.
+                previous, self.adapter = self.adapter, LoRARequest(name, 1, str(folder))
+            finally:
+                await self.resume()
+            resumed = time.perf_counter()
+            if previous is not None and previous.lora_path != str(folder):
+                shutil.rmtree(previous.lora_path, ignore_errors=True)
+        check = compare_digests(sent, result["digests"], set(sent))
+        check.unexpected = sorted(set(result["nonzero"]) - set(sent))  # a stale slot elsewhere
+        report = UpdateReport(self.version, check, resumed - start, start - write_start,
+                              resumed - start, 0.0, int(check.ok))
+        if verify and not check.ok:
+            raise WeightSyncError(check.summary())
         return report
 
     async def alive(self) -> bool:
@@ -418,6 +475,8 @@ class RolloutEngine:
         self._update_file.close()
         gc.collect()  # AsyncLLM sits in reference cycles; collect it while its modules still exist
         for leftover in self._update_dir.glob("*"):
+            if leftover.is_dir():  # a LoRA adapter folder
+                shutil.rmtree(leftover, ignore_errors=True)
             leftover.unlink(missing_ok=True)
         self._update_dir.rmdir()
         if self._ipc_dir is not None:

@@ -66,6 +66,9 @@ class EngineKnobs(BaseModel):
                                 "a gloo broadcast through vLLM's weight-transfer API (any host).")
     weight_transport_address: str = Field(
         "127.0.0.1", description="gloo: the trainer's address the engine's workers connect to.")
+    max_lora_rank: int | None = Field(
+        None, description="LoRA: the largest adapter rank the engine holds (one of vLLM's "
+                          "choices; a run with trainer.lora sets it). None = no LoRA.")
     worker_extension: str = Field(
         "parityrl.engine.worker_extension.WeightSyncExtension",
         description="Worker mixin that loads pushed weights in place.",
@@ -128,6 +131,10 @@ class EngineSettings(EngineKnobs):
             worker_extension_cls=self.worker_extension,
             **({"weight_transfer_config": {"backend": GLOO_BACKEND}}
                if self.weight_transport == "gloo" else {}),
+            # One adapter slot, and every request carries the adapter: a request without one
+            # is slot -1, which vLLM 0.32's CPU LoRA ops read as the last slot (vllm PR #48421).
+            **({"enable_lora": True, "max_lora_rank": self.max_lora_rank, "max_loras": 1,
+                "max_cpu_loras": 1} if self.max_lora_rank else {}),
             tensor_parallel_size=1,
             disable_log_stats=True,
         )
@@ -175,6 +182,10 @@ def resolved_engine_settings(vllm_config) -> dict:
         "compilation_mode": str(vllm_config.compilation_config.mode),
         "worker_extension_cls": vllm_config.parallel_config.worker_extension_cls,
         "weight_transfer_backend": getattr(vllm_config.weight_transfer_config, "backend", None),
+        "lora": None if vllm_config.lora_config is None else {
+            "max_lora_rank": vllm_config.lora_config.max_lora_rank,
+            "max_loras": vllm_config.lora_config.max_loras,
+            "lora_dtype": str(vllm_config.lora_config.lora_dtype).removeprefix("torch.")},
         # Sampling defaults the model folder imposes on requests that leave them unset (vLLM's
         # OpenAI server, LLM.get_default_sampling_params()); empty with generation_config="vllm".
         "generation_config_sampling_defaults": model.get_diff_sampling_param(),

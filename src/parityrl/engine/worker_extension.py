@@ -62,6 +62,33 @@ class WeightSyncExtension:
             _pad_single_row_gemms(model)
         return refreshed
 
+    def parityrl_adapter_digests(self, lora_id: int) -> dict:
+        """Digests of what adapter `lora_id`'s slot holds in every LoRA layer, by the PEFT name of
+        the trainer's tensor it came from (a packed layer's slices named after their modules, by
+        the model's `packed_modules_mapping`); `nonzero`: the names whose slot is not all zero.
+        vLLM's own weight checksums do not cover adapter slots."""
+        from parityrl.weights.digest import tensor_digest
+
+        manager = self.model_runner.lora_manager._adapter_manager
+        if lora_id not in manager.lora_index_to_id:
+            return {"digests": {}, "nonzero": [], "active": False}
+        index = manager.lora_index_to_id.index(lora_id)
+        packed = manager.packed_modules_mapping
+        digests, nonzero = {}, []
+        for name, module in manager.modules.items():
+            stacked_a = getattr(module, "lora_a_stacked", None)
+            if not isinstance(stacked_a, tuple):
+                continue
+            parent, _, leaf = name.rpartition(".")
+            parts = packed.get(leaf, [leaf]) if len(stacked_a) > 1 else [leaf]
+            for part, a, b in zip(parts, stacked_a, module.lora_b_stacked):
+                for kind, slot in (("lora_A", a[index, 0]), ("lora_B", b[index, 0])):
+                    key = f"{parent}.{part}.{kind}.weight"
+                    digests[key] = tensor_digest(slot)
+                    if bool(slot.any()):
+                        nonzero.append(key)
+        return {"digests": digests, "nonzero": nonzero, "active": True}
+
     def parityrl_pad_single_row_gemms(self, on: bool = True) -> int:
         """From now on (reloads included) every CPU GEMM runs a one-row input as two rows; or,
         with `on=False`, as it comes again. Returns the GEMMs changed."""

@@ -1,7 +1,8 @@
 """Atomic checkpoints: model + optimizer + RNG + step + data position, in safetensors.
 
     runs/x/checkpoints/step-000050/
-        model.safetensors       trainer weights (HF names; loadable by the engine as well)
+        model.safetensors       trainer weights (HF names; loadable by the engine as well), or
+                                with trainer.lora the adapter's tensors only (PEFT names)
         optimizer.safetensors   AdamW state tensors, flattened as state.<param index>.<key>
         master.safetensors      float32 master weights (bfloat16/float16 models only)
         state.json              step, data position, optimizer param groups, python/torch RNG
@@ -121,6 +122,12 @@ def save_trainer(trainer, run_dir: Path, step: int, data_position: int, keep: in
     writes). The format does not depend on the number of ranks."""
     if trainer.sharded:
         return _save_sharded(trainer, run_dir, step, data_position, keep, extra)
+    if trainer.lora is not None:  # the adapter only: the base is the model folder's, frozen
+        opt_tensors, groups = _optimizer_tensors(trainer.optimizer)
+        adapter = {n: t.contiguous() for n, t in trainer.weights().items()}
+        return _write(run_dir, step, lambda path: save_file(adapter, path), opt_tensors, groups,
+                      data_position, keep, {**(extra or {}), "lora": trainer.lora},
+                      trainer.master_state())
     return save_checkpoint(run_dir, trainer.model, trainer.optimizer, step, data_position, keep,
                            extra, master=trainer.master_state())
 
@@ -158,10 +165,27 @@ def restore_trainer(trainer, folder: Path) -> TrainingState:
     """`trainer` as checkpoint `folder` left it (weights, optimizer, RNG, master weights); with
     several ranks each rank takes its own shards of the whole tensors the checkpoint holds."""
     load_weights = (lambda path: _load_shards(trainer.model, path)) if trainer.sharded else None
+    if trainer.lora is not None:
+        load_weights = lambda path: _load_adapter(trainer.model, path)  # noqa: E731
     state = load_checkpoint(folder, trainer.model, trainer.optimizer, load_weights)
     trainer.load_master_state(state.master)
     trainer.version = state.step
     return state
+
+
+def _load_adapter(model, path: str) -> None:
+    """An adapter-only checkpoint into `model`'s adapter: every adapter tensor, nothing else."""
+    from parityrl.errors import UserError
+    from parityrl.trainer.lora import adapter_state_dict, lora_rank
+
+    saved, mine = load_file(path), adapter_state_dict(model)
+    if set(saved) != set(mine) or any(saved[n].shape != t.shape for n, t in mine.items()):
+        raise UserError(f"{path}: not this run's LoRA adapter ({len(saved)} tensors, this run "
+                        f"has {len(mine)} of rank {lora_rank(mine)}; was the checkpoint written "
+                        "with another trainer.lora?)")
+    with torch.no_grad():
+        for name, tensor in mine.items():
+            tensor.copy_(saved[name])
 
 
 def _load_shards(model, path: str) -> None:

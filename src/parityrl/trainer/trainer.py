@@ -20,6 +20,7 @@ from parityrl.rollouts.types import Rollout
 from parityrl.trainer.advantages import group_advantages
 from parityrl.trainer.batch import collate, rollout_logprobs
 from parityrl.trainer.logprobs import token_logprobs
+from parityrl.trainer.lora import adapter_state_dict, lora_settings
 from parityrl.trainer.distributed import (DistContext, average_replicated_grads, clip_grad_norm,
                                           data_parallel_shares, full_state_dict, full_tensor,
                                           gather_objects, is_sharded, shard_like, shard_model)
@@ -90,7 +91,10 @@ class Trainer:
         self.ref_model = ref_model
         self.pad_id = pad_id
         opt = cfg.trainer.optim
-        self.params = list(model.parameters())
+        # With a LoRA adapter (trainer/lora.py) only its tensors train; the base is frozen.
+        self.lora = lora_settings(model)
+        self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad]
         # In bfloat16/float16 an AdamW update is mostly below the weights' resolution: the
         # optimizer steps float32 master copies and the model (what the forward and the engine
         # see) gets them rounded to its own dtype after each step.
@@ -200,8 +204,11 @@ class Trainer:
         return float(grad_norm), applied
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """The whole state dict (HF names): what the engines load and checkpoints hold. With
-        several ranks a collective: every rank calls it."""
+        """What the engines load and checkpoints hold: the whole state dict (HF names), or with
+        LoRA the adapter's tensors only (PEFT names). With several ranks a collective: every
+        rank calls it."""
+        if self.lora is not None:
+            return adapter_state_dict(self.model)
         return full_state_dict(self.model) if self.sharded else self.model.state_dict()
 
     def save_checkpoint(self, run_dir, step: int, data_position: int, keep: int,
@@ -221,8 +228,7 @@ class Trainer:
         With several ranks they are gathered whole (a collective: every rank calls it)."""
         if self.master is None:
             return None
-        names = [n for n, _ in self.model.named_parameters()]
-        return {n: full_tensor(m) for n, m in zip(names, self.master)}
+        return {n: full_tensor(m) for n, m in zip(self.param_names, self.master)}
 
     def load_master_state(self, tensors: dict[str, torch.Tensor] | None) -> None:
         """Restore master weights (from a checkpoint, or from the model when it has none).
@@ -230,7 +236,7 @@ class Trainer:
         if self.master is None:
             return
         with torch.no_grad():
-            for (name, param), master in zip(self.model.named_parameters(), self.master):
+            for name, param, master in zip(self.param_names, self.params, self.master):
                 source = tensors[name] if tensors and name in tensors else param
                 if is_sharded(master) and not is_sharded(source):
                     source = shard_like(source, master)
