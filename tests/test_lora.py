@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import cli_in_process, digit_share_config, write_addition_rows
-from parityrl.config import build_config
+from parityrl.config import build_config, dump_config
 from parityrl.errors import UserError
 from parityrl.models.load import load_policy
 from parityrl.trainer.lora import (adapter_state_dict, attach_lora, engine_max_rank,
@@ -109,6 +109,28 @@ def test_an_adapter_checkpoint_holds_the_adapter_only_and_resumes_exactly(tiny_m
     attach_lora(other, 8, 8)  # another rank: refused in one line, nothing loaded
     with pytest.raises(UserError, match="LoRA adapter"):
         Trainer(cfg, other, pad_id=0).restore(folder)
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))  # tmp_path is now a run directory
+    check_exports(tiny_model, tmp_path, first.model)
+
+
+def check_exports(base: str, run_dir, trained) -> None:
+    """A LoRA run exported as a PEFT folder gives the trainer's logprobs when peft loads it on
+    the base model; merged into the base (--merge), the same to float32 rounding."""
+    from peft import PeftModel
+
+    from parityrl.export import export_checkpoint
+
+    adapter = export_checkpoint(run_dir, run_dir / "export" / "adapter")
+    assert sorted(p.name for p in adapter.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "parityrl_export.json"]
+    by_peft = PeftModel.from_pretrained(load_policy(base), str(adapter)).eval()
+    merged = load_policy(str(export_checkpoint(run_dir, run_dir / "export" / "merged",
+                                               merge=True)))
+    ids = torch.tensor([[3, 17, 5, 9, 30, 2, 11, 40, 41, 42]])
+    ours = logits_of(trained, ids).log_softmax(-1)
+    assert (logits_of(by_peft, ids).log_softmax(-1) - ours).abs().max() <= 1e-5
+    assert (logits_of(merged, ids).log_softmax(-1) - ours).abs().max() <= 1e-5
+    assert (logits_of(load_policy(base), ids).log_softmax(-1) - ours).abs().max() > 1e-3
 
 
 # -- on the real engine -------------------------------------------------------------------------
@@ -230,6 +252,9 @@ def test_doctor_with_an_adapter_passes_and_a_withheld_adapter_push_fails_by_name
     assert rung["settings"]["trainer_lora"]["rank"] == 8
     assert rung["settings"]["lora"]["max_lora_rank"] == 8
     assert rung["weight_sync_ok"] is True and result["passed"] is True
+    # The adapter is not a zero one: it moves the logprobs far beyond the parity bound.
+    assert rung["metrics"]["lora/adapter_effect_mean_abs"] > 1e-3
+    assert "LoRA: a random rank-8 adapter" in ok.stdout
     withheld = cli_in_process("doctor", "--model", tiny_model, "--quick", "--lora", "8",
                               "--withhold", "weight-sync")
     assert withheld.returncode == 1, withheld.stdout + withheld.stderr

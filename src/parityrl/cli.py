@@ -120,6 +120,17 @@ def _is_messages(value) -> bool:
         for m in value))
 
 
+def _lora_line(last) -> str:
+    """What the doctor's adapter was and did, at the last rung."""
+    lora, engine = last.settings["trainer_lora"], last.settings.get("lora") or {}
+    effect = last.metrics.get("lora/adapter_effect_mean_abs", float("nan"))
+    return (f"LoRA: a random rank-{lora['rank']} adapter (alpha {lora['alpha']:g}) on "
+            f"{', '.join(lora['targets'])}; it moves the trainer's logprobs by mean |Δ| "
+            f"{effect:.3g} from the base model's; the engine holds it in {engine.get('lora_dtype')}"
+            f" slots of rank {engine.get('max_lora_rank')} "
+            f"(weight sync check: {last.sync_check or 'not pushed at this rung'}).")
+
+
 @app.command()
 def doctor(
     model: str = typer.Option(..., help="Hugging Face model folder, or builtin:<name> "
@@ -249,6 +260,8 @@ def doctor(
     passed, verdicts = judge_all(results, floor, dtype, tol)
     for v in verdicts:
         console.print(v.text, highlight=False)
+    if lora:
+        console.print(_lora_line(results[-1]), highlight=False)
     if multi_turn:
         for check in turns:
             console.print("\n".join(check.lines()), highlight=False)
@@ -359,12 +372,16 @@ def export(
                                             "checkpoint folder (runs/x/checkpoints/step-N)."),
     out: Path = typer.Argument(..., help="The model folder to write."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder."),
+    merge: bool = typer.Option(False, "--merge", help="A LoRA run: the base model with the "
+                                                      "adapter merged (default: a PEFT adapter "
+                                                      "folder)."),
 ):
-    """Write a checkpoint as a Hugging Face model folder (vLLM, transformers, parityrl doctor)."""
+    """Write a checkpoint as a Hugging Face model folder (vLLM, transformers, parityrl doctor);
+    a LoRA run's as a PEFT adapter folder, or merged into the base with --merge."""
     _quiet_libraries()
     from parityrl.export import export_checkpoint
 
-    path = export_checkpoint(source, out, overwrite)
+    path = export_checkpoint(source, out, overwrite, merge)
     typer.echo(f"wrote {path}")
 
 

@@ -312,6 +312,14 @@ class LadderSession:
         lp_engine = torch.tensor([lp for r in rollouts for lp in r.sampled_logprobs],
                                  dtype=torch.float64)
         metrics = mismatch_metrics(lp_train, lp_engine, outside)
+        if self.lora is not None:  # what the adapter does: a zero one would test nothing
+            from parityrl.trainer.lora import adapter_disabled
+
+            with adapter_disabled(self.model):
+                base = rollout_logprobs(self.model, rollouts, sampling, pad_id=self.pad_id,
+                                        fp32_lm_head=rung.trainer_fp32_lm_head)
+            effect = (lp_train.double() - torch.cat([r.logprobs for r in base]).double()).abs()
+            metrics["lora/adapter_effect_mean_abs"] = float(effect[effect.isfinite()].mean())
         if any(r.turns is not None for r in rollouts):  # episodes: each turn's mismatch too
             turns = torch.tensor([t for r in rollouts for t in r.sampled_turns])
             metrics |= per_turn_mismatch(lp_train, lp_engine, turns)

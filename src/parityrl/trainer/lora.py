@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -101,6 +102,21 @@ def attach_lora(model, rank: int, alpha: float, targets: str | list[str] = ALL_L
     model.parityrl_lora = {"rank": rank, "alpha": alpha, "rslora": rslora,
                            "targets": sorted({n.rsplit(".", 1)[-1] for n in modules})}
     return sorted(modules)
+
+
+@contextmanager
+def adapter_disabled(model):
+    """`model` as its base model for the duration (every adapter's scale 0): what an adapter
+    changes can be measured, and one that changes nothing (B = 0) shows."""
+    adapted = [m for m in model.modules() if hasattr(m, "lora_scale")]
+    scales = [m.lora_scale for m in adapted]
+    for m in adapted:
+        m.lora_scale = 0.0
+    try:
+        yield model
+    finally:
+        for m, scale in zip(adapted, scales):
+            m.lora_scale = scale
 
 
 def lora_settings(model) -> dict | None:
