@@ -6,6 +6,7 @@
     the whole loop         pipeline.py     mode async vs mode sync (samples/s, engine idle)
     diagnosis              doctor.py       `parityrl doctor` end to end
     bitwise mode           bitwise.py      trainer step with the engine's kernels vs default
+    LoRA                   lora_sync.py    adapter update and trainer step vs full weights
 
 Every figure is the median of several repetitions with its spread (stats.py); runner.py runs the
 stages in one process on one machine and report.py writes results.json and results.md.

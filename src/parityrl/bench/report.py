@@ -20,6 +20,10 @@ HEADLINES = {
                                ("<", 0.10)),
     "bitwise_step_cost_ratio": ("trainer step seconds, parity.mode=bitwise ÷ default",
                                 ("<=", 2.0)),
+    "lora_sync_vs_full": ("seconds paused for a rank-8 all-linear adapter update ÷ a full-weight "
+                          "update, SmolLM2-135M", ("<=", 0.1)),
+    "lora_step_vs_full": ("trainer step seconds with the rank-8 adapter ÷ every weight "
+                          "trainable, SmolLM2-135M", None),
 }
 
 

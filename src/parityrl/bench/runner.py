@@ -9,12 +9,14 @@ from pathlib import Path
 from parityrl.bench import report
 from parityrl.errors import UserError
 
-STAGES = ("rollout", "weight_sync", "logprob_pass", "pipeline", "doctor", "bitwise")
+STAGES = ("rollout", "weight_sync", "logprob_pass", "pipeline", "doctor", "bitwise",
+          "lora_sync")
 
 
 def run_bench(out: Path, only: list[str] | None = None, reps: int = 5, say=print,
               command: str = "parityrl bench") -> dict:
-    from parityrl.bench import bitwise, doctor, logprob_pass, pipeline, rollout, weight_sync
+    from parityrl.bench import (bitwise, doctor, logprob_pass, lora_sync, pipeline, rollout,
+                                weight_sync)
 
     chosen = only or list(STAGES)
     unknown = [s for s in chosen if s not in STAGES]
@@ -41,8 +43,10 @@ def run_bench(out: Path, only: list[str] | None = None, reps: int = 5, say=print
                 data = pipeline.run(pipeline.PipelineBench(), say)
             elif stage == "doctor":
                 data = doctor.run(say=say)
-            else:
+            elif stage == "bitwise":
                 data = bitwise.run(bitwise.BitwiseBench(reps=reps), say)
+            else:
+                data = lora_sync.run(lora_sync.LoRASyncBench(reps=reps), loop, say)
             data["stage_seconds"] = time.perf_counter() - stage_start
             results["stages"][stage] = data
             for key in report.HEADLINES:

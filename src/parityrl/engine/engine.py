@@ -337,7 +337,9 @@ class RolloutEngine:
         keep their KV cache and continue on the new adapter (it replaces the one slot in place),
         the prefix cache is reset, the version increments, and the slot's bytes are digested in
         the worker against what the trainer predicts. Each version gets a name of its own (vLLM
-        keys prefix-cache entries by adapter name and path, not weights); `keep_name=True` reuses
+        keys prefix-cache entries by adapter name and path, not weights). The adapter is loaded by
+        vLLM's own worker `add_lora` (with `load_inplace`), called together with the digests in
+        one RPC (engine/worker_extension.py). `keep_name=True` reuses
         the current one, as a naive in-place reload would (the doctor's stale-cache rung);
         `skip` leaves tensors out of the folder (tests: the digests must catch it)."""
         from vllm.lora.request import LoRARequest
@@ -359,10 +361,8 @@ class RolloutEngine:
             start = time.perf_counter()
             await self.pause()
             try:
-                await self._control(self.llm.add_lora(LoRARequest(
-                    name, 1, str(folder), load_inplace=True)))
-                (result,) = await self._control(
-                    self.llm.collective_rpc("parityrl_adapter_digests", args=(1,)))
+                (result,) = await self._control(self.llm.collective_rpc(
+                    "parityrl_load_adapter", args=(name, 1, str(folder))))
                 await self.after_load(version, reset_prefix_cache)
                 # Requests must not carry load_inplace: it would reload from disk every step.
                 previous, self.adapter = self.adapter, LoRARequest(name, 1, str(folder))
@@ -374,7 +374,7 @@ class RolloutEngine:
         check = compare_digests(sent, result["digests"], set(sent))
         check.unexpected = sorted(set(result["nonzero"]) - set(sent))  # a stale slot elsewhere
         report = UpdateReport(self.version, check, resumed - start, start - write_start,
-                              resumed - start, 0.0, int(check.ok))
+                              result["load_seconds"], result["digest_seconds"], int(check.ok))
         if verify and not check.ok:
             raise WeightSyncError(check.summary())
         return report

@@ -62,6 +62,21 @@ class WeightSyncExtension:
             _pad_single_row_gemms(model)
         return refreshed
 
+    def parityrl_load_adapter(self, name: str, lora_id: int, path: str) -> dict:
+        """vLLM's own worker `add_lora` with `load_inplace` (what AsyncLLM.add_lora reaches
+        through the engine core), then the slot digests: one round trip instead of two while
+        generation is paused. (A LoRARequest does not survive the RPC's serialisation: its
+        fields do.)"""
+        from vllm.lora.request import LoRARequest
+
+        start = time.perf_counter()
+        self.add_lora(LoRARequest(name, lora_id, path, load_inplace=True))
+        lora_request = LoRARequest(name, lora_id, path)
+        digest_start = time.perf_counter()
+        result = self.parityrl_adapter_digests(lora_request.lora_int_id)
+        end = time.perf_counter()
+        return result | {"load_seconds": end - start, "digest_seconds": end - digest_start}
+
     def parityrl_adapter_digests(self, lora_id: int) -> dict:
         """Digests of what adapter `lora_id`'s slot holds in every LoRA layer, by the PEFT name of
         the trainer's tensor it came from (a packed layer's slices named after their modules, by
