@@ -352,12 +352,11 @@ class RolloutEngine:
             write_start = time.perf_counter()
             new_version = self.version + 1 if version is None else version
             name = self.adapter.lora_name if keep_name and self.adapter else f"v{new_version}"
-            sent_tensors = {n: t for n, t in tensors.items() if n not in skip}
-            folder = write_peft_folder(self._update_dir / f"adapter-{name}", sent_tensors, lora,
-                                       base_model=self.settings.model,
-                                       dtype=getattr(torch, self.settings.dtype))
-            sent = engine_digests(tensors, lora, getattr(torch, self.settings.dtype),
-                                  self.settings.max_lora_rank)
+            dtype = getattr(torch, self.settings.dtype)
+            folder = write_peft_folder(self._update_dir / f"adapter-{name}",
+                                       {n: t for n, t in tensors.items() if n not in skip}, lora,
+                                       base_model=self.settings.model, dtype=dtype)
+            sent = engine_digests(tensors, lora, dtype, self.settings.max_lora_rank)
             start = time.perf_counter()
             await self.pause()
             try:
@@ -371,12 +370,13 @@ class RolloutEngine:
             resumed = time.perf_counter()
             if previous is not None and previous.lora_path != str(folder):
                 shutil.rmtree(previous.lora_path, ignore_errors=True)
-        check = compare_digests(sent, result["digests"], set(sent))
-        check.unexpected = sorted(set(result["nonzero"]) - set(sent))  # a stale slot elsewhere
-        report = UpdateReport(self.version, check, resumed - start, start - write_start,
-                              result["load_seconds"], result["digest_seconds"], int(check.ok))
-        if verify and not check.ok:
-            raise WeightSyncError(check.summary())
+        report = update_report(self.version, set(sent), sent, result, resumed - start,
+                               start - write_start)
+        # Names the engine holds beyond the trainer's adapter: a stale slot elsewhere.
+        report.check.unexpected = sorted(set(result["nonzero"]) - set(sent))
+        report.engines_verified = int(report.check.ok)
+        if verify and not report.check.ok:
+            raise WeightSyncError(report.check.summary())
         return report
 
     async def alive(self) -> bool:
