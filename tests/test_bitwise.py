@@ -210,10 +210,12 @@ def test_the_bitwise_verdict_names_differing_tokens_and_preemptions():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("lora", [None, {"rank": 4, "alpha": 16}], ids=["full", "lora"])
 def test_a_sync_run_in_bitwise_mode_is_exact_at_every_step(tiny_model, tmp_path,
-                                                           plugins_importable):
+                                                           plugins_importable, lora):
     """Sync mode, top-p, bitwise parity: every token equal, every ratio exactly 1 (sync mode in
-    the default parity mode: test_story.py, the reference config)."""
+    the default parity mode: test_story.py, the reference config). With a LoRA adapter (rank 4
+    in the engine's rank-8 slots), from step 2 on a trained, non-zero one."""
     import json
 
     from helpers import digit_share_config, write_addition_rows
@@ -225,7 +227,8 @@ def test_a_sync_run_in_bitwise_mode_is_exact_at_every_step(tiny_model, tmp_path,
     prompts = write_addition_rows(tmp_path / "prompts.jsonl")
     cfg = build_config(digit_share_config(tiny_model, prompts, **{
         "mode": "sync", "max_steps": 3, "parity.mode": "bitwise", "sampling.top_p": 0.9,
-        "sampling.max_tokens": 96, "engine.max_model_len": 160}))
+        "sampling.max_tokens": 96, "engine.max_model_len": 160,
+        **({"trainer.lora": lora, "trainer.optim.lr": 1e-2} if lora else {})}))
     run_training(cfg, tmp_path / "run", on_message=lambda m: None)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["lag/max"] for r in rows] == [0, 0, 0]
@@ -236,3 +239,7 @@ def test_a_sync_run_in_bitwise_mode_is_exact_at_every_step(tiny_model, tmp_path,
     assert all(r["engine/preemptions"] == 0 for r in rows)
     settings = json.loads((tmp_path / "run" / "engine_settings.json").read_text())
     assert settings["cpu_attn_split_kv"] is False and settings["single_row_gemm_padded"] is True
+    if lora:
+        assert settings["lora"]["max_lora_rank"] == 8
+        assert all(r["sync/engines_verified"] == 1.0 for r in rows)
+        assert rows[0]["rl/grad_norm"] > 0  # B moves off zero: steps 2 and 3 ran a real adapter

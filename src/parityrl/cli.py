@@ -196,9 +196,6 @@ def doctor(
         raise UserError(f"--tol must be >= 0, got {tol}")
     if bitwise and dtype != "float32":
         raise UserError(f"--bitwise is audited in float32 only, not {dtype}")
-    if lora and bitwise:
-        raise UserError("--lora with --bitwise is not built yet: the trainer's kernel pass has no "
-                        "LoRA path")
     if lora and weight_transport != "shm_file":
         raise UserError("--lora pushes adapters as PEFT folders on this host: use "
                         "--weight-transport shm_file")

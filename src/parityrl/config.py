@@ -239,8 +239,7 @@ class RunConfig(_Strict):
 
         not_built = [why for why, on in (
             ("cluster.engines > 1", self.cluster.engines > 1),
-            ("cluster.backend=ray", self.cluster.backend == "ray"),
-            ("parity.mode=bitwise", self.parity.mode == "bitwise")) if on]
+            ("cluster.backend=ray", self.cluster.backend == "ray")) if on]
         if not_built:
             raise ValueError(f"trainer.lora with {not_built[0]} is not built yet: adapter "
                              "updates go to one local engine")

@@ -298,9 +298,12 @@ class LadderSession:
         from parityrl.trainer.engine_kernels import EngineKernels
 
         # The doctor measures whatever the engine runs; the verdict names unmet settings.
-        block_size = self.engine.resolved_settings()["block_size"]
-        if self.kernels is None or self.kernels.block_size != block_size:
-            self.kernels = EngineKernels(self.model, block_size)
+        resolved = self.engine.resolved_settings()
+        block_size = resolved["block_size"]
+        lora_rank = (resolved.get("lora") or {}).get("max_lora_rank")
+        if (self.kernels is None or self.kernels.block_size != block_size
+                or self.kernels.max_lora_rank != lora_rank):
+            self.kernels = EngineKernels(self.model, block_size, lora_rank)
         return self.kernels
 
     def measure(self, rung: Rung, rollouts: list[Rollout], sampling: SamplingConfig):

@@ -57,10 +57,25 @@ def check_bitwise_supported(model) -> None:
         raise UserError("parity.mode=bitwise runs vLLM's CPU kernels: the trainer must be on CPU")
 
 
-class _EngineLinear:
-    """One linear layer as vLLM's CPU backend runs it, from the same (fused) weight."""
+@dataclass
+class _LoRASlice:
+    """One slice of a (fused) linear's adapter as the engine's slot holds it: A [1, 1, r, in] and
+    the scaled B [1, 1, size, r], at columns [offset, offset + size) of the output."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    a: torch.Tensor
+    b: torch.Tensor
+    offset: int
+    size: int
+
+
+class _EngineLinear:
+    """One linear layer as vLLM's CPU backend runs it, from the same (fused) weight; with
+    `lora`, plus the adapter as vLLM's CPU LoRA layer adds it (vllm/lora/layers/base_linear.py
+    then punica_cpu.py `add_lora_linear`): every slice's x·Aᵀ into a float32 buffer first, then
+    each buffer times its B added to the slice's columns, by vLLM's own torch ops."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 lora: list[_LoRASlice] | None = None) -> None:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
         self.layer = torch.nn.Module()
@@ -70,8 +85,21 @@ class _EngineLinear:
         # The engine pads one-row GEMMs in bitwise mode; a one-row pass here must do the same.
         self.linear = pad_single_row(self.layer.cpu_linear)
 
+        self.lora = lora
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x, self.layer.weight, self.bias)
+        out = self.linear(x, self.layer.weight, self.bias)
+        if self.lora:
+            from vllm.lora.ops.torch_ops import bgmv_expand_slice, bgmv_shrink
+
+            slot = torch.zeros(x.shape[0], dtype=torch.long)  # every row: the one adapter slot
+            buffers = [torch.zeros(x.shape[0], s.a.shape[2], dtype=torch.float32)
+                       for s in self.lora]
+            for buffer, s in zip(buffers, self.lora):
+                bgmv_shrink(x, s.a, buffer, slot, 1.0)
+            for buffer, s in zip(buffers, self.lora):
+                bgmv_expand_slice(buffer, s.b, out, slot, s.offset, s.size, add_inputs=True)
+        return out
 
 
 def one_row_gemm_differs(in_features: int, out_features: int, threads: int | None = None,
@@ -130,10 +158,17 @@ class EngineKernels:
     copies of the weights: they are re-packed whenever a parameter changed in place since the
     last pack (an optimizer step, a checkpoint load), once per change."""
 
-    def __init__(self, model, block_size: int = 128) -> None:
+    def __init__(self, model, block_size: int = 128, max_lora_rank: int | None = None) -> None:
+        from parityrl.trainer.lora import lora_settings
+
         check_bitwise_supported(model)
         self.model = model
         self.block_size = block_size
+        # A LoRA model: the engine's slots are padded to its max_lora_rank, and so are ours.
+        self.lora = lora_settings(model)
+        if self.lora is not None and not max_lora_rank:
+            raise UserError("bitwise mode with a LoRA adapter needs an engine started with LoRA")
+        self.max_lora_rank = max_lora_rank
         cfg = model.config
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -163,12 +198,15 @@ class EngineKernels:
             if attn.q_proj.bias is not None:
                 qkv_b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
             self.layers.append(_Layer(
-                qkv=_EngineLinear(qkv_w, qkv_b),
-                o=_EngineLinear(attn.o_proj.weight, attn.o_proj.bias),
+                qkv=_EngineLinear(qkv_w, qkv_b,
+                                  self._adapter([attn.q_proj, attn.k_proj, attn.v_proj])),
+                o=_EngineLinear(attn.o_proj.weight, attn.o_proj.bias, self._adapter([attn.o_proj])),
                 gate_up=_EngineLinear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
                                       None if mlp.gate_proj.bias is None else
-                                      torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])),
-                down=_EngineLinear(mlp.down_proj.weight, mlp.down_proj.bias),
+                                      torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]),
+                                      self._adapter([mlp.gate_proj, mlp.up_proj])),
+                down=_EngineLinear(mlp.down_proj.weight, mlp.down_proj.bias,
+                                   self._adapter([mlp.down_proj])),
                 input_norm=layer.input_layernorm.weight.detach().clone(),
                 post_norm=layer.post_attention_layernorm.weight.detach().clone(),
             ))
@@ -178,6 +216,28 @@ class EngineKernels:
         padded = -(-head.shape[0] // VOCAB_PADDING) * VOCAB_PADDING
         self.head = _EngineLinear(torch.nn.functional.pad(head, (0, 0, 0, padded - head.shape[0])),
                                   None)
+
+    def _adapter(self, linears: list) -> list[_LoRASlice] | None:
+        """The engine's adapter slots for the fused linear made of `linears` (trainer/lora.py
+        `engine_slots`); a linear without an adapter has zero slots, as vLLM gives every LoRA
+        layer. None when the model has no adapter."""
+        from parityrl.trainer.lora import engine_slots
+
+        if self.lora is None:
+            return None
+        slices, offset = [], 0
+        for linear in linears:
+            out, r = linear.out_features, self.max_lora_rank
+            if hasattr(linear, "lora_A"):
+                slots = engine_slots({"m.lora_A.weight": linear.lora_A.weight,
+                                      "m.lora_B.weight": linear.lora_B.weight},
+                                     self.lora, torch.float32, r)
+                a, b = slots["m.lora_A.weight"], slots["m.lora_B.weight"]
+            else:
+                a, b = torch.zeros(r, linear.in_features), torch.zeros(out, r)
+            slices.append(_LoRASlice(a.view(1, 1, *a.shape), b.view(1, 1, *b.shape), offset, out))
+            offset += out
+        return slices
 
     @torch.no_grad()
     def logits(self, sequences: list[Sequence]) -> torch.Tensor:

@@ -161,17 +161,15 @@ def write_peft_folder(folder: str | Path, tensors: dict[str, torch.Tensor], sett
     return folder
 
 
-def engine_digests(tensors: dict[str, torch.Tensor], settings: dict, dtype: torch.dtype,
-                   max_rank: int) -> dict[str, str]:
-    """What the engine's adapter slots must hold after loading `tensors`, digested: A and B
-    padded to `max_rank` with zeros, in the engine's `dtype`, B times the scale (vLLM multiplies
-    it in after casting)."""
-    from parityrl.weights.digest import tensor_digest
-
+def engine_slots(tensors: dict[str, torch.Tensor], settings: dict, dtype: torch.dtype,
+                 max_rank: int) -> dict[str, torch.Tensor]:
+    """What the engine's adapter slots hold after loading `tensors`: A and B padded to `max_rank`
+    with zeros, in the engine's `dtype`, B times the scale (vLLM multiplies it in after casting).
+    The worker digests these bytes; bitwise mode computes with them (trainer/engine_kernels.py)."""
     scale = lora_scale(settings["rank"], settings["alpha"], settings["rslora"])
-    digests = {}
+    slots = {}
     for name, t in tensors.items():
-        t = t.to(dtype)
+        t = t.detach().to(dtype)
         if ".lora_A." in name:
             slot = torch.zeros(max_rank, t.shape[1], dtype=dtype)
             slot[: t.shape[0]] = t
@@ -181,5 +179,14 @@ def engine_digests(tensors: dict[str, torch.Tensor], settings: dict, dtype: torc
                 t *= scale
             slot = torch.zeros(t.shape[0], max_rank, dtype=dtype)
             slot[:, : t.shape[1]] = t
-        digests[name] = tensor_digest(slot)
-    return digests
+        slots[name] = slot
+    return slots
+
+
+def engine_digests(tensors: dict[str, torch.Tensor], settings: dict, dtype: torch.dtype,
+                   max_rank: int) -> dict[str, str]:
+    """`engine_slots`, digested: what the worker's digests of its slots must equal."""
+    from parityrl.weights.digest import tensor_digest
+
+    return {name: tensor_digest(slot)
+            for name, slot in engine_slots(tensors, settings, dtype, max_rank).items()}
