@@ -73,8 +73,11 @@ def engine_kind(settings: EngineSettings) -> str:
     # Not the seed either: it only seeds requests that bring none, and every request the product
     # sends brings its own (actor, episodes, doctor, pool); a shared engine's global generator has
     # moved on with earlier tests anyway.
+    # Nor which core its worker is bound to: one core bound or vLLM's automatic binding run one
+    # worker thread each on this machine kind (worker_threads in engine_settings.json), and a
+    # pool of LoRA engines (one core each) then shares engines with single-engine tests.
     fields = settings.model_dump(mode="json", exclude={"model", "gpu_memory_utilization", "seed",
-                                                       *RESOURCES})
+                                                       "cpu_threads_bind", *RESOURCES})
     return json.dumps({**fields, "model_layout": model_layout(settings.model)}, sort_keys=True)
 
 
@@ -270,6 +273,9 @@ class SharedEngine:
     @property
     def adapter(self):
         return self._engine.adapter
+
+    def serve_adapter_folder(self, *args, **kwargs) -> None:
+        self._engine.serve_adapter_folder(*args, **kwargs)
 
     async def alive(self) -> bool:
         return not self._closed and await self._host.on_host(self._engine.alive())

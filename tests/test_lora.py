@@ -32,16 +32,15 @@ IDS = torch.tensor([[3, 17, 5, 9, 30, 2, 11]])
 
 # -- the trainer side, no engine ----------------------------------------------------------------
 
-def test_a_run_with_lora_sizes_the_engine_and_refuses_what_is_not_built(tmp_path):
+def test_a_run_with_lora_sizes_the_engine_and_refuses_a_rank_it_cannot_hold(tmp_path):
     base = {"trainer": {"lora": {"rank": 4}}}
     assert build_config(base).engine.max_lora_rank == 8  # vLLM's next allowed rank
     assert build_config({"trainer": {"lora": {"rank": 9}}}).engine.max_lora_rank == 16
     assert build_config({}).engine.max_lora_rank is None  # full fine-tuning: no LoRA engine
-    for extra, fragment in (({"cluster": {"engines": 2}}, "cluster.engines > 1"),
-                            ({"engine": {"max_lora_rank": 8}, "trainer": {"lora": {"rank": 16}}},
-                             "cannot hold")):
-        with pytest.raises((UserError, ValueError), match=fragment):
-            build_config(base | extra)
+    # Several engines take adapters as folders: no gloo transfer group is asked for.
+    assert build_config(base | {"cluster": {"engines": 2}}).engine.weight_transport == "shm_file"
+    with pytest.raises((UserError, ValueError), match="cannot hold"):
+        build_config({"engine": {"max_lora_rank": 8}, "trainer": {"lora": {"rank": 16}}})
     assert engine_max_rank(1) == 1 and engine_max_rank(32) == 32
 
 
@@ -264,7 +263,10 @@ def test_doctor_with_an_adapter_passes_and_a_withheld_adapter_push_fails_by_name
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("plugins_importable")
-def test_a_lora_run_trains_and_pushes_the_adapter_only_in_parity(tiny_model, tmp_path):
+def test_a_lora_run_on_two_engines_trains_and_pushes_the_adapter_only_in_parity(tiny_model,
+                                                                                 tmp_path):
+    """Async, in-flight updates, two engines: both verified holding the trainer's adapter (the
+    same slot digests) after every step, both served rollouts."""
     from parityrl.pipeline import run_training
     from parityrl.runlog import read_metrics
 
@@ -272,20 +274,56 @@ def test_a_lora_run_trains_and_pushes_the_adapter_only_in_parity(tiny_model, tmp
     cfg = build_config(digit_share_config(tiny_model, prompts, **{
         "max_steps": 4, "trainer.lora": {"rank": 8, "alpha": 16}, "trainer.optim.lr": 1e-2,
         "sampling.max_tokens": 48, "actor.max_lag": 1, "parity.probe_wait_s": 5.0,
-        "checkpoint.every": 2}))
+        "checkpoint.every": 2, "cluster.engines": 2}))
     run_dir = tmp_path / "run"
     result = run_training(cfg, run_dir)
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert result.steps == 4 and [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert all(r["sync/engines_verified"] == 1.0 for r in rows)
+    assert all(r["sync/engines_verified"] == 2.0 for r in rows)
+    assert rows[-1]["engine/groups_served_0"] > 0 and rows[-1]["engine/groups_served_1"] > 0
     mismatch = [r["mismatch/max_abs_diff"] for r in rows if "mismatch/max_abs_diff" in r]
     assert len(mismatch) >= 3 and max(mismatch) <= 1e-5, mismatch
     assert any(r["rl/grad_norm"] > 0 for r in rows)
     settings = json.loads((run_dir / "engine_settings.json").read_text())
-    assert settings["lora"]["max_lora_rank"] == 8
+    assert settings["lora"]["max_lora_rank"] == 8 and settings["engines"] == 2
     saved = load_file(str(run_dir / "checkpoints" / "step-000004" / "model.safetensors"))
     assert saved and all(".lora_" in n for n in saved)
     assert any(bool(t.any()) for n, t in saved.items() if ".lora_B." in n)  # B trained off zero
+    check_exported_adapter_on_the_engine(tiny_model, run_dir, saved)
+
+
+def check_exported_adapter_on_the_engine(base: str, run_dir, saved: dict) -> None:
+    """`parityrl export` of the run's last checkpoint, loaded by vLLM's own request path from
+    disk (as `vllm serve --lora-modules` would), samples what the run's push of the same adapter
+    sampled: the same tokens and logprobs for the same seeds."""
+    from parityrl.engine.source import start_engine
+    from parityrl.export import export_checkpoint
+    from parityrl.sampling import SamplingConfig
+
+    folder = export_checkpoint(run_dir, run_dir.parent / "exported")
+    lora = json.loads((run_dir / "checkpoints" / "step-000004" / "state.json").read_text())[
+        "extra"]["lora"]
+    sampling = SamplingConfig(temperature=1.0, max_tokens=12)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+
+    async def pushed_then_served():
+        engine = await start_engine(lora_engine_settings(base))
+        try:
+            await engine.update_adapter(saved, lora, version=4)
+            pushed = await engine.generate_many(prompts, sampling, n=2, seed=4)
+            engine.serve_adapter_folder(folder)
+            served = await engine.generate_many(prompts, sampling, n=2, seed=4)
+            return pushed, served, engine.adapter.lora_path
+        finally:
+            await engine.close()
+
+    pushed, served, path = asyncio.run(pushed_then_served())
+    assert path == str(folder.resolve())
+    assert [r.completion_ids for r in pushed] == [r.completion_ids for r in served]
+    diff = max(abs(a - b) for p, s in zip(pushed, served)
+               for a, b in zip(p.sampled_logprobs, s.sampled_logprobs))
+    assert diff <= 1e-6, diff
+    assert (folder / "adapter_config.json").exists()  # a served folder is never removed
 
 
 def test_a_peft_folder_is_what_peft_and_vllm_read(tiny_model, tmp_path):

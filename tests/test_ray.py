@@ -84,3 +84,17 @@ def test_two_engines_and_two_trainer_ranks_on_ray_match_local_and_survive_a_kill
     assert held[0] == held[1] < whole
     assert (ray_dir / "checkpoints" / "step-000002" / "model.safetensors").exists()
 
+
+def test_a_lora_run_on_a_ray_engine_pushes_the_adapter_through_the_actor(tiny_model, tmp_path,
+                                                                         ray_cluster):
+    """The adapter reaches an engine in a Ray actor (the actor writes its PEFT folder on its own
+    node): verified on every step, parity at the local level."""
+    prompts = write_addition_rows(tmp_path / "prompts.jsonl")
+    cfg = sync_config(tiny_model, prompts, cluster={"backend": "ray", "engines": 1},
+                      **{"trainer.lora": {"rank": 8, "alpha": 16}, "trainer.optim.lr": 1e-2})
+    run_training(build_config(cfg), tmp_path / "run", on_message=lambda m: None)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["sync/engines_verified"] for r in rows] == [1.0, 1.0]
+    assert all(r["mismatch/max_abs_diff"] <= 1e-5 for r in rows), rows
+    assert json.loads((tmp_path / "run" / "engine_settings.json").read_text())["lora"][
+        "max_lora_rank"] == 8

@@ -218,6 +218,11 @@ class RunConfig(_Strict):
             raise ValueError("cluster.address joins a Ray cluster: add cluster.backend=ray")
         if c.engines == 1 and c.backend == "local":
             return
+        if c.backend == "ray" and self.parity.mode == "bitwise":
+            raise ValueError("parity.mode=bitwise scores with the engine's kernels in the "
+                             "trainer's process: use cluster.backend=local")
+        if self.trainer.lora is not None:
+            return  # adapters reach each engine as a PEFT folder it writes: no transfer group
         why = (f"cluster.engines={c.engines}" if c.backend == "local"
                else "cluster.backend=ray")
         if "weight_transport" not in self.engine.model_fields_set:
@@ -225,9 +230,6 @@ class RunConfig(_Strict):
         elif self.engine.weight_transport != "gloo":
             raise ValueError(f"{why} takes its weight updates over gloo, not "
                              f"engine.weight_transport={self.engine.weight_transport}")
-        if c.backend == "ray" and self.parity.mode == "bitwise":
-            raise ValueError("parity.mode=bitwise scores with the engine's kernels in the "
-                             "trainer's process: use cluster.backend=local")
 
     def _resolve_lora(self) -> None:
         """A LoRA run's engines hold adapters of its rank: engine.max_lora_rank follows
@@ -237,12 +239,9 @@ class RunConfig(_Strict):
             return
         from parityrl.trainer.lora import engine_max_rank
 
-        not_built = [why for why, on in (
-            ("cluster.engines > 1", self.cluster.engines > 1),
-            ("cluster.backend=ray", self.cluster.backend == "ray")) if on]
-        if not_built:
-            raise ValueError(f"trainer.lora with {not_built[0]} is not built yet: adapter "
-                             "updates go to one local engine")
+        if self.cluster.trainer_ranks > 1:
+            raise ValueError("trainer.lora with cluster.trainer_ranks > 1 is not built yet: the "
+                             "adapter trains on one rank (FSDP2 sharding of adapters is not wired)")
         needed = engine_max_rank(lora.rank)
         if "max_lora_rank" in self.engine.model_fields_set and self.engine.max_lora_rank:
             if self.engine.max_lora_rank < lora.rank:

@@ -256,7 +256,7 @@ class Pipeline:
         if hasattr(old, "replace_dead"):
             async with self.weights_lock:
                 weights = await asyncio.to_thread(self.trainer.weights)
-                replaced = await old.replace_dead(weights, self.trainer.version)
+                replaced = await old.replace_dead(weights, self.trainer.version, self._lora)
             if replaced:
                 self.on_message(f"engine {', '.join(map(str, replaced))} of the pool died; "
                                 f"replaced, all at version {self.trainer.version}")

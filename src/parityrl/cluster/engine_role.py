@@ -44,6 +44,11 @@ class EngineRole:
     async def alive(self) -> bool:
         return await self.engine.alive()
 
+    async def update_adapter(self, tensors: dict, lora: dict, version: int | None,
+                             options: dict) -> UpdateReport:
+        """A LoRA adapter in one call: the PEFT folder is written here, on the engine's node."""
+        return await self.engine.update_adapter(tensors, lora, version=version, **options)
+
     async def call(self, name: str, *args):
         if name not in UPDATE_CALLS:
             raise ValueError(f"not an engine update call: {name}")
@@ -124,6 +129,15 @@ class RayEngine:
                write_seconds: float) -> UpdateReport:
         return update_report(self.version, self._expected_names, sent, result, pause_seconds,
                              write_seconds)
+
+    async def update_adapter(self, tensors: dict, lora: dict, *, version: int | None = None,
+                             **options) -> UpdateReport:
+        """RolloutEngine.update_adapter in the actor (the adapter is megabytes: Ray carries it)."""
+        async with self.update_lock:
+            report = await self.handle.update_adapter.remote(dict(tensors), lora, version,
+                                                             options)
+            self.version = report.version
+        return report
 
     async def transfer_init(self, init_info: dict) -> None:
         await self.handle.call.remote("transfer_init", init_info)

@@ -95,6 +95,7 @@ class RayTrainerGroup:
         self.where = where
         self.version = 0  # optimizer steps taken (every rank holds the same)
         self.nonfinite_streak = 0
+        self.lora: dict | None = None  # the adapter's settings: `weights` is then the adapter
 
     @classmethod
     async def start(cls, cfg: RunConfig, model_dir: str | Path, pad_id: int) -> "RayTrainerGroup":
@@ -114,11 +115,14 @@ class RayTrainerGroup:
             where = await asyncio.gather(*(
                 r.setup.remote(cfg, str(model_dir), pad_id, i, world, address, port)
                 for i, r in enumerate(ranks)))
+            lora = await ranks[0].__ray_call__.remote(lambda self: self.trainer.lora)
         except BaseException:
             for r in ranks:
                 ray.kill(r)
             raise
-        return cls(ranks, list(where))
+        group = cls(ranks, list(where))
+        group.lora = lora
+        return group
 
     def _all(self, method: str, *args) -> list:
         import ray

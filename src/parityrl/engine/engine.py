@@ -42,6 +42,8 @@ class UpdateReport:
     engines_verified: int = 1  # engines of this update whose digests matched the trainer's
 
 
+# The trainer's adapter is LoRA id 1 (update_adapter); an exported folder served is id 2.
+SERVED_ADAPTER_ID = 2
 # An engine control call (pause, reload, resume) taking longer than this means a stuck engine.
 CONTROL_TIMEOUT_S = 300.0
 # vLLM waits 5 s for the engine-core process to exit on its own before killing it; on the CPU
@@ -368,7 +370,8 @@ class RolloutEngine:
             finally:
                 await self.resume()
             resumed = time.perf_counter()
-            if previous is not None and previous.lora_path != str(folder):
+            if (previous is not None and previous.lora_path != str(folder)
+                    and Path(previous.lora_path).parent == self._update_dir):
                 shutil.rmtree(previous.lora_path, ignore_errors=True)
         report = update_report(self.version, set(sent), sent, result, resumed - start,
                                start - write_start)
@@ -378,6 +381,17 @@ class RolloutEngine:
         if verify and not report.check.ok:
             raise WeightSyncError(report.check.summary())
         return report
+
+    def serve_adapter_folder(self, folder: str | Path, name: str = "served") -> None:
+        """From now on generate with the PEFT adapter in `folder` (an exported one), loaded the
+        way `vllm serve --lora-modules` loads it: by vLLM's own request path, from disk, under an
+        id of its own (evicting the trainer's from the one slot). The next `update_adapter`
+        takes the slot back; `folder` is never removed."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.settings.max_lora_rank:
+            raise RuntimeError("this engine was started without LoRA (max_lora_rank unset)")
+        self.adapter = LoRARequest(name, SERVED_ADAPTER_ID, str(Path(folder).resolve()))
 
     async def alive(self) -> bool:
         return self.llm is not None and not self.llm.errored

@@ -6,7 +6,8 @@
 
 Updates go to every engine in one gloo group (rank 0 the trainer, engine i at rank 1 + i): one
 broadcast, all engines paused and resumed together, each one's digests checked, the same version
-on all. Requests go to the engine with the fewest groups in flight. On a CPU host each engine's
+on all. LoRA adapters go to every engine as PEFT folders instead (`update_adapter`). Requests go
+to the engine with the fewest groups in flight. On a CPU host each engine's
 worker gets a core of its own (`VLLM_CPU_OMP_THREADS_BIND`), or vLLM would bind them all to the
 same one.
 """
@@ -41,15 +42,20 @@ class EnginePool:
         """`engines` engines and one transfer group. `start_engine(settings)` starts one (default:
         a RolloutEngine in this process; cluster/engine_role.py: one in a Ray actor, and then
         they start side by side)."""
-        if settings.weight_transport != "gloo":
+        adapters_only = bool(settings.max_lora_rank)
+        if not adapters_only and settings.weight_transport != "gloo":
             raise ValueError("several engines take their updates over gloo "
                              "(engine.weight_transport: gloo)")
         cores = sorted(os.sched_getaffinity(0))
         own = [settings if settings.cpu_threads_bind is not None else
                settings.model_copy(update={"cpu_threads_bind": str(cores[i % len(cores)])})
                for i in range(engines)]
-        start_one = start_engine or _start_local
+        # A LoRA pool's engines keep the base from the model folder and take adapters as PEFT
+        # folders each writes for itself: no transfer group, any engine source.
+        start_one = start_engine or (_start_from_source if adapters_only else _start_local)
         started = await _start_all(start_one, own)
+        if adapters_only:
+            return cls(started, None, start_one)
         try:
             transfer = await join_gloo_group(started)
         except BaseException:
@@ -57,10 +63,12 @@ class EnginePool:
             raise
         return cls(started, transfer, start_one)
 
-    async def replace_dead(self, weights: dict[str, torch.Tensor], version: int) -> list[int]:
+    async def replace_dead(self, weights: dict[str, torch.Tensor], version: int,
+                           lora: dict | None = None) -> list[int]:
         """Engines that died replaced by new ones with the same settings, one transfer group
         formed again over all of them, and `weights` pushed to all at `version` (the survivors
-        keep their requests in flight). Returns the indices replaced (none: nobody is dead)."""
+        keep their requests in flight); with `lora`, `weights` is the adapter and goes to the new
+        engines only. Returns the indices replaced (none: nobody is dead)."""
         alive = await asyncio.gather(*(e.alive() for e in self.engines))
         dead = [i for i, ok in enumerate(alive) if not ok]
         if not dead:
@@ -69,6 +77,10 @@ class EnginePool:
         fresh = await _start_all(self._start_one, [self.engines[i].settings for i in dead])
         for i, engine in zip(dead, fresh):
             self.engines[i] = engine
+        if lora is not None:
+            await asyncio.gather(*(e.update_adapter(weights, lora, version=version)
+                                   for e in fresh))
+            return dead
         self._transfer = await join_gloo_group(self.engines)
         await self.update_all(weights, version=version)
         return dead
@@ -119,6 +131,22 @@ class EnginePool:
                                     verify=verify, skip=skip,
                                     reset_prefix_cache=reset_prefix_cache)
 
+    async def update_adapter(self, tensors: dict[str, torch.Tensor], lora: dict, *,
+                             version: int | None = None, verify: bool = True,
+                             **options) -> UpdateReport:
+        """The adapter into every engine at once, each under its own pause(keep) → load →
+        digests → prefix-cache reset → version → resume (RolloutEngine.update_adapter): a
+        request in flight on one engine never waits for another's load. Every engine's slots are
+        digested against the same prediction, so all hold the same adapter when this returns.
+        The first report, counting the engines whose digests matched; the longest pause."""
+        reports = await asyncio.gather(*(e.update_adapter(tensors, lora, version=version,
+                                                          verify=verify, **options)
+                                         for e in self.engines))
+        first = reports[0]
+        first.engines_verified = sum(r.engines_verified for r in reports)
+        first.pause_seconds = max(r.pause_seconds for r in reports)
+        return first
+
     async def close(self) -> None:
         await asyncio.gather(*(e.close() for e in self.engines), return_exceptions=True)
         self._transfer = None
@@ -128,13 +156,20 @@ async def _start_local(settings: EngineSettings) -> RolloutEngine:
     return await RolloutEngine.start(settings, join_transfer=False)
 
 
+async def _start_from_source(settings: EngineSettings):
+    """A LoRA pool's engine from wherever `start_engine` gets engines (engine/source.py)."""
+    from parityrl.engine.source import start_engine
+
+    return await start_engine(settings)
+
+
 async def _start_all(start_one, settings: list[EngineSettings]) -> list:
     """One engine per settings; all stopped again if one fails. In this process they start one
     after the other (each start sets this process's environment for vLLM's spawn); elsewhere
     (Ray actors) side by side."""
     started: list = []
     try:
-        if start_one is not _start_local:
+        if start_one not in (_start_local, _start_from_source):
             results = await asyncio.gather(*(start_one(one) for one in settings),
                                            return_exceptions=True)
             started = [r for r in results if not isinstance(r, BaseException)]
