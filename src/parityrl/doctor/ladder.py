@@ -298,12 +298,8 @@ class LadderSession:
         from parityrl.trainer.engine_kernels import EngineKernels
 
         # The doctor measures whatever the engine runs; the verdict names unmet settings.
-        resolved = self.engine.resolved_settings()
-        block_size = resolved["block_size"]
-        lora_rank = (resolved.get("lora") or {}).get("max_lora_rank")
-        if (self.kernels is None or self.kernels.block_size != block_size
-                or self.kernels.max_lora_rank != lora_rank):
-            self.kernels = EngineKernels(self.model, block_size, lora_rank)
+        self.kernels = EngineKernels.for_engine(self.model, self.engine.resolved_settings(),
+                                                self.kernels)
         return self.kernels
 
     def measure(self, rung: Rung, rollouts: list[Rollout], sampling: SamplingConfig):

@@ -84,7 +84,6 @@ class _EngineLinear:
         dispatch_cpu_unquantized_gemm(self.layer, remove_weight=False)
         # The engine pads one-row GEMMs in bitwise mode; a one-row pass here must do the same.
         self.linear = pad_single_row(self.layer.cpu_linear)
-
         self.lora = lora
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,6 +180,18 @@ class EngineKernels:
         self.isa = _get_attn_isa(torch.float32, block_size, self.head_dim, "auto")
         self.layers: list[_Layer] = []
         self.pack()
+
+    @classmethod
+    def for_engine(cls, model, resolved: dict, current: "EngineKernels | None" = None
+                   ) -> "EngineKernels":
+        """Kernels laid out as the engine `resolved` (RolloutEngine.resolved_settings) runs:
+        `current` when it already matches (block size, LoRA slot rank), else new ones."""
+        block_size = resolved["block_size"]
+        lora_rank = (resolved.get("lora") or {}).get("max_lora_rank")
+        if (current is not None and current.block_size == block_size
+                and current.max_lora_rank == lora_rank):
+            return current
+        return cls(model, block_size, lora_rank)
 
     def _fingerprint(self) -> tuple:
         # Every in-place write bumps a tensor's version counter (optimizer step, copy_, load).

@@ -119,10 +119,7 @@ class Trainer:
         from parityrl.trainer.engine_kernels import EngineKernels, check_engine_for_bitwise
 
         check_engine_for_bitwise(resolved)
-        lora_rank = (resolved.get("lora") or {}).get("max_lora_rank")
-        if (self.kernels is None or self.kernels.block_size != resolved["block_size"]
-                or self.kernels.max_lora_rank != lora_rank):
-            self.kernels = EngineKernels(self.model, resolved["block_size"], lora_rank)
+        self.kernels = EngineKernels.for_engine(self.model, resolved, self.kernels)
 
     # -- phases ---------------------------------------------------------------------------------
     def _assign_advantages(self, groups: list[Group]) -> list[Rollout]:
