@@ -75,6 +75,27 @@ def engine_tests_are_marked_slow(request):
                     "that need none)")
 
 
+# Files that share engine kinds run next to each other, so that a shared engine is still idle
+# (engine_host.py keeps a few) when the next file asks for it: test_lora.py uses the bitwise LoRA
+# kind test_bitwise.py started (measured: one engine start fewer, ~17 s).
+RUN_AFTER = {"test_lora.py": "test_bitwise.py"}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def file_of(item) -> str:
+        return item.path.name
+
+    order: list[str] = []
+    for name in dict.fromkeys(file_of(i) for i in items):
+        if name in RUN_AFTER:
+            continue
+        order.append(name)
+        order += [f for f, after in RUN_AFTER.items() if after == name]
+    order += [f for f in dict.fromkeys(file_of(i) for i in items) if f not in order]
+    rank = {name: n for n, name in enumerate(order)}
+    items.sort(key=lambda i: rank[file_of(i)])  # stable: the order within a file stays
+
+
 def pytest_configure(config):
     # Every engine start, in this process and in those the tests spawn (parityrl train, Ray
     # actors), appends a line here (engine/engine.py log_engine_start).

@@ -5,6 +5,7 @@ compare --ref, samples, plots."""
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 import torch
@@ -204,3 +205,43 @@ def test_log_panels_say_when_they_raise_zeros_to_the_floor(tmp_path):
         f'{{"step": {s}, "mismatch/kl_k3": 0.0, "rl/reward_mean": 0.5}}\n' for s in (1, 2)))
     (png,) = plot_run(run)
     assert png.stat().st_size > 10_000
+
+
+def test_float16_loss_scaling_skips_and_counts_overflows_and_resumes_its_scale(tiny_model,
+                                                                              tmp_path):
+    """float16: the scale auto-resolves to dynamic; a scale that overflows the float16 backward
+    is a skipped step (weights untouched, counted, scale halved, not a fault); a safe scale gives
+    a real step; the scale and its counters come back from a checkpoint."""
+    def trainer_with(init: float) -> Trainer:
+        config = build_config({"model": tiny_model, "dtype": "float16",
+                               "sampling": {"temperature": 1.0},
+                               "trainer": {"optim": {"loss_scale": {"init": init}}}})
+        assert config.trainer.optim.loss_scale.mode == "dynamic"
+        return Trainer(config, load_policy(tiny_model, "float16"), pad_id=0)
+
+    assert build_config({"model": tiny_model}).trainer.optim.loss_scale.mode == "off"
+    huge = trainer_with(2.0 ** 100)
+    before = {n: p.detach().clone() for n, p in huge.model.named_parameters()}
+    m = huge.apply(huge.accumulate(groups()))
+    assert m["rl/skipped_nonfinite_step"] == 1.0 and m["rl/overflow_steps"] == 1.0
+    assert m["rl/loss_scale"] == 2.0 ** 100 and huge.loss_scale.scale == 2.0 ** 99
+    assert huge.nonfinite_streak == 0  # an overflow above the floor is not a fault
+    assert all(torch.equal(p.detach(), before[n]) for n, p in huge.model.named_parameters())
+
+    safe = trainer_with(2.0 ** 8)
+    before = {n: p.detach().clone() for n, p in safe.model.named_parameters()}
+    m = safe.apply(safe.accumulate(groups()))
+    assert m["rl/skipped_nonfinite_step"] == 0.0 and m["rl/overflow_steps"] == 0.0
+    assert math.isfinite(m["rl/grad_norm"]) and m["rl/loss_scale"] == 2.0 ** 8
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in safe.model.named_parameters())
+    unscaled = Trainer(build_config({"model": tiny_model, "dtype": "float16",
+                                     "sampling": {"temperature": 1.0},
+                                     "trainer": {"optim": {"loss_scale": {"mode": "off"}}}}),
+                       load_policy(tiny_model, "float16"), pad_id=0)
+    reference = unscaled.apply(unscaled.accumulate(groups()))["rl/grad_norm"]
+    assert m["rl/grad_norm"] == pytest.approx(reference, rel=2e-2)  # unscaled before the norm
+    safe.loss_scale.load({"scale": 512.0, "clean_steps": 3, "overflow_steps": 2})
+    safe.save_checkpoint(tmp_path, step=1, data_position=0, keep=1)
+    resumed = trainer_with(2.0 ** 8)
+    resumed.restore(tmp_path / "checkpoints" / "step-000001")
+    assert resumed.loss_scale.state() == {"scale": 512.0, "clean_steps": 3, "overflow_steps": 2}

@@ -20,6 +20,7 @@ from parityrl.sampling import SamplingConfig
 from parityrl.tasks.environment import EnvConfig
 from parityrl.tasks.registry import TaskConfig
 from parityrl.trainer.advantages import AdvantageConfig
+from parityrl.trainer.loss_scale import LossScaleConfig
 from parityrl.trainer.objectives import CorrectionConfig, LossConfig
 
 
@@ -94,6 +95,8 @@ class OptimConfig(_Strict):
     master_weights: Literal["float32", "model"] = Field(
         "float32", description="bfloat16/float16 models: the optimizer steps float32 master "
                                "weights (model = step the low-precision weights themselves).")
+    loss_scale: LossScaleConfig = Field(LossScaleConfig(), description="trainer/loss_scale.py: "
+                                        "dynamic loss scaling (float16).")
 
 
 class LoRAConfig(_Strict):
@@ -202,10 +205,21 @@ class RunConfig(_Strict):
             self._resolve_bitwise()
         self._resolve_cluster()
         self._resolve_lora()
+        self._resolve_loss_scale()
         if self.sampling.max_tokens >= self.engine.max_model_len:
             raise ValueError(f"sampling.max_tokens={self.sampling.max_tokens} leaves no room for a "
                              f"prompt in engine.max_model_len={self.engine.max_model_len}")
         return self
+
+    def _resolve_loss_scale(self) -> None:
+        """auto → dynamic for float16 (5 exponent bits: small gradients flush to zero), off else;
+        the run directory's config then says which."""
+        scale = self.trainer.optim.loss_scale
+        if scale.mode == "auto":
+            mode = "dynamic" if self.dtype == "float16" else "off"
+            optim = self.trainer.optim.model_copy(
+                update={"loss_scale": scale.model_copy(update={"mode": mode})})
+            self.trainer = self.trainer.model_copy(update={"optim": optim})
 
     def _resolve_cluster(self) -> None:
         """Several engines, or engines in Ray actors, take their updates over gloo: set when the

@@ -21,6 +21,7 @@ from parityrl.trainer.advantages import group_advantages
 from parityrl.trainer.batch import collate, rollout_logprobs
 from parityrl.trainer.logprobs import token_logprobs
 from parityrl.trainer.lora import adapter_state_dict, lora_settings
+from parityrl.trainer.loss_scale import DynamicLossScale
 from parityrl.trainer.distributed import (DistContext, average_replicated_grads, clip_grad_norm,
                                           data_parallel_shares, full_state_dict, full_tensor,
                                           gather_objects, is_sharded, shard_like, shard_model)
@@ -105,6 +106,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.master or self.params, lr=opt.lr,
                                            betas=opt.betas, weight_decay=opt.weight_decay,
                                            foreach=False if self.sharded else None)
+        # float16: the loss scaled before backward, overflowing steps skipped (trainer/loss_scale.py)
+        self.loss_scale = (DynamicLossScale(opt.loss_scale)
+                           if opt.loss_scale.mode == "dynamic" else None)
         self.version = 0  # optimizer steps taken; the engine holds the same number after a push
         self.nonfinite_streak = 0  # consecutive steps whose gradient was not finite
         self.kernels = None  # bitwise mode: the engine's kernels (use_engine_kernels)
@@ -169,6 +173,8 @@ class Trainer:
         if tcfg.loss.entropy_coef > 0:
             loss = loss - tcfg.loss.entropy_coef * entropy
         scale = self.dist.world_size if self.split_batch else 1  # undoes FSDP's average
+        if self.loss_scale is not None:
+            scale = scale * self.loss_scale.scale
         (loss.sum() * scale / total_tokens).backward()
         # Flattened in the order of `out.logprobs[mask]`: row by row, sampled tokens in order.
         pure = torch.tensor([p for r in chunk for p in r.parity_mask(self.version)],
@@ -189,6 +195,11 @@ class Trainer:
                 master.grad = None if param.grad is None else param.grad.float()
                 param.grad = None
         stepped = self.master or self.params
+        if self.loss_scale is not None:  # unscaled before the norm: clipping sees true gradients
+            with torch.no_grad():
+                for p in stepped:
+                    if p.grad is not None:
+                        p.grad.div_(self.loss_scale.scale)
         clip = clip_grad_norm if self.sharded else torch.nn.utils.clip_grad_norm_
         grad_norm = clip(stepped, self.cfg.trainer.optim.grad_clip)
         applied = bool(torch.isfinite(grad_norm))
@@ -214,13 +225,18 @@ class Trainer:
                         extra: dict | None = None) -> None:
         from parityrl.trainer.checkpoint import save_trainer
 
+        if self.loss_scale is not None:
+            extra = {**(extra or {}), "loss_scale": self.loss_scale.state()}
         save_trainer(self, run_dir, step, data_position, keep, extra)
 
     def restore(self, folder):
         """This trainer as checkpoint `folder` left it; returns the checkpoint's TrainingState."""
         from parityrl.trainer.checkpoint import restore_trainer
 
-        return restore_trainer(self, folder)
+        state = restore_trainer(self, folder)
+        if self.loss_scale is not None:
+            self.loss_scale.load(state.extra.get("loss_scale"))
+        return state
 
     def master_state(self) -> dict[str, torch.Tensor] | None:
         """The float32 master weights by parameter name (None when the model itself is float32).
@@ -331,7 +347,13 @@ class Trainer:
             metrics["rl/grad_norm"] = grad_norm
         metrics["rl/skipped_nonfinite"] = float(state.tokens.skipped_samples)
         metrics["rl/skipped_nonfinite_step"] = 0.0 if applied else 1.0
-        self.nonfinite_streak = 0 if applied else self.nonfinite_streak + 1
+        fault = not applied
+        if self.loss_scale is not None:
+            metrics["rl/loss_scale"] = self.loss_scale.scale  # the scale this step's backward used
+            # An overflow above the floor is the scaler's business: skipped, counted, scale halved.
+            fault = self.loss_scale.update(applied)
+            metrics["rl/overflow_steps"] = float(self.loss_scale.overflow_steps)
+        self.nonfinite_streak = 0 if not fault else self.nonfinite_streak + 1
         return metrics
 
     def _metrics(self, state: "StepState") -> dict[str, float]:
