@@ -155,7 +155,6 @@ def test_bitwise_gradient_is_the_default_gradient_and_values_come_from_the_kerne
     (["dtype=bfloat16"], "float32 only"),
     (["engine.enable_prefix_caching=true"], "engine.enable_prefix_caching=False"),
     (["engine.cpu_attn_split_kv=true"], "engine.cpu_attn_split_kv=False"),
-    (["env.type=calculator"], "single-turn"),
 ])
 def test_bitwise_mode_refuses_what_it_cannot_hold_at_load(overrides, message):
     with pytest.raises(UserError, match=message):

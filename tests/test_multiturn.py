@@ -223,6 +223,46 @@ def test_the_shipped_multi_turn_recipe_trains_with_parity_in_every_turn(real_mod
 
 
 @pytest.mark.slow
+def test_bitwise_episodes_of_three_calculator_turns_are_exact_in_a_run_and_in_the_doctor(
+        real_model_4l, tmp_path, plugins_importable):
+    """parity.mode=bitwise with an env: the kernel pass lays out each turn as the engine ran it (a
+    fresh prefill of everything before the turn, then its decode steps), so every sampled token
+    of all three turns equals the engine's, in a sync run and in the doctor's bitwise rung."""
+    from pathlib import Path
+
+    from parityrl.config import load_config
+    from parityrl.doctor.ladder import DoctorConfig, build_ladder, run_ladder_sync
+    from parityrl.pipeline import run_training
+    from parityrl.runlog import read_metrics
+
+    recipe = Path(__file__).parent.parent / "configs" / "calculator.yaml"
+    cfg = load_config(recipe, [f"model={real_model_4l}", "dtype=float32", "parity.mode=bitwise",
+                               "max_steps=2", "actor.group_size=2", "actor.prompts_per_step=2",
+                               "sampling.max_tokens=8", "env.type=python",
+                               "env.factory=envs:calculator_every_turn", "env.max_turns=3",
+                               "samples_every=0", "tensorboard=false"])
+    run_training(cfg, tmp_path / "run", on_message=lambda m: None)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "rl/tokens" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["rollouts/turns_mean"] == 3.0 and row["engine/preemptions"] == 0
+        assert all(row[f"mismatch/turn{t}/tokens"] > 0 for t in range(3))
+        assert row["mismatch/tokens"] == row["rl/tokens"] > 0
+        assert row["mismatch/max_abs_diff"] == 0.0, row
+
+    checks = []
+    doctor = DoctorConfig(model=real_model_4l, samplings=[SamplingConfig(
+        temperature=0.7, top_p=0.9, max_tokens=8)], num_samples=2,
+        prompts=["What is 3 + 4?", "Name a colour."])
+    run_ladder_sync(doctor, rungs=build_ladder(bitwise=True)[-1:], on_multi_turn=checks.append)
+    (check,) = checks
+    metrics = check.result.metrics
+    assert check.bitwise and check.passed, check.lines()
+    assert all(metrics[f"mismatch/turn{t}/tokens"] > 0 for t in range(3))
+    assert metrics["mismatch/max_abs_diff"] == 0.0 and set(check.result.abs_diffs) == {0.0}
+
+
+@pytest.mark.slow
 def test_an_update_between_turns_gives_two_versions_and_parity_only_on_same_version_tokens(
         engine, loop, real_model_4l):
     from parityrl.doctor.ladder import perturb_in_place

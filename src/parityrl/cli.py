@@ -162,7 +162,9 @@ def doctor(
     multi_turn: bool = typer.Option(
         False, "--multi-turn", help="Also run two-turn episodes (a tool observation between "
                                     "the turns) on the last rung's settings: per-turn parity and "
-                                    "the chat-template check. Needs a chat template."),
+                                    "the chat-template check; with --bitwise, three-turn "
+                                    "episodes after the bitwise rung too, every token equal. "
+                                    "Needs a chat template."),
     bitwise: bool = typer.Option(
         False, "--bitwise", help="Add the bitwise rung: the trainer scores with the engine's own "
                                  "kernels (parity.mode=bitwise; float32, CPU engine); it passes "
@@ -245,6 +247,8 @@ def doctor(
                 status.update(f"rung {len(done) + 1}/{len(rungs)}: {rungs[len(done)].name}")
             if multi_turn and result.name == rungs[-1 - bitwise].name:
                 status.update("multi-turn check: two-turn episodes on this rung's engine")
+            elif multi_turn and result.name == "bitwise":
+                status.update("multi-turn check: three-turn episodes scored with the kernels")
             elif sampler_draws and result.name == rungs[-1 - bitwise].name:
                 status.update(f"sampler check: {sampler_draws} one-token draws a prompt")
 

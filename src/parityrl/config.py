@@ -268,8 +268,6 @@ class RunConfig(_Strict):
         """Bitwise mode sets the engine knobs it needs; one the config set otherwise is refused."""
         if self.dtype != "float32":
             raise ValueError(f"parity.mode=bitwise is audited in float32 only, not dtype={self.dtype}")
-        if self.env is not None:
-            raise ValueError("parity.mode=bitwise scores single-turn rollouts; remove env")
         explicit = self.engine.model_fields_set
         for knob, needed in BITWISE_KNOBS.items():
             value = getattr(self.engine, knob)

@@ -346,15 +346,16 @@ async def run_ladder(
     """Run the ladder in order; returns one result per rung and sampling, and the trainer's noise
     floor (measured on the first rung's rollouts of the first sampling). With `on_multi_turn`,
     the multi-turn check (doctor/multiturn.py) runs on the engine of the last rung before the
-    bitwise one, after that rung, and each of its results is handed to it; with `on_sampler`,
+    bitwise one, after that rung (and with three turns after the bitwise rung, judged equal or
+    not), and each of its results is handed to it; with `on_sampler`,
     the sampler check (doctor/sampler.py, `sampler_draws` draws a prompt) there too, once per
     sampling."""
     rungs = rungs if rungs is not None else build_ladder(cfg.withhold)
     session = LadderSession(cfg)
     results: list[RungResult] = []
     floor: dict = {}
-    # The multi-turn check runs on the engine of the last rung that scores with the trainer's own
-    # forward (episodes are outside bitwise mode).
+    # The multi-turn and sampler checks run on the engine of the last rung that scores with the
+    # trainer's own forward.
     last_default = max(i for i, r in enumerate(rungs) if not r.trainer_kernels) if any(
         not r.trainer_kernels for r in rungs) else None
     try:
@@ -388,10 +389,12 @@ async def run_ladder(
                 if not floor:
                     floor = noise_floor(session.model, rollouts, sampling, session.pad_id,
                                         rungs[-1].trainer_fp32_lm_head)
-            if on_multi_turn is not None and index == last_default:
+            if on_multi_turn is not None and (index == last_default or rung.trainer_kernels):
                 from parityrl.doctor.multiturn import check_multi_turn
 
-                for check in await check_multi_turn(session, rung):
+                # Bitwise: three turns, so that a turn starts after an earlier observation too.
+                for check in await check_multi_turn(session, rung,
+                                                    turns=3 if rung.trainer_kernels else 2):
                     on_multi_turn(check)
             if on_sampler is not None and index == last_default:
                 from parityrl.doctor.sampler import check_sampler

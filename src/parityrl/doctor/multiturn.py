@@ -1,4 +1,4 @@
-"""The doctor's multi-turn check: two-turn conversations with a tool observation between them.
+"""The doctor's multi-turn check: conversations with a tool observation between the turns.
 
 On the last rung's settings (the trainer's weights perturbed and pushed in place), each prompt
 becomes an episode: the engine answers, a fixed calculator observation follows, the engine answers
@@ -8,6 +8,10 @@ rung (engine as close to float64 as the trainer, nothing non-finite), with each 
 shown, and each episode is rendered once more with the chat template to check that the template
 reproduces the ids the engine saw. It runs on the ladder's engine after the last rung
 (`run_ladder(..., on_multi_turn=...)`): no engine start of its own.
+
+After the bitwise rung (`--bitwise`) it runs again with three turns on that rung's engine, scored
+with the engine's kernels laid out turn by turn (each turn a fresh prefill of everything before
+it, then its decode steps): judged as that rung is, every sampled token of every turn equal.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import asyncio
 from dataclasses import dataclass
 
 from parityrl.doctor.ladder import LadderSession, Rung, RungResult
-from parityrl.doctor.verdict import Consistency, consistency
+from parityrl.doctor.verdict import Consistency, bitwise_consistency, consistency
 from parityrl.errors import UserError
 from parityrl.rollouts.episode import EpisodeLimits, engine_turns, run_episode
 from parityrl.sampling import SamplingConfig
@@ -33,6 +37,7 @@ class MultiTurnResult:
     consistency: Consistency
     episodes: int
     unfaithful: list[str]  # the template check's findings, one per episode that failed it
+    bitwise: bool = False  # scored with the engine's kernels: equal or not
 
     @property
     def passed(self) -> bool:
@@ -50,7 +55,8 @@ class MultiTurnResult:
                     f"the chat template gives other ids than the engine saw in "
                     f"{len(self.unfaithful)} of {self.episodes} episodes (first: "
                     f"{self.unfaithful[0]}); training uses the engine's ids")
-        return [f"{verdict} (multi-turn, {_label(self.result.sampling)}): "
+        kind = "multi-turn, bitwise" if self.bitwise else "multi-turn"
+        return [f"{verdict} ({kind}, {_label(self.result.sampling)}): "
                 f"{self.consistency.why}.", f"  {per_turn}", f"  {template}"]
 
 
@@ -58,9 +64,11 @@ def _label(s: SamplingConfig) -> str:
     return f"T={s.temperature:g}, top_p={s.top_p:g}, top_k={s.top_k}"
 
 
-async def check_multi_turn(session: LadderSession, rung: Rung) -> list[MultiTurnResult]:
+async def check_multi_turn(session: LadderSession, rung: Rung,
+                           turns: int = 2) -> list[MultiTurnResult]:
     """One MultiTurnResult per sampling, on the engine `session` holds after `rung` (the ladder's
-    last: its settings, the trainer's weights pushed)."""
+    last: its settings, the trainer's weights pushed); `turns` assistant turns an episode, the
+    observation after each but the last."""
     from parityrl.models.tiny import load_tokenizer
 
     cfg = session.cfg
@@ -76,20 +84,26 @@ async def check_multi_turn(session: LadderSession, rung: Rung) -> list[MultiTurn
             return EnvReply(reward=0.0)
         return EnvReply(message=dict(OBSERVATION))
 
-    limits = EpisodeLimits(max_turns=2, max_model_len=cfg.max_model_len)
+    limits = EpisodeLimits(max_turns=turns, max_model_len=cfg.max_model_len)
     eos = tokenizer.eos_token_id
     out = []
     for sampling in cfg.samplings:
         stopping = sampling.model_copy(update={"stop_token_ids": tuple(
             sorted(set(sampling.stop_token_ids) | ({eos} if eos is not None else set())))})
+        counter = engine.preemption_counter
+        preempted_before = counter.preemptions if counter else 0
         episodes = await asyncio.gather(*[
             run_episode(generate, respond, tokenizer, as_messages(prompt), stopping, limits,
                         seed=cfg.seed + 1000 * i + j)
             for i, prompt in enumerate(cfg.prompts) for j in range(cfg.num_samples)])
         metrics, diffs, positions, e_err, t_err = session.measure(rung, episodes, sampling)
+        if counter is not None:
+            metrics["engine/preemptions"] = float(counter.preemptions - preempted_before)
         result = RungResult(NAME, NAME, sampling, engine.resolved_settings(), metrics, diffs,
                             positions, (), None, None, e_err, t_err)
-        out.append(MultiTurnResult(result, consistency(result), len(episodes),
+        judged = bitwise_consistency(result) if rung.trainer_kernels else consistency(result)
+        out.append(MultiTurnResult(result, judged, len(episodes),
                                    [e.meta["template_mismatch"] for e in episodes
-                                    if e.meta["template_mismatch"] is not None]))
+                                    if e.meta["template_mismatch"] is not None],
+                                   bitwise=rung.trainer_kernels))
     return out

@@ -70,6 +70,23 @@ def consistency(r: RungResult) -> Consistency:
     return Consistency(ok, why, ratio)
 
 
+def bitwise_consistency(r: RungResult) -> Consistency:
+    """The bitwise rule: every token has exactly the engine's logprob (and none is non-finite)."""
+    n_diff = sum(d != 0 for d in r.abs_diffs)
+    finite = consistency(r)
+    why = (f"every one of {len(r.abs_diffs)} tokens has exactly the engine's logprob"
+           if n_diff == 0 else f"{n_diff} of {len(r.abs_diffs)} tokens differ, max |Δ| "
+                               f"{r.metrics['mismatch/max_abs_diff']:.3g}")
+    preempted = int(r.metrics.get("engine/preemptions", 0))
+    if preempted:
+        why += (f"; the engine preempted {preempted} requests (KV cache full) and recomputed "
+                "them as one prefill, a layout the kernel pass does not reproduce: give it "
+                "more engine.kv_cache_gib")
+    if not finite.ok:
+        why += f" ({finite.why})"
+    return Consistency(n_diff == 0 and finite.ok, why, 0.0 if n_diff == 0 else None)
+
+
 def settings_faults(r: RungResult) -> list[tuple[str, str]]:
     """(layer, why) for every numerics setting on which the engine and the trainer disagree."""
     s = r.settings
@@ -125,18 +142,8 @@ def judge(results: list[RungResult], floor: dict, dtype: str, tol: float | None 
     states = [consistency(r) for r in results]
     faults = settings_faults(last)
     if last.name == "bitwise":  # equal or nothing: no tolerance, no float64 rule
-        n_diff = sum(d != 0 for d in last.abs_diffs)
-        measured_ok = n_diff == 0 and states[-1].ok
-        rule = (f"every one of {len(last.abs_diffs)} tokens has exactly the engine's logprob"
-                if n_diff == 0 else f"{n_diff} of {len(last.abs_diffs)} tokens differ, max |Δ| "
-                                    f"{last.metrics['mismatch/max_abs_diff']:.3g}")
-        preempted = int(last.metrics.get("engine/preemptions", 0))
-        if preempted:
-            rule += (f"; the engine preempted {preempted} requests (KV cache full) and recomputed "
-                     "them as one prefill, a layout the kernel pass does not reproduce: give it "
-                     "more engine.kv_cache_gib")
-        if not states[-1].ok:
-            rule += f" ({states[-1].why})"
+        bitwise = bitwise_consistency(last)
+        measured_ok, rule = bitwise.ok, bitwise.why
     elif tol is not None:
         measured_ok = last.metrics["mismatch/max_abs_diff"] <= tol and states[-1].ok
         rule = f"max |Δ| {last.metrics['mismatch/max_abs_diff']:.3g} vs --tol {tol:g}"

@@ -216,16 +216,25 @@ def _engine_logprobs(kernels, input_ids, attention_mask, completion_mask, sampli
     sequences = []
     for ids, attn, comp in zip(input_ids.tolist(), attention_mask.tolist(),
                                completion_mask.tolist()):
-        length = sum(attn)
-        start = comp.index(1) if 1 in comp else length
-        if not all(comp[start:length]):
-            raise UserError("parity.mode=bitwise scores single-turn rollouts only (an episode "
-                            "interleaves observation tokens)")
-        if start < length:
-            sequences.append(Sequence(ids[:start], ids[start:length]))
+        # Each run of sampled tokens is one engine request (an episode's turn): its prompt is
+        # everything before it, prefilled afresh (prefix caching is off in bitwise mode).
+        sequences += [Sequence(ids[:start], ids[start:end])
+                      for start, end in _sampled_runs(comp[:sum(attn)])]
     logits = kernels.logits(sequences).to(input_ids.device)
     if logprobs_mode == "raw_logprobs":
         logprobs_all = logits.log_softmax(-1, dtype=torch.float32)
     else:
         logprobs_all = processed_logprobs(logits, sampling)
     return logprobs_all.gather(-1, sampled.unsqueeze(-1)).squeeze(-1), logprobs_all
+
+
+def _sampled_runs(mask: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of every run of 1s in a completion mask: the turns of an episode."""
+    runs, start = [], None
+    for i, m in enumerate(mask + [0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
