@@ -118,3 +118,49 @@ def test_doctor_sampler_draws_reports_the_check_and_its_exit_code(tiny_model, tm
     (check,) = json.loads(out.read_text())["sampler"]
     assert check["passed"] is True and len(check["prompts"]) >= 3
     assert all(p["draws"] == 500 and p["engine"]["p_value"] > 0 for p in check["prompts"])
+
+
+def test_the_precision_tables_ratio_share_counts_tokens_beyond_ln_1_25_either_way():
+    import math
+
+    from parityrl.doctor.ladder import RungResult
+    from parityrl.doctor.precision import PrecisionRow, table_lines
+
+    edge = math.log(1.25)
+    diffs = [0.0, 0.1, edge * 0.999, edge * 1.001, 2.0, math.nan]  # 3 of 6 outside [0.8, 1.25]
+    metrics = {"mismatch/tokens": 5, "mismatch/mean_abs_diff": 0.4, "mismatch/max_abs_diff": 2.0,
+               "mismatch/kl_k3": 0.1}
+    result = RungResult("fp32-lm-head", "numerics", SamplingConfig(temperature=0.7), {}, metrics,
+                        diffs, list(range(6)), engine_error={"mean": 0.2, "p99": 1.0},
+                        trainer_error={"mean": 0.1, "p99": 0.5})
+    row = PrecisionRow("bfloat16", result, False, "FAIL: ...")
+    assert row.ratio_outside == 0.5 and row.cells()["engine_error_p99"] == 1.0
+    assert table_lines([row])[-1] == ("| bfloat16 | 5 | 0.2 / 1 | 0.1 / 0.5 | 0.4 | 2 | 0.1 | "
+                                      "50.00% | FAIL |")
+
+
+@pytest.mark.slow
+def test_doctor_compare_dtypes_tabulates_float32_bfloat16_and_float16(tiny_model, tmp_path):
+    """The last rung in each dtype on its own engine: every side measured against float64, the
+    lower precisions farther from it than float32, and the tiny model's setups all pass."""
+    out = tmp_path / "table.json"
+    proc = cli_in_process("doctor", "--model", tiny_model, "--compare-dtypes", "--temperature",
+                          "0.7", "--top-p", "0.9", "--num-samples", "2", "--max-tokens", "12",
+                          "--json", str(out), "--report", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {row["dtype"]: row for row in json.loads(out.read_text())["precision"]}
+    assert list(rows) == ["float32", "bfloat16", "float16"]
+    assert all(row["passed"] and row["tokens"] > 0 for row in rows.values())
+    for low in ("bfloat16", "float16"):
+        assert rows[low]["engine_error_mean"] > 10 * rows["float32"]["engine_error_mean"]
+        assert rows[low]["mismatch_mean_abs"] > 10 * rows["float32"]["mismatch_mean_abs"]
+    assert rows["float32"]["ratio_outside_0.8_1.25"] == 0.0
+    assert "bfloat16 against float16: mean |Δ|" in proc.stdout
+    table = (tmp_path / "report" / "precision.md").read_text()
+    assert table.count("| PASS |") == 3
+
+
+def test_compare_dtypes_refuses_the_options_it_does_not_run(tiny_model):
+    proc = cli_in_process("doctor", "--model", tiny_model, "--compare-dtypes", "--bitwise",
+                          "--dtype", "float16")
+    assert proc.returncode == 2 and "leave out --bitwise, --dtype" in proc.stdout + proc.stderr

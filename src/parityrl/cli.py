@@ -179,6 +179,11 @@ def doctor(
         help="Measure with a random non-zero LoRA adapter of this rank on every linear of the "
              "decoder, pushed into the engine as a training run pushes it; the weight-sync rung "
              "moves the adapter."),
+    compare_dtypes: bool = typer.Option(
+        False, "--compare-dtypes",
+        help="Instead of the ladder: its last rung in float32, bfloat16 and float16 (both sides, "
+             "one engine each), as a table of each side's error against float64, the mismatch, "
+             "KL and the share of ratios outside [0.8, 1.25]."),
     weight_transport: str = typer.Option(
         "shm_file", "--weight-transport",
         help="How the rungs push weights: shm_file (shared memory) or gloo (vLLM's "
@@ -191,6 +196,13 @@ def doctor(
 
     if dtype not in TORCH_DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
+    if compare_dtypes:
+        clash = [name for name, on in (("--bitwise", bitwise), ("--multi-turn", multi_turn),
+                                       ("--lora", lora), ("--sampler-draws", sampler_draws),
+                                       ("--dtype", dtype != "float32")) if on]
+        if clash:
+            raise UserError(f"--compare-dtypes runs the last rung in each dtype; leave out "
+                            f"{', '.join(clash)}")
     sampling = make_sampling(temperature=temperature, top_p=top_p, top_k=top_k,
                              max_tokens=max_tokens)
     prompt_list = _read_prompts(prompts) if prompts else None
@@ -207,7 +219,7 @@ def doctor(
     folder = check_model_folder(resolve_model(model, say=typer.echo))
     from parityrl.hardware import bfloat16_warning
 
-    warning = bfloat16_warning(dtype)
+    warning = bfloat16_warning("bfloat16" if compare_dtypes else dtype)
     if warning:
         typer.echo(warning, err=True)
 
@@ -223,6 +235,8 @@ def doctor(
                        withhold=frozenset(withhold), weight_transport=weight_transport,
                        lora_rank=lora,
                        **({"prompts": prompt_list} if prompt_list else {}))
+    if compare_dtypes:
+        _doctor_precision_table(cfg, console, json_out, report)
     rungs = build_ladder(cfg.withhold, bitwise)
     if quick:  # the settings to use (and the bitwise rung after them)
         rungs = rungs[-2:] if bitwise else rungs[-1:]
@@ -290,6 +304,40 @@ def doctor(
         path = write_report(results, floor, verdicts, passed, report, header)
         console.print(f"report: {path}")
     raise typer.Exit(0 if passed else 1)
+
+
+def _doctor_precision_table(cfg, console, json_out: Optional[Path],
+                            report: Optional[Path]) -> None:
+    """`doctor --compare-dtypes`: the table, then exit 0 when every dtype passed, else 1."""
+    import asyncio
+
+    from parityrl.doctor import precision
+    from parityrl.doctor.report import clean, write_json
+
+    rows = []
+    with console.status(f"{precision.DTYPES[0]}: the last rung (starting vLLM engine)") as status:
+        def on_row(row):
+            rows.append(row)
+            m = row.result.metrics
+            console.print(f"  [green]✓[/green] {row.dtype}: mean |Δ| "
+                          f"{m['mismatch/mean_abs_diff']:.2e}, max |Δ| "
+                          f"{m['mismatch/max_abs_diff']:.2e}", highlight=False)
+            if len(rows) < len(precision.DTYPES):
+                status.update(f"{precision.DTYPES[len(rows)]}: the last rung (starting vLLM "
+                              "engine)")
+
+        asyncio.run(precision.compare_dtypes(cfg, on_row=on_row))
+    lines = precision.table_lines(rows) + ["", precision.summary_line(rows)]
+    lines += [f"{row.dtype}: {row.verdict}" for row in rows]
+    console.print("\n".join(lines), highlight=False, markup=False)
+    if json_out:
+        write_json(json_out, clean({"precision": [row.cells() for row in rows],
+                                    "verdicts": {row.dtype: row.verdict for row in rows}}))
+    if report:
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "precision.md").write_text("\n".join(lines) + "\n")
+        console.print(f"report: {report / 'precision.md'}")
+    raise typer.Exit(0 if all(row.passed for row in rows) else 1)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
