@@ -1,7 +1,7 @@
 """The doctor's sampler check (doctor/sampler.py): the G-test on its own (calibrated on correct
 draws, sharp on wrong ones), then on the real engine: a correct setup passes, raw logprobs reported
-while the sampler applies temperature and top-p fail as unfaithful, a temperature applied on the
-trainer's side only fails as off-policy; and `parityrl doctor --sampler-draws` says so."""
+while the sampler applies temperature and top-p fail as unfaithful, a temperature or a top-p
+applied on one side only fails as off-policy; and `parityrl doctor --sampler-draws` says so."""
 
 from __future__ import annotations
 
@@ -77,6 +77,8 @@ def test_the_engine_samples_what_it_reports_and_a_one_sided_temperature_is_named
         results = _check(loop, engine, policy)
         one_sided = _check(loop, engine, policy,
                            trainer_sampling=SAMPLING.model_copy(update={"temperature": 1.0}))
+        top_p_one_sided = _check(loop, engine, policy,
+                                 trainer_sampling=SAMPLING.model_copy(update={"top_p": 1.0}))
         # Seeded draws: the check is reproducible.
         twice = [loop.run_until_complete(check_sampler(engine, policy, PROMPTS[:2], SAMPLING,
                                                        300, seed=7)) for _ in range(2)]
@@ -90,6 +92,11 @@ def test_the_engine_samples_what_it_reports_and_a_one_sided_temperature_is_named
     lines = verdict_lines(one_sided)
     assert lines[0].startswith("FAIL at the sampler layer")
     assert "trainer's processed distribution" in lines[1]
+    # The engine's top-p on the engine's side only: it never draws what the trainer's full
+    # distribution expects ~10 % of the time.
+    assert all(r.faithful for r in top_p_one_sided)
+    assert not any(r.on_policy for r in top_p_one_sided)
+    assert verdict_lines(top_p_one_sided)[0].startswith("FAIL at the sampler layer")
 
 
 @pytest.mark.slow
