@@ -10,8 +10,10 @@ setup:
 demo: setup
 	.venv/bin/parityrl demo
 
+# Two workers, a file each at a time (pytest-xdist): an engine start keeps one core busy
+# importing vLLM while the other waits; files share engines within their worker.
 test: setup
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest -n 2 --dist loadfile
 
 test-quick: setup
 	.venv/bin/python -m pytest -m "not slow"

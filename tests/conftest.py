@@ -48,11 +48,30 @@ def engine_host(request):
 
     from parityrl.engine.source import engines_from
 
-    host = EngineHost()
+    # Under pytest-xdist (make test: two workers) each worker hosts its own engines: fewer idle
+    # ones each, so that both hosts together stay within the memory one host had.
+    host = EngineHost(max_idle=4 if os.environ.get("PYTEST_XDIST_WORKER") else 8)
     request.config.engine_host = host
     with engines_from(host):
         yield host
     host.close()
+    _write_host_record(host)
+
+
+def _write_host_record(host) -> None:
+    """The host's starts, for the summary (written by the controller under xdist)."""
+    import json
+
+    from parityrl.engine.engine import ENGINE_START_LOG
+
+    path = os.environ.get(ENGINE_START_LOG)
+    if not path:
+        return
+    with open(path + ".host", "w") as f:
+        for start in host.starts:
+            f.write(json.dumps({"label": start.label, "seconds": start.seconds, "pid": os.getpid(),
+                                "asked": sorted(host.asked_by.get(start.kind, ())),
+                                "leases": host.leases, "handovers": host.handovers}) + "\n")
 
 
 def _engine_uses(config) -> int:
@@ -75,32 +94,28 @@ def engine_tests_are_marked_slow(request):
                     "that need none)")
 
 
-# Files that share engine kinds run next to each other, so that a shared engine is still idle
-# (engine_host.py keeps a few) when the next file asks for it: test_lora.py uses the bitwise LoRA
-# kind test_bitwise.py started (measured: one engine start fewer, ~17 s).
-RUN_AFTER = {"test_lora.py": "test_bitwise.py"}
+# The longest files first: under xdist (`--dist loadfile`, make test) the worker that takes one of
+# them early leaves the short files to balance the end (durations in docs/tests.md).
+LONGEST_FIRST = ("test_real_model.py", "test_reliability.py", "test_ray.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
-    def file_of(item) -> str:
-        return item.path.name
-
-    order: list[str] = []
-    for name in dict.fromkeys(file_of(i) for i in items):
-        if name in RUN_AFTER:
-            continue
-        order.append(name)
-        order += [f for f, after in RUN_AFTER.items() if after == name]
-    order += [f for f in dict.fromkeys(file_of(i) for i in items) if f not in order]
-    rank = {name: n for n, name in enumerate(order)}
-    items.sort(key=lambda i: rank[file_of(i)])  # stable: the order within a file stays
+    rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
+    # Stable: files not named keep their order, and so do the tests within a file.
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def pytest_configure(config):
     # Every engine start, in this process and in those the tests spawn (parityrl train, Ray
-    # actors), appends a line here (engine/engine.py log_engine_start).
+    # actors), appends a line here (engine/engine.py log_engine_start). Under xdist every worker
+    # writes a file of its own (its tests' engine accounting is its own); the controller adds
+    # them up.
     from parityrl.engine.engine import ENGINE_START_LOG
 
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and ENGINE_START_LOG in os.environ:
+        os.environ[ENGINE_START_LOG] = f"{os.environ[ENGINE_START_LOG]}.{worker}"
+        return
     if ENGINE_START_LOG not in os.environ:
         fd, path = tempfile.mkstemp(prefix="parityrl-engine-starts-", suffix=".jsonl")
         os.close(fd)
@@ -108,30 +123,44 @@ def pytest_configure(config):
         config.engine_start_log = path
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
+def _read_lines(path: str) -> list[dict]:
     import json
+
+    return [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    import glob
 
     from parityrl.engine.engine import ENGINE_START_LOG
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     path = os.environ.get(ENGINE_START_LOG)
     if not path or not os.path.exists(path):
         return
-    starts = [json.loads(line) for line in open(path) if line.strip()]
-    host = getattr(config, "engine_host", None)
-    shared = host.starts if host is not None else []
-    here = [s for s in starts if s["pid"] == os.getpid()]
-    elsewhere = [s for s in starts if s["pid"] != os.getpid()]
+    logs = [path] + sorted(p for p in glob.glob(glob.escape(path) + ".gw*")
+                           if not p.endswith(".host"))
+    starts = [s for log in logs for s in _read_lines(log)]
+    shared = [r for log in logs for r in _read_lines(log + ".host")]
+    hosts = {r["pid"]: r for r in shared}  # one record per host for its totals
+    test_pids = set(hosts) | {os.getpid()}
+    here = [s for s in starts if s["pid"] in test_pids]
     seconds = sum(s["seconds"] for s in starts)
     write = terminalreporter.write_line
     write(f"vLLM engines started: {len(starts)}, {seconds:.0f} s starting them — "
-          f"{len(shared)} shared by the tests (engine_host.py, {host.handovers if host else 0} "
-          f"hand-overs), {len(here) - len(shared)} private in the test process, "
-          f"{len(elsewhere)} in processes the tests spawned (parityrl train, Ray actors)")
-    for s in shared:
-        asked = ", ".join(sorted(host.asked_by.get(s.kind, ())))
-        write(f"  shared {s.seconds:5.1f} s  {s.label}  ({asked})")
+          f"{len(shared)} shared by the tests (engine_host.py, "
+          f"{sum(r['handovers'] for r in hosts.values())} hand-overs, {max(len(hosts), 1)} "
+          f"host{'s' if len(hosts) > 1 else ''}), {len(here) - len(shared)} private in the test "
+          f"processes, {len(starts) - len(here)} in processes the tests spawned (parityrl train, "
+          "Ray actors)")
+    for r in shared:
+        write(f"  shared {r['seconds']:5.1f} s  {r['label']}  ({', '.join(r['asked'])})")
     if getattr(config, "engine_start_log", None):
-        os.unlink(config.engine_start_log)
+        for log in logs:
+            for leftover in (log, log + ".host"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
 
 
 @pytest.fixture(scope="session")
