@@ -171,3 +171,31 @@ def test_compare_dtypes_refuses_the_options_it_does_not_run(tiny_model):
     proc = cli_in_process("doctor", "--model", tiny_model, "--compare-dtypes", "--bitwise",
                           "--dtype", "float16")
     assert proc.returncode == 2 and "leave out --bitwise, --dtype" in proc.stdout + proc.stderr
+
+
+def test_tokens_just_past_the_trainers_nucleus_are_edge_tokens_by_the_models_dtype():
+    """Two near-equal tokens right after the top-p cut (as bfloat16 rounding left them on the tiny
+    model): rounding may have kept them in the engine's set, so in a 16-bit model they are edge
+    tokens, left out of the trainer's test; in float32 the same gap is no rounding; a token
+    further down is never one; top-k: a logit just under the k-th."""
+    from parityrl.doctor.sampler import _edge_tokens
+
+    probs = torch.tensor([0.5, 0.3, 0.095, 0.006, 0.0059, 0.0931], dtype=torch.float64)
+    order = [0, 1, 2, 5, 3, 4]  # by probability
+    logprobs = (probs / probs.sum()).log()
+    top_p = SamplingConfig(temperature=0.7, top_p=0.9)
+    kept = {0, 1, 2}  # 0.895 of the mass: the trainer cuts after token 2
+    assert order[:3] == sorted(kept)
+    assert _edge_tokens(logprobs, kept, top_p, torch.bfloat16) == {5}  # 0.895 + 0.0931 > 0.92
+    # A flatter tail: ranks 3, 4, 5, ... hold 0.0065, 0.0059, 0.005, then 20 × 0.00438.
+    wider = torch.tensor([0.5, 0.3, 0.095, 0.0065, 0.0059, 0.005] + [0.0876 / 20] * 20,
+                         dtype=torch.float64).log()
+    edge = _edge_tokens(wider, kept, top_p, torch.bfloat16)  # ranked before them: up to 0.92
+    assert {3, 4, 5} < edge and len(edge) == 5  # and two of the (tied) tail tokens
+    assert _edge_tokens(wider, kept, top_p, torch.float32) == {3}  # only within 1e-3 of top_p
+    assert _edge_tokens(wider, kept, top_p.model_copy(update={"top_p": 1.0}),
+                        torch.bfloat16) == set()
+    top_k = SamplingConfig(temperature=0.7, top_k=2)
+    close = torch.tensor([0.0, -1.0, -1.2, -3.0], dtype=torch.float64).log_softmax(-1)
+    assert _edge_tokens(close, {0, 1}, top_k, torch.bfloat16) == {2}
+    assert _edge_tokens(close, {0, 1}, top_k, torch.float32) == set()

@@ -17,9 +17,14 @@ Bins: each token expected at least MIN_EXPECTED times has its own; the others sh
 probability is the rest of the mass (for the engine, 1 − the reported probabilities of the tokens
 with bins of their own: the undrawn tokens' probabilities are never reported). A token drawn that
 the trainer gives probability 0 (outside its top-k/top-p set) makes G infinite (the reported TV
-is then 1, an upper bound). The two tests of
-every prompt share the check's false-alarm rate `alpha` (Bonferroni): a correct setup fails with
-probability at most `alpha`. It runs on the ladder's engine after the last rung, like the
+is then 1, an upper bound) — unless it sits at the edge of the trainer's set, where the two sides'
+rounding decides whether it is kept (the nucleus rule of trainer/logprobs.py; seen in bfloat16 on
+the tiny model at top-p 0.9, two near-equal tokens just past the cut): the tokens ranked next after
+the set while the mass ranked before them stays within EDGE_MASS of top_p (top-p) and their logit
+within EDGE_LOGIT of the k-th (top-k). Such draws are counted (`edge_draws`) and the trainer's
+test is then conditional on its set, which both sides' distributions share up to a common factor.
+The two tests of every prompt share the check's false-alarm rate `alpha` (Bonferroni): a
+correct setup fails with probability at most `alpha`. It runs on the ladder's engine after the last rung, like the
 multi-turn check: no engine start of its own.
 """
 
@@ -36,6 +41,12 @@ from parityrl.sampling import SamplingConfig
 NAME = "sampler"
 MIN_EXPECTED = 5.0  # the usual validity floor of the chi-square approximation to G
 ALPHA = 1e-3  # the check's false-alarm rate on a correct setup (all its tests together)
+# How far past the trainer's top-p / top-k cut the two sides' rounding can move a token, per
+# model dtype: the mass before the token may exceed top_p by EDGE_MASS, its temperature-scaled
+# logit may lie EDGE_LOGIT below the k-th. 16-bit: the engine/trainer logprob error there is up to
+# ~0.3 nats (docs/doctor.md), float32 ~1e-4.
+EDGE_MASS = {torch.float32: 1e-3, torch.bfloat16: 0.02, torch.float16: 0.02}
+EDGE_LOGIT = {torch.float32: 1e-3, torch.bfloat16: 0.3, torch.float16: 0.3}
 
 
 @dataclass
@@ -83,6 +94,7 @@ class SamplerResult:
     trainer: GTest  # against the trainer's processed distribution
     alpha: float  # per test
     reported_spread: float  # largest spread of one token's reported logprob across its draws
+    edge_draws: int = 0  # draws just outside the trainer's top-k/top-p set (see the docstring)
 
     @property
     def faithful(self) -> bool:
@@ -127,18 +139,45 @@ async def check_sampler(engine, model, prompt_ids: list[list[int]], sampling: Sa
         counts, reported = await draw_next_tokens(engine, ids, sampling, draws,
                                                   seed + i * draws)
         engine_probs = {t: math.exp(sum(lps) / len(lps)) for t, lps in reported.items()}
+        on_trainer = trainer_sampling or sampling
         with torch.no_grad():
-            trainer_lp = next_token_logprobs(model, ids, trainer_sampling or sampling,
-                                             fp32_lm_head=fp32_lm_head).double()
-        trainer_probs = trainer_lp.exp()
+            trainer_probs = next_token_logprobs(model, ids, on_trainer,
+                                                fp32_lm_head=fp32_lm_head).double().exp()
+            unmasked = next_token_logprobs(model, ids, on_trainer.model_copy(
+                update={"top_p": 1.0, "top_k": 0}), fp32_lm_head=fp32_lm_head).double()
         kept = torch.nonzero(trainer_probs > 0).squeeze(-1).tolist()
         trainer_ref = {t: float(trainer_probs[t]) for t in kept}
+        edge = _edge_tokens(unmasked, set(kept), on_trainer, next(model.parameters()).dtype)
+        inside = Counter({t: c for t, c in counts.items() if t not in edge})
         spread = max(max(lps) - min(lps) for lps in reported.values())
         results.append(SamplerResult(i, sampling, draws, len(counts),
                                      g_test(counts, engine_probs),
-                                     g_test(counts, trainer_ref, complete=True),
-                                     per_test, spread))
+                                     g_test(inside, trainer_ref, complete=True),
+                                     per_test, spread, sum(counts[t] for t in edge)))
     return results
+
+
+def _edge_tokens(logprobs: torch.Tensor, kept: set[int], sampling: SamplingConfig,
+                 dtype: torch.dtype) -> set[int]:
+    """The tokens ranked next after the trainer's kept set that rounding could have kept: the
+    mass ranked before each within EDGE_MASS of top_p, its logit within EDGE_LOGIT of the k-th.
+    `logprobs` is the temperature-scaled distribution before top-k/top-p."""
+    if sampling.is_greedy or (sampling.top_p >= 1.0 and sampling.top_k <= 0):
+        return set()
+    order = logprobs.argsort(descending=True)
+    probs = logprobs[order].exp()
+    kth = float(logprobs[order[min(sampling.top_k, len(order)) - 1]]) if sampling.top_k > 0 \
+        else None
+    edge: set[int] = set()
+    for rank in range(len(kept), len(order)):  # both bounds only tighten down the ranks
+        token = int(order[rank])
+        if sampling.top_p < 1.0 and float(probs[:rank].sum()) > sampling.top_p + EDGE_MASS.get(
+                dtype, 0.02):
+            break
+        if kth is not None and float(logprobs[token]) < kth - EDGE_LOGIT.get(dtype, 0.3):
+            break
+        edge.add(token)
+    return edge
 
 
 def _label(s: SamplingConfig) -> str:
@@ -169,9 +208,11 @@ def verdict_lines(results: list[SamplerResult]) -> list[str]:
                          " the two sides process logits differently (temperature, top_p, top_k, "
                          "lm_head dtype).")
     for r in results:
+        edge = (f"; {r.edge_draws} draws at the edge of the trainer's set, outside it by "
+                "rounding (left out of the trainer's test)" if r.edge_draws else "")
         lines.append(f"  prompt {r.prompt}: {r.distinct} distinct tokens; engine-reported "
                      f"p = {r.engine.p_value:.3g} (TV {r.engine.tv:.3f}); trainer p = "
-                     f"{r.trainer.p_value:.3g} (TV {r.trainer.tv:.3f})")
+                     f"{r.trainer.p_value:.3g} (TV {r.trainer.tv:.3f}){edge}")
     return lines
 
 
@@ -179,6 +220,7 @@ def to_json(results: list[SamplerResult]) -> dict:
     return {"passed": all(r.passed for r in results),
             "prompts": [{"prompt": r.prompt, "draws": r.draws, "distinct": r.distinct,
                          "alpha_per_test": r.alpha, "reported_spread": r.reported_spread,
+                         "edge_draws": r.edge_draws,
                          "engine": _finite(vars(r.engine)), "trainer": _finite(vars(r.trainer))}
                         for r in results]}
 
