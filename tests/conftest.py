@@ -25,6 +25,8 @@ VARIANTS = {
     "llama-tied": dict(arch="llama", tie_embeddings=True),
     # MLP width 1280: the down projection's K is where oneDNN's one-row GEMM rounds differently.
     "llama-tied-wide": dict(arch="llama", tie_embeddings=True, hidden=320, heads=10, kv_heads=5),
+    # Mixture of experts: 8 experts a layer, 2 a token.
+    "qwen3-moe": dict(arch="qwen3_moe", experts=8, experts_per_token=2),
 }
 
 

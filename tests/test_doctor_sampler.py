@@ -173,29 +173,40 @@ def test_compare_dtypes_refuses_the_options_it_does_not_run(tiny_model):
     assert proc.returncode == 2 and "leave out --bitwise, --dtype" in proc.stdout + proc.stderr
 
 
-def test_tokens_just_past_the_trainers_nucleus_are_edge_tokens_by_the_models_dtype():
-    """Two near-equal tokens right after the top-p cut (as bfloat16 rounding left them on the tiny
-    model): rounding may have kept them in the engine's set, so in a 16-bit model they are edge
-    tokens, left out of the trainer's test; in float32 the same gap is no rounding; a token
-    further down is never one; top-k: a logit just under the k-th."""
+def test_tokens_either_side_of_the_nucleus_cut_are_edge_tokens_by_the_models_dtype():
+    """Where rounding can move a token across the top-p cut (as bfloat16 did on the tiny model and
+    on SmolLM2), both sides' sets may differ: the tokens ranked where the mass before them is
+    within 0.02 of top_p in a 16-bit model, within 1e-3 in float32; top-k: logits within 0.3 (or
+    1e-3) of the k-th."""
     from parityrl.doctor.sampler import _edge_tokens
 
-    probs = torch.tensor([0.5, 0.3, 0.095, 0.006, 0.0059, 0.0931], dtype=torch.float64)
-    order = [0, 1, 2, 5, 3, 4]  # by probability
-    logprobs = (probs / probs.sum()).log()
+    # Mass before each rank: 0, 0.5, 0.8, 0.89, 0.902, 0.913, 0.923, 0.930, ...
+    probs = torch.tensor([0.5, 0.3, 0.09, 0.012, 0.011, 0.01] + [0.077 / 11] * 11,
+                         dtype=torch.float64)
+    logprobs = probs.log()
     top_p = SamplingConfig(temperature=0.7, top_p=0.9)
-    kept = {0, 1, 2}  # 0.895 of the mass: the trainer cuts after token 2
-    assert order[:3] == sorted(kept)
-    assert _edge_tokens(logprobs, kept, top_p, torch.bfloat16) == {5}  # 0.895 + 0.0931 > 0.92
-    # A flatter tail: ranks 3, 4, 5, ... hold 0.0065, 0.0059, 0.005, then 20 × 0.00438.
-    wider = torch.tensor([0.5, 0.3, 0.095, 0.0065, 0.0059, 0.005] + [0.0876 / 20] * 20,
-                         dtype=torch.float64).log()
-    edge = _edge_tokens(wider, kept, top_p, torch.bfloat16)  # ranked before them: up to 0.92
-    assert {3, 4, 5} < edge and len(edge) == 5  # and two of the (tied) tail tokens
-    assert _edge_tokens(wider, kept, top_p, torch.float32) == {3}  # only within 1e-3 of top_p
-    assert _edge_tokens(wider, kept, top_p.model_copy(update={"top_p": 1.0}),
+    # Token 3 is inside the set (0.89 before it), 4 and 5 outside: all within 0.02 of the cut.
+    assert _edge_tokens(logprobs, top_p, torch.bfloat16) == {3, 4, 5}
+    assert _edge_tokens(logprobs, top_p, torch.float32) == set()
+    assert _edge_tokens(logprobs, top_p.model_copy(update={"top_p": 0.9025}),
+                        torch.float32) == {4}
+    assert _edge_tokens(logprobs, top_p.model_copy(update={"top_p": 1.0}),
                         torch.bfloat16) == set()
     top_k = SamplingConfig(temperature=0.7, top_k=2)
     close = torch.tensor([0.0, -1.0, -1.2, -3.0], dtype=torch.float64).log_softmax(-1)
-    assert _edge_tokens(close, {0, 1}, top_k, torch.bfloat16) == {2}
-    assert _edge_tokens(close, {0, 1}, top_k, torch.float32) == set()
+    assert _edge_tokens(close, top_k, torch.bfloat16) == {1, 2}  # the k-th and one 0.2 below
+    assert _edge_tokens(close, top_k, torch.float32) == {1}
+
+
+def test_the_trainers_reference_moves_toward_the_reported_probabilities_only_within_the_band():
+    from parityrl.doctor.sampler import _within_band
+
+    trainer = {0: 0.5, 1: 0.3, 2: 0.2}
+    reported = {0: 0.55, 1: 0.25}  # token 2 never drawn: the engine reported nothing for it
+    assert _within_band(trainer, reported, 0.0) == trainer
+    wide = _within_band(trainer, reported, 0.2)  # e^0.2 = 1.22: both within reach
+    assert wide == pytest.approx({0: 0.55, 1: 0.25, 2: 0.2})
+    narrow = _within_band(trainer, reported, 0.05)  # moved by at most 5 %, then renormalised
+    up, down = 0.5 * math.exp(0.05), 0.3 * math.exp(-0.05)
+    total = up + down + 0.2
+    assert narrow == pytest.approx({0: up / total, 1: down / total, 2: 0.2 / total})

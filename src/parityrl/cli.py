@@ -47,7 +47,8 @@ def make_model_cmd(
     from_gguf: Optional[Path] = typer.Option(
         None, "--from-gguf", help="Dequantize this GGUF file (weights, tokenizer, chat template) "
                                   "into an HF folder instead of building a tiny random model."),
-    arch: str = typer.Option("qwen2", help="Tiny model: qwen2 or llama."),
+    arch: str = typer.Option("qwen2", help="Tiny model: qwen2, llama or qwen3_moe (mixture of "
+                                           "experts)."),
     tie_embeddings: bool = typer.Option(False, "--tie-embeddings", help="Share embedding and lm_head."),
     layers: Optional[int] = typer.Option(
         None, min=1, help="Tiny model: decoder layers (default 2). With --from-gguf: keep only "
@@ -56,14 +57,19 @@ def make_model_cmd(
     heads: int = typer.Option(2, min=1),
     kv_heads: int = typer.Option(1, min=1),
     seed: int = typer.Option(0),
+    experts: int = typer.Option(8, min=1, help="qwen3_moe: experts per layer."),
+    experts_per_token: int = typer.Option(2, min=1, help="qwen3_moe: experts a token is routed "
+                                                         "to (top-k)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder."),
 ):
     """Write a model folder: a tiny random model (config, safetensors, character tokenizer), or
     a real model converted from a GGUF file."""
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
-    if arch not in ("qwen2", "llama"):
-        raise UserError(f"unknown arch {arch!r}; choose qwen2 or llama")
+    from parityrl.models.tiny import ARCHS
+
+    if arch not in ARCHS:
+        raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     _quiet_libraries()
     if from_gguf is not None:
         from parityrl.models.gguf import convert_gguf
@@ -75,7 +81,8 @@ def make_model_cmd(
     from parityrl.models.tiny import make_model
 
     path = make_model(out_dir, arch=arch, tie_embeddings=tie_embeddings, layers=layers or 2,
-                      hidden=hidden, heads=heads, kv_heads=kv_heads, seed=seed)
+                      hidden=hidden, heads=heads, kv_heads=kv_heads, seed=seed, experts=experts,
+                      experts_per_token=experts_per_token)
     typer.echo(f"wrote {arch} model to {path}")
 
 

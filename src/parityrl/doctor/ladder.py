@@ -21,6 +21,7 @@ is how one shows what each fix is worth, and how the tests show that each broken
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,6 +29,7 @@ import torch
 
 from parityrl.engine.settings import BITWISE_KNOBS, EngineSettings
 from parityrl.mismatch import mismatch_metrics, per_turn_mismatch
+from parityrl.models.load import checkpoint_state_dict
 from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
 from parityrl.tasks.prompts import Messages, encode_prompt, has_chat_template
@@ -186,7 +188,7 @@ def perturb_in_place(model, scale: float, seed: int) -> dict[str, torch.Tensor]:
                 continue
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
             p.add_(noise * scale * (p.float().std().item() if p.numel() > 1 else 1.0))
-    return model.state_dict()
+    return checkpoint_state_dict(model)
 
 
 def _wants_fp64(cfg: DoctorConfig, model) -> bool:
@@ -256,7 +258,7 @@ class LadderSession:
                 self.engine_has_trainer_weights = True
             # A fresh engine loads the folder's weights: give it the trainer's if they moved.
             elif rung.pushes and not self.engine_has_trainer_weights:
-                await self.engine.update_weights(self.model.state_dict())
+                await self.engine.update_weights(checkpoint_state_dict(self.model))
                 self.engine_has_trainer_weights = True
         return self.engine
 
@@ -400,9 +402,14 @@ async def run_ladder(
                 from parityrl.doctor.sampler import check_sampler
 
                 for sampling in cfg.samplings:
+                    # The mismatch this rung measured bounds how far the trainer's distribution
+                    # may be from the one the engine reports (the sampler check's band).
+                    measured = [r.metrics["mismatch/max_abs_diff"] for r in results
+                                if r.name == rung.name and r.sampling == sampling]
+                    band = measured[-1] if measured and math.isfinite(measured[-1]) else 0.0
                     on_sampler(await check_sampler(
                         engine, session.model, session.prompt_ids, sampling, sampler_draws,
-                        cfg.seed, fp32_lm_head=rung.trainer_fp32_lm_head))
+                        cfg.seed, fp32_lm_head=rung.trainer_fp32_lm_head, band=band))
     finally:
         await session.close()
     return results, floor

@@ -57,7 +57,7 @@ class WeightSyncExtension:
 
     def _parityrl_after_reload(self) -> list[str]:
         model = self.model_runner.get_model()
-        refreshed = _refresh_tied_modules(model)
+        refreshed = _refresh_tied_modules(model) + _repack_cpu_experts(model)
         if getattr(self, "_parityrl_pad_gemms", False):  # the reload rebuilt every GEMM
             _pad_single_row_gemms(model)
         return refreshed
@@ -149,6 +149,26 @@ def _pad_single_row_gemms(model, on: bool = True) -> int:
         module.cpu_linear = pad_single_row(linear) if on else linear.parityrl_unpadded
         changed += 1
     return changed
+
+
+def _repack_cpu_experts(model) -> list[str]:
+    """Re-run the CPU mixture-of-experts prepack after an in-place reload.
+
+    At load, vLLM's CPU experts (fused_moe/experts/cpu_moe.py) repack each MoE layer's w13/w2
+    into their grouped-GEMM layout; vLLM 0.32's in-place reload loads the new weights and leaves
+    them in checkpoint layout, which the kernel then reads as packed. Found by the doctor's
+    weight-sync rung on a tiny Qwen3-MoE: reloading the very same weights moved the engine's
+    logprobs by up to 2.2 nats (the layer's position-weighted checksum after the reload was the
+    checkpoint layout's).
+    """
+    repacked = []
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        experts = getattr(getattr(method, "moe_kernel", None), "fused_experts", None)
+        if experts is not None and type(experts).__name__.endswith("CPUUnquantizedExperts"):
+            experts.process_weights_after_loading(module)
+            repacked.append(name)
+    return repacked
 
 
 def _refresh_tied_modules(model) -> list[str]:

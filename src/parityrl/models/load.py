@@ -55,3 +55,13 @@ def load_policy(
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model from {folder}: {str(e).splitlines()[0]}") from None
     return model.to(device).eval()
+
+
+def checkpoint_state_dict(model) -> dict:
+    """The model's tensors under the names and shapes of its checkpoint files, which is what the
+    engine loads and digests: transformers 5 fuses some tensors on load (a mixture-of-experts
+    layer's experts into one 3-D tensor per projection) and splits them again on save; this is
+    that split, without the disk. Dense models come back unchanged (the same tensors)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, model.state_dict())

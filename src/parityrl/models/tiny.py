@@ -1,6 +1,7 @@
 """Build a tiny, complete Hugging Face model folder locally (no download).
 
     parityrl make-model runs/tiny --arch qwen2 --layers 2 --hidden 64
+    parityrl make-model runs/tiny-moe --arch qwen3_moe --experts 8 --experts-per-token 2
 
 The folder holds config.json, model.safetensors and a character-level tokenizer (digits, letters,
 punctuation, space, newline, plus <pad>/<bos>/<eos>/<unk>), so both transformers and vLLM load it
@@ -16,7 +17,8 @@ from typing import Literal
 
 from parityrl.errors import UserError
 
-Arch = Literal["qwen2", "llama"]
+Arch = Literal["qwen2", "llama", "qwen3_moe"]
+ARCHS = ("qwen2", "llama", "qwen3_moe")
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARACTERS = string.digits + string.ascii_letters + string.punctuation + " \n"
 
@@ -43,8 +45,9 @@ def build_tokenizer():
 def build_config(
     arch: Arch, vocab_size: int, *, layers: int, hidden: int, heads: int, kv_heads: int,
     tie_embeddings: bool, max_positions: int, init_std: float, special_ids: dict[str, int],
+    experts: int = 8, experts_per_token: int = 2,
 ):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=vocab_size,
@@ -65,7 +68,17 @@ def build_config(
         return Qwen2Config(use_sliding_window=False, **common)
     if arch == "llama":
         return LlamaConfig(**common)
-    raise UserError(f"unknown arch {arch!r}; choose qwen2 or llama")
+    if arch == "qwen3_moe":
+        # Every layer sparse: a router picks `experts_per_token` of `experts` MLPs per token, and
+        # their gate weights are renormalised over the picked ones (as Qwen3-30B-A3B does).
+        if not 1 <= experts_per_token <= experts:
+            raise UserError(f"--experts-per-token must be between 1 and --experts ({experts}), "
+                            f"got {experts_per_token}")
+        return Qwen3MoeConfig(num_experts=experts, num_experts_per_tok=experts_per_token,
+                              moe_intermediate_size=hidden * 2, decoder_sparse_step=1,
+                              mlp_only_layers=[], norm_topk_prob=True, head_dim=hidden // heads,
+                              use_sliding_window=False, **common)
+    raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
 def make_model(
@@ -80,6 +93,8 @@ def make_model(
     max_positions: int = 512,
     init_std: float = 0.1,
     seed: int = 0,
+    experts: int = 8,
+    experts_per_token: int = 2,
 ) -> Path:
     """Write a random-initialised model folder to `out_dir` and return its path.
 
@@ -101,7 +116,7 @@ def make_model(
     config = build_config(
         arch, len(tokenizer), layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
         tie_embeddings=tie_embeddings, max_positions=max_positions, init_std=init_std,
-        special_ids=special_ids,
+        special_ids=special_ids, experts=experts, experts_per_token=experts_per_token,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -18,11 +18,21 @@ from parityrl.sampling import SamplingConfig
 from parityrl.trainer.batch import rollout_logprobs
 
 
+def _loop_over_experts(model):
+    """Mixture-of-experts models run their experts with torch's grouped GEMM, which has no
+    float64 kernel; the reference runs each expert on its tokens instead (transformers' eager
+    path): the same arithmetic, any dtype."""
+    implementation = getattr(model.config, "_experts_implementation", None)
+    if implementation not in (None, "eager") and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")
+    return model
+
+
 class Float64Reference:
     """A float64 copy of a model, refreshed from the model's current weights on demand."""
 
     def __init__(self, model) -> None:
-        self.model = copy.deepcopy(model).to(torch.float64).eval()
+        self.model = _loop_over_experts(copy.deepcopy(model).to(torch.float64).eval())
 
     @classmethod
     def from_weights(cls, config, weights: dict[str, torch.Tensor]) -> "Float64Reference":
@@ -30,7 +40,8 @@ class Float64Reference:
         from transformers import AutoModelForCausalLM
 
         self = cls.__new__(cls)
-        self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval()
+        self.model = _loop_over_experts(
+            AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval())
         self.model.load_state_dict(weights)
         return self
 

@@ -15,6 +15,7 @@ import torch
 from parityrl.config import RunConfig
 from parityrl.errors import UserError
 from parityrl.mismatch import mismatch_metrics, per_turn_mismatch
+from parityrl.models.load import checkpoint_state_dict
 from parityrl.rollouts.stream import Group
 from parityrl.rollouts.types import Rollout
 from parityrl.trainer.advantages import group_advantages
@@ -219,7 +220,9 @@ class Trainer:
         rank calls it."""
         if self.lora is not None:
             return adapter_state_dict(self.model)
-        return full_state_dict(self.model) if self.sharded else self.model.state_dict()
+        if self.sharded:
+            return full_state_dict(self.model)
+        return checkpoint_state_dict(self.model)
 
     def save_checkpoint(self, run_dir, step: int, data_position: int, keep: int,
                         extra: dict | None = None) -> None:
