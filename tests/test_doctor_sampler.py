@@ -207,6 +207,8 @@ def test_the_trainers_reference_moves_toward_the_reported_probabilities_only_wit
     wide = _within_band(trainer, reported, 0.2)  # e^0.2 = 1.22: both within reach
     assert wide == pytest.approx({0: 0.55, 1: 0.25, 2: 0.2})
     narrow = _within_band(trainer, reported, 0.05)  # moved by at most 5 %, then renormalised
+    # An engine set holding a token more: its probabilities are 0.9 of the trainer's, same odds.
+    assert _within_band(trainer, {0: 0.45, 1: 0.27}, 0.05) == pytest.approx(trainer)
     up, down = 0.5 * math.exp(0.05), 0.3 * math.exp(-0.05)
     total = up + down + 0.2
     assert narrow == pytest.approx({0: up / total, 1: down / total, 2: 0.2 / total})

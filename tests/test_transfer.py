@@ -77,3 +77,18 @@ def test_digest_changes_with_any_bit_dtype_or_shape(change):
              "dtype": t.to(torch.float64), "shape": t.view(2, 3)}[change]
     assert tensor_digest(other) != tensor_digest(t)
     assert tensor_digest(t.clone()) == tensor_digest(t)
+
+
+def test_a_tied_lm_head_is_sent_once_under_the_embeddings_name_in_either_order():
+    import torch
+
+    from parityrl.weights.transfer import unique_tensors
+
+    embed, norm = torch.ones(4, 2), torch.zeros(2)
+    for state in ({"model.embed_tokens.weight": embed, "model.norm.weight": norm,
+                   "lm_head.weight": embed},
+                  {"lm_head.weight": embed, "model.embed_tokens.weight": embed,
+                   "model.norm.weight": norm}):  # sorted by name, as transformers' save sorts
+        assert set(unique_tensors(state)) == {"model.embed_tokens.weight", "model.norm.weight"}
+    assert set(unique_tensors({"lm_head.weight": torch.ones(4, 2), "model.x": embed})) == {
+        "lm_head.weight", "model.x"}  # untied: both

@@ -173,10 +173,14 @@ def _within_band(trainer: dict[int, float], reported: dict[int, float],
     SmolLM2 in bfloat16) is otherwise visible to a few hundred draws and would fail every correct
     setup, while a temperature or top-p applied on one side only moves the reported
     probabilities by more than the band on the tokens that matter."""
-    if band <= 0:
+    shared = [t for t in reported if t in trainer]
+    if band <= 0 or not shared:
         return trainer
+    # The engine normalises over its own kept set, which may hold a few tokens more or fewer:
+    # compare on the trainer's scale (the two sides' mass over the tokens both have).
+    scale = sum(reported[t] for t in shared) / sum(trainer[t] for t in shared)
     factor = math.exp(band)
-    moved = {t: min(max(reported[t], p / factor), p * factor) if t in reported else p
+    moved = {t: min(max(reported[t] / scale, p / factor), p * factor) if t in reported else p
              for t, p in trainer.items()}
     total = sum(moved.values())
     return {t: p / total for t, p in moved.items()}

@@ -64,4 +64,7 @@ def checkpoint_state_dict(model) -> dict:
     that split, without the disk. Dense models come back unchanged (the same tensors)."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    return revert_weight_conversion(model, model.state_dict())
+    state = model.state_dict()
+    converted = revert_weight_conversion(model, state)
+    # Same names: the model's own dict, in its own order (the conversion sorts the names).
+    return state if converted.keys() == state.keys() else converted

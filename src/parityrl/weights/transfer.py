@@ -35,15 +35,17 @@ def unique_tensors(
 ) -> dict[str, torch.Tensor]:
     """The tensors an update sends: `state_dict` minus `skip`, a tied lm_head once."""
     tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
+    owner: dict[int, str] = {}  # data_ptr → the name it is sent under
     for name, value in state_dict.items():
         if name in skip:
             continue
         ptr = value.data_ptr()
-        if ptr in seen and name.endswith("lm_head.weight"):
+        if ptr in owner and name.endswith("lm_head.weight"):
             # Tied embeddings: one tensor, stored once under the embedding's name (as HF saves it).
             continue
-        seen.add(ptr)
+        if ptr in owner and owner[ptr].endswith("lm_head.weight"):
+            del tensors[owner[ptr]]  # the lm_head came first (a sorted state dict)
+        owner[ptr] = name
         tensors[name] = value
     return tensors
 
