@@ -176,7 +176,7 @@ def test_compare_dtypes_refuses_the_options_it_does_not_run(tiny_model):
 def test_tokens_either_side_of_the_nucleus_cut_are_edge_tokens_by_the_models_dtype():
     """Where rounding can move a token across the top-p cut (as bfloat16 did on the tiny model and
     on SmolLM2), both sides' sets may differ: the tokens ranked where the mass before them is
-    within 0.02 of top_p in a 16-bit model, within 1e-3 in float32; top-k: logits within 0.3 (or
+    within 0.05 of top_p in a 16-bit model, within 1e-3 in float32; top-k: logits within 0.3 (or
     1e-3) of the k-th."""
     from parityrl.doctor.sampler import _edge_tokens
 
@@ -185,8 +185,10 @@ def test_tokens_either_side_of_the_nucleus_cut_are_edge_tokens_by_the_models_dty
                          dtype=torch.float64)
     logprobs = probs.log()
     top_p = SamplingConfig(temperature=0.7, top_p=0.9)
-    # Token 3 is inside the set (0.89 before it), 4 and 5 outside: all within 0.02 of the cut.
-    assert _edge_tokens(logprobs, top_p, torch.bfloat16) == {3, 4, 5}
+    # Token 3 is inside the set (0.89 before it), 4, 5 and the first four of the (tied) tail
+    # outside, up to 0.944 before them: all within 0.05 of the cut.
+    edge = _edge_tokens(logprobs, top_p, torch.bfloat16)
+    assert {3, 4, 5} < edge and len(edge) == 7 and not {0, 1, 2} & edge
     assert _edge_tokens(logprobs, top_p, torch.float32) == set()
     assert _edge_tokens(logprobs, top_p.model_copy(update={"top_p": 0.9025}),
                         torch.float32) == {4}
