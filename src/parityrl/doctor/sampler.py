@@ -23,10 +23,10 @@ bfloat16 on the tiny model at top-p 0.9, two near-equal tokens just past the cut
 tokens just inside the trainer's set the engine never drew): the tokens ranked where the mass
 before them is within EDGE_MASS of top_p, or with a logit within EDGE_LOGIT of the k-th, on
 either side of the cut. Their draws are counted (`edge_draws`) and left out, and the trainer's
-test is conditional on the rest of its set, which both sides keep.
-The two tests of every prompt share the check's false-alarm rate `alpha` (Bonferroni): a
-correct setup fails with probability at most `alpha`. It runs on the ladder's engine after the last rung, like the
-multi-turn check: no engine start of its own.
+test is conditional on the rest of its set, which both sides keep. The two tests of every prompt
+share the check's false-alarm rate `alpha` (Bonferroni): a correct setup fails with probability at
+most `alpha`. It runs on the ladder's engine after the last rung, like the multi-turn check: no
+engine start of its own.
 """
 
 from __future__ import annotations
@@ -154,14 +154,17 @@ async def check_sampler(engine, model, prompt_ids: list[list[int]], sampling: Sa
         edge = _edge_tokens(unmasked, on_trainer, next(model.parameters()).dtype)
         # Conditional on the tokens both sides surely keep: the cut's neighbourhood left out.
         core = [t for t in torch.nonzero(trainer_probs > 0).squeeze(-1).tolist() if t not in edge]
-        mass = float(trainer_probs[core].sum())
-        trainer_ref = _within_band({t: float(trainer_probs[t]) / mass for t in core},
-                                   engine_probs, band)
         inside = Counter({t: c for t, c in counts.items() if t not in edge})
+        if core and inside:
+            mass = float(trainer_probs[core].sum())
+            trainer_ref = _within_band({t: float(trainer_probs[t]) / mass for t in core},
+                                       engine_probs, band)
+            on_policy = g_test(inside, trainer_ref, complete=True)
+        else:  # every draw at the cut: nothing left to test
+            on_policy = GTest(0.0, 1, 1.0, 0.0, 0)
         spread = max(max(lps) - min(lps) for lps in reported.values())
         results.append(SamplerResult(i, sampling, draws, len(counts),
-                                     g_test(counts, engine_probs),
-                                     g_test(inside, trainer_ref, complete=True),
+                                     g_test(counts, engine_probs), on_policy,
                                      per_test, spread, sum(counts[t] for t in edge), band))
     return results
 
