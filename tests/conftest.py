@@ -159,10 +159,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for r in shared:
         write(f"  shared {r['seconds']:5.1f} s  {r['label']}  ({', '.join(r['asked'])})")
     if getattr(config, "engine_start_log", None):
-        for log in logs:
-            for leftover in (log, log + ".host"):
-                if os.path.exists(leftover):
-                    os.unlink(leftover)
+        for leftover in [path, *glob.glob(glob.escape(path) + ".*")]:
+            os.unlink(leftover)
 
 
 @pytest.fixture(scope="session")
@@ -238,8 +236,10 @@ def _run_files() -> set[str] | None:
     if not os.path.isdir(SHM):
         return None
     temp = tempfile.gettempdir()
+    # The suite's own engine-start logs (pytest_configure) are removed by its summary, after this.
     return ({os.path.join(SHM, n) for n in os.listdir(SHM)}
-            | {os.path.join(temp, n) for n in os.listdir(temp) if n.startswith("parityrl-")})
+            | {os.path.join(temp, n) for n in os.listdir(temp)
+               if n.startswith("parityrl-") and not n.startswith("parityrl-engine-starts-")})
 
 
 def pytest_sessionstart(session):
