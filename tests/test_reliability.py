@@ -170,7 +170,9 @@ def test_a_run_through_every_process_fault_loses_and_repeats_no_step(
     state = json.loads((saved / "state.json").read_text())
     assert trainer.version == 2 and pipeline.ledger.position == state["data_position"]
 
-    resumed = start_train("--resume", str(run_dir), "actor.max_restarts=0",
+    # More steps than the first run's 8: the engine must still be needed when it is killed after
+    # step 5 (with 8, a fast resumed run had every rollout of steps 6-8 and exited 0).
+    resumed = start_train("--resume", str(run_dir), "actor.max_restarts=0", "max_steps=30",
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # 3.
 
     def step_5_done_again() -> bool:
@@ -192,7 +194,7 @@ def test_a_run_through_every_process_fault_loses_and_repeats_no_step(
     # A clean exit: no task left pending, no segment removed behind the resource tracker's back.
     for noise in ("Task was destroyed but it is pending", "resource_tracker"):
         assert noise not in err, err[-2000:]
-    assert "rel step 5/8" in out  # plain progress lines when stdout is no terminal
+    assert "rel step 5/30" in out  # plain progress lines when stdout is no terminal
     assert wait_gone(held) == set()
 
     rows = read_metrics(run_dir / "metrics.jsonl")
