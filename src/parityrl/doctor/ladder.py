@@ -197,6 +197,19 @@ def _wants_fp64(cfg: DoctorConfig, model) -> bool:
     return sum(p.numel() for p in model.parameters()) <= 1e9
 
 
+class Preemptions:
+    """Requests the engine preempted from now on (bitwise layouts do not survive one), recorded
+    as `engine/preemptions` when the engine counts them."""
+
+    def __init__(self, engine) -> None:
+        self.counter = engine.preemption_counter
+        self.before = self.counter.preemptions if self.counter else 0
+
+    def record(self, metrics: dict) -> None:
+        if self.counter is not None:
+            metrics["engine/preemptions"] = float(self.counter.preemptions - self.before)
+
+
 def noise_floor(model, rollouts: list[Rollout], sampling: SamplingConfig, pad_id: int,
                 fp32_lm_head: bool) -> dict:
     """The trainer against itself: the same tokens batched together vs one sequence at a time."""
@@ -373,13 +386,11 @@ async def run_ladder(
                 "prefix_cache_reset_after_update":
                     ("prefix-cache-reset" not in cfg.withhold) if rung.perturbs else None}
             for sampling in cfg.samplings:
-                counter = engine.preemption_counter
-                preempted_before = counter.preemptions if counter else 0
+                preemptions = Preemptions(engine)
                 rollouts = await engine.generate_many(session.prompt_ids, sampling,
                                                       n=cfg.num_samples, seed=cfg.seed)
                 metrics, diffs, positions, e_err, t_err = session.measure(rung, rollouts, sampling)
-                if counter is not None:
-                    metrics["engine/preemptions"] = float(counter.preemptions - preempted_before)
+                preemptions.record(metrics)
                 result = RungResult(
                     rung.name, rung.layer, sampling, resolved, metrics, diffs, positions,
                     rung.withheld, sync_check, sync_ok, e_err, t_err,

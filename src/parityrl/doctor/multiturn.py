@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from parityrl.doctor.ladder import LadderSession, Rung, RungResult
+from parityrl.doctor.ladder import LadderSession, Preemptions, Rung, RungResult
 from parityrl.doctor.verdict import Consistency, bitwise_consistency, consistency
 from parityrl.errors import UserError
 from parityrl.rollouts.episode import EpisodeLimits, engine_turns, run_episode
@@ -90,15 +90,13 @@ async def check_multi_turn(session: LadderSession, rung: Rung,
     for sampling in cfg.samplings:
         stopping = sampling.model_copy(update={"stop_token_ids": tuple(
             sorted(set(sampling.stop_token_ids) | ({eos} if eos is not None else set())))})
-        counter = engine.preemption_counter
-        preempted_before = counter.preemptions if counter else 0
+        preemptions = Preemptions(engine)
         episodes = await asyncio.gather(*[
             run_episode(generate, respond, tokenizer, as_messages(prompt), stopping, limits,
                         seed=cfg.seed + 1000 * i + j)
             for i, prompt in enumerate(cfg.prompts) for j in range(cfg.num_samples)])
         metrics, diffs, positions, e_err, t_err = session.measure(rung, episodes, sampling)
-        if counter is not None:
-            metrics["engine/preemptions"] = float(counter.preemptions - preempted_before)
+        preemptions.record(metrics)
         result = RungResult(NAME, NAME, sampling, engine.resolved_settings(), metrics, diffs,
                             positions, (), None, None, e_err, t_err)
         judged = bitwise_consistency(result) if rung.trainer_kernels else consistency(result)
