@@ -137,7 +137,7 @@ async def check_sampler(engine, model, prompt_ids: list[list[int]], sampling: Sa
     logprob mismatch already measured and accepted for this setup (the doctor passes its rung's
     max |Δ|): each drawn token's trainer probability may move toward the engine's reported one
     by that much before the trainer's test (`_within_band`)."""
-    from parityrl.trainer.logprobs import next_token_logprobs
+    from parityrl.trainer.logprobs import next_token_logits, next_token_logprobs
 
     per_test = alpha / (2 * len(prompt_ids))
     results = []
@@ -146,11 +146,11 @@ async def check_sampler(engine, model, prompt_ids: list[list[int]], sampling: Sa
                                                   seed + i * draws)
         engine_probs = {t: math.exp(sum(lps) / len(lps)) for t, lps in reported.items()}
         on_trainer = trainer_sampling or sampling
-        with torch.no_grad():
-            trainer_probs = next_token_logprobs(model, ids, on_trainer,
-                                                fp32_lm_head=fp32_lm_head).double().exp()
-            unmasked = next_token_logprobs(model, ids, on_trainer.model_copy(
-                update={"top_p": 1.0, "top_k": 0}), fp32_lm_head=fp32_lm_head).double()
+        with torch.no_grad():  # one forward, processed with and without top-k/top-p
+            logits = next_token_logits(model, ids, fp32_lm_head=fp32_lm_head)
+            trainer_probs = next_token_logprobs(logits, on_trainer).double().exp()
+            unmasked = next_token_logprobs(logits, on_trainer.model_copy(
+                update={"top_p": 1.0, "top_k": 0})).double()
         edge = _edge_tokens(unmasked, on_trainer, next(model.parameters()).dtype)
         # Conditional on the tokens both sides surely keep: the cut's neighbourhood left out.
         core = [t for t in torch.nonzero(trainer_probs > 0).squeeze(-1).tolist() if t not in edge]

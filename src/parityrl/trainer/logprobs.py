@@ -192,18 +192,22 @@ def token_logprobs(
     return TokenLogprobs(logprobs=out_lp, entropy=out_ent, mask=wanted, outside_nucleus=out_outside)
 
 
-def next_token_logprobs(model, prompt_ids: list[int], sampling: SamplingConfig, *,
-                        fp32_lm_head: bool = True) -> torch.Tensor:
-    """The whole processed distribution [V] of the token after `prompt_ids`: the same projection
-    and sampler processing as `token_logprobs`, every vocabulary entry instead of one sampled token
-    (masked ones -inf). The doctor's sampler check (doctor/sampler.py) tests the engine's draws
-    against it."""
+def next_token_logits(model, prompt_ids: list[int], *, fp32_lm_head: bool = True) -> torch.Tensor:
+    """The logits [1, V] of the token after `prompt_ids`, projected as `token_logprobs` projects
+    them; `next_token_logprobs` processes them (one forward serves several samplings)."""
     check_model_supported(model)
     ids = torch.tensor([prompt_ids])
     hidden = model.get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids),
                                  position_ids=torch.arange(len(prompt_ids))[None]
                                  ).last_hidden_state
-    processed, _ = process_logits(project_to_vocab(model, hidden[:, -1], fp32_lm_head), sampling)
+    return project_to_vocab(model, hidden[:, -1], fp32_lm_head)
+
+
+def next_token_logprobs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """The whole processed distribution [V] from `next_token_logits`: the same sampler processing
+    as `token_logprobs`, every vocabulary entry instead of one sampled token (masked ones -inf).
+    The doctor's sampler check (doctor/sampler.py) tests the engine's draws against it."""
+    processed, _ = process_logits(logits, sampling)
     return processed.log_softmax(-1)[0]
 
 
