@@ -57,14 +57,15 @@ def load_policy(
     return model.to(device).eval()
 
 
-def checkpoint_state_dict(model) -> dict:
-    """The model's tensors under the names and shapes of its checkpoint files, which is what the
-    engine loads and digests: transformers 5 fuses some tensors on load (a mixture-of-experts
-    layer's experts into one 3-D tensor per projection) and splits them again on save; this is
-    that split, without the disk. Dense models come back unchanged (the same tensors)."""
+def checkpoint_state_dict(model, state: dict | None = None) -> dict:
+    """The model's tensors (`state`, default its state dict; e.g. gathered from FSDP2 ranks) under
+    the names and shapes of its checkpoint files, which is what the engine loads and digests:
+    transformers 5 fuses some tensors on load (a mixture-of-experts layer's experts into one 3-D
+    tensor per projection) and splits them again on save; this is that split, without the disk.
+    Dense models come back unchanged (the same tensors)."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     converted = revert_weight_conversion(model, state)
     # Same names: the model's own dict, in its own order (the conversion sorts the names).
     return state if converted.keys() == state.keys() else converted

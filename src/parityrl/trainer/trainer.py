@@ -220,9 +220,8 @@ class Trainer:
         rank calls it."""
         if self.lora is not None:
             return adapter_state_dict(self.model)
-        if self.sharded:
-            return full_state_dict(self.model)
-        return checkpoint_state_dict(self.model)
+        return checkpoint_state_dict(self.model,
+                                     full_state_dict(self.model) if self.sharded else None)
 
     def save_checkpoint(self, run_dir, step: int, data_position: int, keep: int,
                         extra: dict | None = None) -> None:
