@@ -116,6 +116,10 @@ class TrainerConfig(_Strict):
     lora: LoRAConfig | None = Field(None, description="Train a LoRA adapter; None = every "
                                                       "weight (full fine-tuning).")
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    moe_routing: Literal["recompute", "replay"] = Field(
+        "recompute", description="Mixture-of-experts models: route by the trainer's own router "
+                                 "(recompute), or send each position to the experts the engine "
+                                 "chose, gate weights from the trainer's router (replay; R3).")
     max_nonfinite_steps: int = Field(
         3, ge=1, description="Consecutive steps with a non-finite gradient (not applied) before "
                              "the run stops.")
@@ -142,6 +146,8 @@ class ParityConfig(_Strict):
                            "(mismatch/beyond_precision_frac). Costs a float64 copy of the model.")
     tolerance: float = Field(1e-5, gt=0, description="Per-token |Δ logprob| bound for "
                                                      "mismatch/beyond_*_frac.")
+    routes_per_layer: bool = Field(False, description="MoE: also log "
+                                                      "mismatch/route_disagreement/layer<i>.")
 
 
 class CheckpointConfig(_Strict):

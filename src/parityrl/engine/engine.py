@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from parityrl.engine.routes import NOT_CAPTURED, decode_routes
 from parityrl.engine.settings import EngineSettings, resolved_engine_settings
 from parityrl.shm_guard import (ensure_guard, forget_in_resource_tracker,
                                 held_by_this_process_tree, reclaim, shm_folder, temp_folder)
@@ -164,6 +165,17 @@ async def generate_each(generate, prompts: list[list[int]], sampling: SamplingCo
     return [r for group in groups for r in group]
 
 
+def full_length_routes(routes, rollout: Rollout):
+    """Routes [positions, layers, top_k] covering the rollout's prompt and completion: the last
+    sampled token was never run by the engine (nor anything past a stop), so it has none."""
+    import numpy as np
+
+    length = len(rollout.prompt_ids) + len(rollout.completion_ids)
+    full = np.full((length, *routes.shape[1:]), NOT_CAPTURED, dtype=routes.dtype)
+    full[: min(length, len(routes))] = routes[:length]
+    return full
+
+
 # Where every engine start is appended as a JSON line (what started, how long it took), when set:
 # the test suite counts the engines it started, in its own process and in those it spawned.
 ENGINE_START_LOG = "PARITYRL_ENGINE_START_LOG"
@@ -197,6 +209,7 @@ class RolloutEngine:
         self.preemption_counter: PreemptionCounter | None = None  # with count_preemptions
         self._transfer = None  # weight_transport=gloo: the trainer side of vLLM's transfer API
         self.adapter = None  # with max_lora_rank: the LoRARequest every request carries
+        self.routes_info: dict = {"routes_captured": False}  # MoE: what the worker records
 
     @classmethod
     async def start(cls, settings: EngineSettings, *, join_transfer: bool = True
@@ -234,6 +247,8 @@ class RolloutEngine:
         engine._ipc_dir = ipc_dir
         engine.preemption_counter = counter
         await engine.pad_single_row_gemms(settings.pad_single_row_gemm)
+        if settings.record_routes:
+            (engine.routes_info,) = await engine.llm.collective_rpc("parityrl_record_routes")
         await engine.llm.update_weight_version(str(engine.version))
         if settings.weight_transport == "gloo" and join_transfer:
             try:
@@ -245,7 +260,8 @@ class RolloutEngine:
         return engine
 
     def resolved_settings(self) -> dict:
-        return resolved_engine_settings(self.llm.vllm_config) | self.worker_numerics
+        return (resolved_engine_settings(self.llm.vllm_config) | self.worker_numerics
+                | self.routes_info)
 
     async def generate(
         self, prompt_ids: list[int], sampling: SamplingConfig, *, n: int = 1,
@@ -266,7 +282,13 @@ class RolloutEngine:
         ):
             final = output
         assert final is not None and final.finished
-        return [self._to_rollout(prompt_ids, c, group_id) for c in final.outputs]
+        rollouts = [self._to_rollout(prompt_ids, c, group_id) for c in final.outputs]
+        if self.routes_info["routes_captured"]:
+            (taken,) = await self.llm.collective_rpc("parityrl_take_routes", args=(request_id,))
+            routes = decode_routes(taken)
+            for rollout, completion in zip(rollouts, final.outputs):
+                rollout.routes = full_length_routes(routes[completion.index], rollout)
+        return rollouts
 
     async def generate_many(
         self, prompts: list[list[int]], sampling: SamplingConfig, *, n: int = 1,

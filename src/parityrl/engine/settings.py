@@ -69,6 +69,10 @@ class EngineKnobs(BaseModel):
     max_lora_rank: int | None = Field(
         None, description="LoRA: the largest adapter rank the engine holds (one of vLLM's "
                           "choices; a run with trainer.lora sets it). None = no LoRA.")
+    record_routes: bool = Field(
+        True, description="Mixture-of-experts models: record the experts each token was routed "
+                          "to, per layer, on every rollout (engine/routes.py; the trainer's "
+                          "route_disagreement and moe_routing=replay use them). Dense: no effect.")
     worker_extension: str = Field(
         "parityrl.engine.worker_extension.WeightSyncExtension",
         description="Worker mixin that loads pushed weights in place.",

@@ -110,6 +110,16 @@ class WeightSyncExtension:
         self._parityrl_pad_gemms = on
         return _pad_single_row_gemms(self.model_runner.get_model(), on)
 
+    def parityrl_record_routes(self) -> dict:
+        """Record the experts every token is routed to from now on (engine/routes.py)."""
+        from parityrl.engine.routes import start_recording
+
+        return start_recording(self)
+
+    def parityrl_take_routes(self, request_id: str) -> list:
+        """The routes of request `request_id`'s finished samples: (sample index, routes)."""
+        return self._parityrl_routes.take(request_id)
+
     def parityrl_numerics(self) -> dict:
         """What this worker computes with, read here (not what was asked for)."""
         import torch

@@ -10,6 +10,7 @@ context only, never in the loss or the parity metrics). `sampled` and `turns` sa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -26,6 +27,9 @@ class Rollout:
     # (False); None = all sampled (single turn).
     sampled: list[bool] | None = None
     turns: list[int] | None = None  # per completion token: the turn it belongs to; None = all 0
+    # Mixture-of-experts models: the experts the engine routed each position of prompt +
+    # completion to, int16 numpy [positions, layers, top_k], -1 where none (engine/routes.py).
+    routes: Any = None
 
     @property
     def sampled_mask(self) -> list[bool]:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from parityrl.errors import UserError
 from parityrl.sampling import SamplingConfig
+from parityrl.trainer.routing import RouteCounts, engine_routing
 
 LogprobsMode = Literal["processed_logprobs", "raw_logprobs"]
 
@@ -47,6 +48,8 @@ class TokenLogprobs:
     mask: torch.Tensor
     # True where the sampled token lies outside the trainer's own top-k/top-p set (kept anyway).
     outside_nucleus: torch.Tensor | None = None
+    # MoE with the engine's routes: the trainer's routing compared with them (trainer/routing.py)
+    routes: RouteCounts | None = None
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -126,6 +129,8 @@ def token_logprobs(
     logprobs_mode: LogprobsMode = "processed_logprobs",
     with_entropy: bool = True,
     kernels=None,
+    routes: torch.Tensor | None = None,
+    replay_routes: bool = False,
 ) -> TokenLogprobs:
     """Logprob (and entropy) of each completion token under `model`, as the engine computes it.
 
@@ -140,6 +145,8 @@ def token_logprobs(
             (log_softmax of the unprocessed logits, vLLM's default; for diagnosis only).
         kernels: an `EngineKernels` of `model` for bitwise mode (values from the engine's
             kernels; the forward above then runs only when a gradient is needed).
+        routes: mixture-of-experts models: the engine's routes [B, T, layers, top_k] (-1 = none),
+            compared with the trainer's routing; `replay_routes` routes as the engine did.
 
     Returns:
         TokenLogprobs with [B, T-1]-shaped tensors aligned to `input_ids[:, 1:]`: entry t is the
@@ -151,15 +158,17 @@ def token_logprobs(
     targets = input_ids[:, 1:]
     wanted = completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
     sampled = targets[wanted]
-    exact = None
+    exact, route_counts = None, None
     if kernels is not None:
         exact = _engine_logprobs(kernels, input_ids, attention_mask, completion_mask, sampling,
                                  logprobs_mode, sampled)
     if exact is None or torch.is_grad_enabled():
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = model.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
-        ).last_hidden_state
+        with engine_routing(model, routes, attention_mask, replay_routes) as counted:
+            hidden = model.get_decoder()(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
+            ).last_hidden_state
+        route_counts = counted[0] if counted else None
         # Only completion positions are projected: the [N, V] float32 logits are the memory peak.
         logits = project_to_vocab(model, hidden[:, :-1][wanted], fp32_lm_head)
         outside = torch.zeros_like(sampled, dtype=torch.bool)
@@ -189,7 +198,8 @@ def token_logprobs(
         out_ent[wanted] = entropy.to(out_ent.dtype)
     out_outside = torch.zeros(targets.shape, dtype=torch.bool, device=input_ids.device)
     out_outside[wanted] = outside
-    return TokenLogprobs(logprobs=out_lp, entropy=out_ent, mask=wanted, outside_nucleus=out_outside)
+    return TokenLogprobs(logprobs=out_lp, entropy=out_ent, mask=wanted, outside_nucleus=out_outside,
+                         routes=route_counts)
 
 
 def next_token_logits(model, prompt_ids: list[int], *, fp32_lm_head: bool = True) -> torch.Tensor:

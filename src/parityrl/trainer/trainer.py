@@ -26,6 +26,7 @@ from parityrl.trainer.loss_scale import DynamicLossScale
 from parityrl.trainer.distributed import (DistContext, average_replicated_grads, clip_grad_norm,
                                           data_parallel_shares, full_state_dict, full_tensor,
                                           gather_objects, is_sharded, shard_like, shard_model)
+from parityrl.trainer.routing import RouteCounts
 from parityrl.trainer.precision import Float64Reference, exact_logprobs, precision_metrics
 from parityrl.trainer.objectives import kl_k3, policy_loss
 
@@ -113,6 +114,7 @@ class Trainer:
         self.version = 0  # optimizer steps taken; the engine holds the same number after a push
         self.nonfinite_streak = 0  # consecutive steps whose gradient was not finite
         self.kernels = None  # bitwise mode: the engine's kernels (use_engine_kernels)
+        self.replay_routes = cfg.trainer.moe_routing == "replay"
         if cfg.parity.mode == "bitwise":
             from parityrl.trainer.engine_kernels import check_bitwise_supported
 
@@ -142,7 +144,12 @@ class Trainer:
         batch = collate(chunk, self.pad_id).to(device)
         out = token_logprobs(self.model, batch.input_ids, batch.attention_mask,
                              batch.completion_mask, self.cfg.sampling,
-                             fp32_lm_head=tcfg.fp32_lm_head, kernels=self.kernels)
+                             fp32_lm_head=tcfg.fp32_lm_head, kernels=self.kernels,
+                             routes=batch.routes, replay_routes=self.replay_routes)
+        if out.routes is not None:  # compared where the engine's weights were the trainer's
+            current = torch.tensor([self.sampled_by_current(r) for r in chunk])
+            stats.add(route_compared=out.routes.compared[current],
+                      route_differ=out.routes.differ[current])
         mask = out.mask
         rows = torch.arange(len(chunk), device=device).unsqueeze(1).expand_as(mask)[mask]
         # A sample with a non-finite logprob on either side never reaches the loss or a mean.
@@ -310,9 +317,11 @@ class Trainer:
         was_training = self.model.training
         scored = rollout_logprobs(self.model, pure, self.cfg.sampling, pad_id=self.pad_id,
                                   fp32_lm_head=self.cfg.trainer.fp32_lm_head,
-                                  kernels=self.kernels)
+                                  kernels=self.kernels, replay_routes=self.replay_routes)
         self.model.train(was_training)
         for rollout, score in zip(pure, scored):
+            if score.routes is not None and self.sampled_by_current(rollout):
+                state.probe_routes.append(score.routes)
             keep = self.parity_tokens(rollout)
             state.probe_train.append(score.logprobs[keep])
             state.probe_engine.append(torch.tensor(rollout.sampled_logprobs)[keep])
@@ -340,6 +349,11 @@ class Trainer:
 
     def has_parity_tokens(self, r: Rollout) -> bool:
         return any(r.parity_mask(self.version))
+
+    def sampled_by_current(self, r: Rollout) -> bool:
+        """Every token of `r` was sampled by the weights the trainer holds now: the engine routed
+        its positions with these weights too (route disagreement is measured on these)."""
+        return r.min_version == r.max_version == self.version
 
     def apply(self, state: "StepState") -> dict[str, float]:
         """Clip, take the optimizer step; returns the step's metrics (before the version bump)."""
@@ -411,6 +425,11 @@ class Trainer:
             m |= per_turn_mismatch(lp_parity, lp_engine, turns)
             m["rollouts/turns_mean"] = sum(r.num_turns for r in rollouts) / len(rollouts)
         m["mismatch/probe_tokens"] = float(sum(len(t) for t in state.probe_train))
+        routes = RouteCounts.total(
+            ([RouteCounts(s["route_compared"], s["route_differ"])] if "route_compared" in s
+             else []) + state.probe_routes)
+        if routes is not None:
+            m |= routes.metrics(self.cfg.parity.routes_per_layer)
         if state.exact_lp is not None:
             m |= precision_metrics(lp_parity, lp_engine, state.exact_lp, self.cfg.parity.tolerance)
         return m
@@ -426,6 +445,7 @@ class StepState:
     probe_engine: list[torch.Tensor] = field(default_factory=list)
     probe_outside: list[torch.Tensor] = field(default_factory=list)
     probe_turns: list[torch.Tensor] = field(default_factory=list)
+    probe_routes: list = field(default_factory=list)  # RouteCounts of probe rollouts (MoE)
     exact_lp: torch.Tensor | None = None  # float64 logprobs of the parity tokens
     local_rollouts: int = 0  # rollouts this rank ran forward and backward on
     idle_passes: int = 0  # backward passes with nothing to add, to match a busier rank's
