@@ -244,7 +244,9 @@ def doctor(
                        **({"prompts": prompt_list} if prompt_list else {}))
     if compare_dtypes:
         _doctor_precision_table(cfg, console, json_out, report)
-    rungs = build_ladder(cfg.withhold, bitwise)
+    from parityrl.models.load import has_experts
+
+    rungs = build_ladder(cfg.withhold, bitwise, moe=has_experts(folder))
     if quick:  # the settings to use (and the bitwise rung after them)
         rungs = rungs[-2:] if bitwise else rungs[-1:]
     turns = []  # the multi-turn check's results, after the last rung

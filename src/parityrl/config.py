@@ -148,6 +148,10 @@ class ParityConfig(_Strict):
                                                      "mismatch/beyond_*_frac.")
     routes_per_layer: bool = Field(False, description="MoE: also log "
                                                       "mismatch/route_disagreement/layer<i>.")
+    compare_routing: bool = Field(
+        False, description="MoE with trainer.moe_routing=replay: also score the parity tokens "
+                           "with the trainer's own routing each step (routing/recompute_*): "
+                           "what replay changed, on the same tokens. One more forward.")
 
 
 class CheckpointConfig(_Strict):

@@ -6,8 +6,15 @@
                           neutral generation config, a fixed seed                    (inference path)
     weight-sync         + the trainer perturbs its weights and pushes them in place   (weight sync)
     fp32-lm-head        + lm_head in float32 on both sides                           (numerics)
+    routing-replay      (mixture-of-experts models) + the trainer routes each token to the
+                          experts the engine chose (trainer.moe_routing=replay)  (routing)
     bitwise             (--bitwise) + the trainer runs the engine's own kernels, the engine
                           the settings they need: every token must be equal     (kernels)
+
+On MoE models every rung also compares the engine's routes with the trainer's own routing
+(`mismatch/route_disagreement`); the routing-replay rung scores its tokens twice, with and
+without replay (`routing/recompute_*`), and its float64 evaluation replays the engine's routes
+too: routing is a discrete choice the two sides then share, and the rule asks about rounding.
 
 Every rung is measured, none is assumed: the engine generates, the trainer recomputes the same
 tokens with `token_logprobs` (the function the RL trainer uses), `mismatch_metrics` compares, and
@@ -29,12 +36,13 @@ import torch
 
 from parityrl.engine.settings import BITWISE_KNOBS, EngineSettings
 from parityrl.mismatch import mismatch_metrics, per_turn_mismatch
-from parityrl.models.load import checkpoint_state_dict
+from parityrl.models.load import checkpoint_state_dict, has_experts
 from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
 from parityrl.tasks.prompts import Messages, encode_prompt, has_chat_template
 from parityrl.trainer.batch import rollout_logprobs
 from parityrl.trainer.precision import Float64Reference, error_stats
+from parityrl.trainer.routing import ROUTING_COMPARED, RouteCounts
 
 DEFAULT_PROMPTS = [
     "12+7=", "What is 3*4? ", "The quick brown fox", "def add(a, b):\n",
@@ -50,6 +58,7 @@ class Fix:
     engine: dict = field(default_factory=dict)  # EngineSettings fields it sets
     trainer_fp32_lm_head: bool = False
     pushes_weights: bool = False
+    trainer_replays_routes: bool = False
 
 
 FIXES = [
@@ -66,12 +75,15 @@ FIXES = [
     Fix("fp32-lm-head", "numerics", "lm_head in float32 on both sides",
         {"lm_head_dtype": "float32"}, trainer_fp32_lm_head=True),
 ]
+ROUTING = Fix("routing-replay", "routing",
+              "the trainer routes each token to the experts the engine chose "
+              "(trainer.moe_routing=replay)", trainer_replays_routes=True)
 BITWISE = Fix("bitwise", "kernels",
               "the trainer runs the engine's own kernels (parity.mode=bitwise)",
               dict(BITWISE_KNOBS), trainer_fp32_lm_head=True, pushes_weights=True)
 FIX_NAMES = tuple(f.name for f in FIXES)
 # Besides whole fixes, one part of the weight-sync fix can be withheld on its own.
-WITHHOLDABLE = FIX_NAMES + ("prefix-cache-reset",)
+WITHHOLDABLE = FIX_NAMES + (ROUTING.name, "prefix-cache-reset")
 BASELINE = "vllm-defaults"
 
 
@@ -84,6 +96,7 @@ class Rung:
     trainer_fp32_lm_head: bool
     perturbs: bool  # the trainer moves its weights at this rung (and pushes unless withheld)
     trainer_kernels: bool = False  # the trainer scores with the engine's kernels (bitwise)
+    trainer_replays_routes: bool = False  # MoE: the engine's routes replayed (routing-replay)
 
     def engine_overrides(self, seed: int) -> dict:
         overrides: dict = {}
@@ -98,16 +111,21 @@ class Rung:
         return any(f.pushes_weights for f in self.fixes)
 
 
-def build_ladder(withhold: frozenset[str] = frozenset(), bitwise: bool = False) -> list[Rung]:
+def build_ladder(withhold: frozenset[str] = frozenset(), bitwise: bool = False,
+                 moe: bool = False) -> list[Rung]:
+    """The rungs in order; `moe` adds routing-replay (a mixture-of-experts model)."""
+    fixes = FIXES + [ROUTING] if moe else FIXES
     rungs = [Rung(BASELINE, "baseline", (), (), False, False)]
-    for i, fix in enumerate(FIXES):
-        upto = FIXES[: i + 1]
+    for i, fix in enumerate(fixes):
+        upto = fixes[: i + 1]
         rungs.append(Rung(
             fix.name, fix.layer,
             fixes=tuple(f for f in upto if f.name not in withhold),
             withheld=tuple(f.name for f in upto if f.name in withhold),
             trainer_fp32_lm_head=any(f.trainer_fp32_lm_head for f in upto),
             perturbs=any(f.pushes_weights for f in upto),
+            trainer_replays_routes=any(f.trainer_replays_routes and f.name not in withhold
+                                       for f in upto),
         ))
     if bitwise:
         last = rungs[-1]
@@ -318,14 +336,24 @@ class LadderSession:
         return self.kernels
 
     def measure(self, rung: Rung, rollouts: list[Rollout], sampling: SamplingConfig):
+        replay = rung.trainer_replays_routes
         recomputed = rollout_logprobs(self.model, rollouts, sampling, pad_id=self.pad_id,
                                       fp32_lm_head=rung.trainer_fp32_lm_head,
-                                      kernels=self.kernels_for(rung))
+                                      kernels=self.kernels_for(rung), replay_routes=replay)
         lp_train = torch.cat([r.logprobs for r in recomputed])
         outside = torch.cat([r.outside_nucleus for r in recomputed])
         lp_engine = torch.tensor([lp for r in rollouts for lp in r.sampled_logprobs],
                                  dtype=torch.float64)
         metrics = mismatch_metrics(lp_train, lp_engine, outside)
+        routes = RouteCounts.total([r.routes for r in recomputed if r.routes is not None])
+        if routes is not None:
+            metrics |= routes.metrics(per_layer=True)
+        if replay:  # the same tokens with the trainer's own routing, for comparison
+            own = rollout_logprobs(self.model, rollouts, sampling, pad_id=self.pad_id,
+                                   fp32_lm_head=rung.trainer_fp32_lm_head)
+            recompute = mismatch_metrics(torch.cat([r.logprobs for r in own]), lp_engine)
+            metrics |= {f"routing/recompute_{k.split('/', 1)[1]}": recompute[k]
+                        for k in ROUTING_COMPARED}
         if self.lora is not None:  # what the adapter does: a zero one would test nothing
             from parityrl.trainer.lora import adapter_disabled
 
@@ -342,7 +370,8 @@ class LadderSession:
         if self.exact is not None and not rung.trainer_kernels:  # bitwise: equal or not, no rule
             self.exact.refresh(self.model)
             lp_exact = self.exact.logprobs(rollouts, sampling, pad_id=self.pad_id,
-                                           fp32_lm_head=rung.trainer_fp32_lm_head)
+                                           fp32_lm_head=rung.trainer_fp32_lm_head,
+                                           replay_routes=replay)
             engine_error = error_stats(lp_engine, lp_exact)
             trainer_error = error_stats(lp_train, lp_exact)
         positions = [i for r in rollouts for i in range(r.num_tokens)]
@@ -365,7 +394,8 @@ async def run_ladder(
     not), and each of its results is handed to it; with `on_sampler`,
     the sampler check (doctor/sampler.py, `sampler_draws` draws a prompt) there too, once per
     sampling."""
-    rungs = rungs if rungs is not None else build_ladder(cfg.withhold)
+    rungs = rungs if rungs is not None else build_ladder(cfg.withhold,
+                                                         moe=has_experts(cfg.model))
     session = LadderSession(cfg)
     results: list[RungResult] = []
     floor: dict = {}
@@ -383,6 +413,9 @@ async def run_ladder(
                 "trainer_fp32_lm_head": rung.trainer_fp32_lm_head, "trainer_dtype": cfg.dtype,
                 "chat_template": session.chat_template, "trainer_lora": session.lora,
                 "weights_pushed": rung.pushes if rung.perturbs else None,
+                "trainer_moe_routing": (("replay" if rung.trainer_replays_routes else "recompute")
+                                        if engine.resolved_settings().get("routes_captured")
+                                        else None),
                 "prefix_cache_reset_after_update":
                     ("prefix-cache-reset" not in cfg.withhold) if rung.perturbs else None}
             for sampling in cfg.samplings:

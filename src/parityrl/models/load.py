@@ -69,3 +69,18 @@ def checkpoint_state_dict(model, state: dict | None = None) -> dict:
     converted = revert_weight_conversion(model, state)
     # Same names: the model's own dict, in its own order (the conversion sorts the names).
     return state if converted.keys() == state.keys() else converted
+
+
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def has_experts(folder: str | Path) -> bool:
+    """A mixture-of-experts model folder (its config.json names a number of experts)."""
+    import json
+
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        return False
+    config = json.loads(path.read_text())
+    config = config.get("text_config", config)
+    return any((config.get(key) or 0) > 0 for key in EXPERT_COUNT_KEYS)

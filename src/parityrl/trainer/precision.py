@@ -53,12 +53,13 @@ class Float64Reference:
                 mine[name].copy_(param)
 
     def logprobs(self, rollouts: list[Rollout], sampling: SamplingConfig, *, pad_id: int,
-                 fp32_lm_head: bool = True) -> torch.Tensor:
-        """Flat float64 logprobs of every completion token of `rollouts`, in rollout order."""
+                 fp32_lm_head: bool = True, replay_routes: bool = False) -> torch.Tensor:
+        """Flat float64 logprobs of every completion token of `rollouts`, in rollout order
+        (`replay_routes`: MoE, on the engine's routes)."""
         if not rollouts:
             return torch.zeros(0, dtype=torch.float64)
         scored = rollout_logprobs(self.model, rollouts, sampling, pad_id=pad_id,
-                                  fp32_lm_head=fp32_lm_head)
+                                  fp32_lm_head=fp32_lm_head, replay_routes=replay_routes)
         return torch.cat([r.logprobs for r in scored])
 
 

@@ -26,6 +26,11 @@ import torch
 from parityrl.errors import UserError
 
 
+# The mismatch metrics also reported with the trainer's own routing (routing/recompute_*) where
+# the engine's routes are replayed: the doctor's routing rung and parity.compare_routing.
+ROUTING_COMPARED = ("mismatch/mean_abs_diff", "mismatch/max_abs_diff", "mismatch/kl_k3")
+
+
 def moe_routers(model) -> list[tuple[int, torch.nn.Module]]:
     """(decoder layer index, router module) of every sparse layer of `model`."""
     decoder = model.get_decoder()

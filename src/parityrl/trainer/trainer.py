@@ -26,7 +26,7 @@ from parityrl.trainer.loss_scale import DynamicLossScale
 from parityrl.trainer.distributed import (DistContext, average_replicated_grads, clip_grad_norm,
                                           data_parallel_shares, full_state_dict, full_tensor,
                                           gather_objects, is_sharded, shard_like, shard_model)
-from parityrl.trainer.routing import RouteCounts
+from parityrl.trainer.routing import ROUTING_COMPARED, RouteCounts
 from parityrl.trainer.precision import Float64Reference, exact_logprobs, precision_metrics
 from parityrl.trainer.objectives import kl_k3, policy_loss
 
@@ -329,11 +329,18 @@ class Trainer:
             state.probe_turns.append(torch.tensor(rollout.sampled_turns)[keep])
 
     def score_exact(self, state: "StepState") -> None:
-        """With parity.fp64_reference: float64 logprobs of the parity tokens, before `apply`."""
-        if not self.cfg.parity.fp64_reference:
-            return
+        """Before `apply`, the parity tokens scored again: in float64 (parity.fp64_reference),
+        and with the trainer's own routing while it replays the engine's (MoE,
+        parity.compare_routing)."""
         # The same rollouts, in the same order, as the tokens of the mismatch metrics.
         parity = [r for r in state.rollouts if self.has_parity_tokens(r)] + state.probe_rollouts
+        if self.replay_routes and self.cfg.parity.compare_routing and parity:
+            own = rollout_logprobs(self.model, parity, self.cfg.sampling, pad_id=self.pad_id,
+                                   fp32_lm_head=self.cfg.trainer.fp32_lm_head)
+            state.recompute_lp = torch.cat([o.logprobs[self.parity_tokens(r)]
+                                            for o, r in zip(own, parity)])
+        if not self.cfg.parity.fp64_reference:
+            return
         if self.sharded:  # a whole float64 copy from the gathered weights, on every rank
             exact = Float64Reference.from_weights(self.model.config, self.weights()).logprobs(
                 parity, self.cfg.sampling, pad_id=self.pad_id)
@@ -430,6 +437,9 @@ class Trainer:
              else []) + state.probe_routes)
         if routes is not None:
             m |= routes.metrics(self.cfg.parity.routes_per_layer)
+        if state.recompute_lp is not None:  # the same tokens, the trainer's own routing
+            own = mismatch_metrics(state.recompute_lp, lp_engine)
+            m |= {f"routing/recompute_{k.split('/', 1)[1]}": own[k] for k in ROUTING_COMPARED}
         if state.exact_lp is not None:
             m |= precision_metrics(lp_parity, lp_engine, state.exact_lp, self.cfg.parity.tolerance)
         return m
@@ -447,6 +457,7 @@ class StepState:
     probe_turns: list[torch.Tensor] = field(default_factory=list)
     probe_routes: list = field(default_factory=list)  # RouteCounts of probe rollouts (MoE)
     exact_lp: torch.Tensor | None = None  # float64 logprobs of the parity tokens
+    recompute_lp: torch.Tensor | None = None  # MoE replay: the same, by the trainer's own routes
     local_rollouts: int = 0  # rollouts this rank ran forward and backward on
     idle_passes: int = 0  # backward passes with nothing to add, to match a busier rank's
 
