@@ -5,6 +5,8 @@ experts' prepack re-run: engine/worker_extension.py `_repack_cpu_experts`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -52,18 +54,64 @@ def test_a_tiny_moe_pushes_its_experts_under_the_checkpoints_names_and_scores_in
 
 
 @pytest.mark.slow
-def test_the_doctor_passes_a_tiny_moe_after_an_in_place_weight_push(moe_model):
+def test_the_doctor_passes_a_tiny_moe_after_a_push_and_names_a_withheld_router_weight(
+        moe_model):
+    """The last rung on an MoE model (routing-replay: weights pushed in place, fp32 heads, the
+    engine's routes replayed) passes by the dense models' rule, and compares the routes; the
+    same push without one router weight fails at the weight-synchronisation layer."""
     from parityrl.doctor.ladder import DoctorConfig, build_ladder, run_ladder_sync
     from parityrl.doctor.verdict import judge
 
+    rungs = build_ladder(moe=True)[-1:]
+    assert rungs[0].name == "routing-replay" and rungs[0].trainer_replays_routes
     cfg = DoctorConfig(model=moe_model, num_samples=3, prompts=["12+7=", "abc", "x = [1, 2"],
                        samplings=[SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=24)])
-    results, floor = run_ladder_sync(cfg, rungs=build_ladder()[-1:])
+    results, floor = run_ladder_sync(cfg, rungs=rungs)
     (last,) = results
     assert last.sync_ok is True and last.metrics["mismatch/tokens"] > 0
     verdict = judge(results, floor, "float32")
     assert verdict.passed, verdict.text
     assert last.metrics["mismatch/max_abs_diff"] < 1e-4
+    assert last.settings["trainer_moe_routing"] == "replay"
+    # float32: the two routers agree wherever the pick is not a rounding tie
+    assert last.metrics["mismatch/route_disagreement"] < 0.01
+    assert last.metrics["routing/recompute_max_abs_diff"] < 1e-4
+    assert "On the same tokens of 'routing-replay'" in verdict.text
+
+    router = "model.layers.1.mlp.gate.weight"
+    cfg.sabotage_skip = frozenset({router})
+    results, floor = run_ladder_sync(cfg, rungs=rungs)
+    verdict = judge(results, floor, "float32")
+    assert not verdict.passed and verdict.culprit == "weight synchronisation", verdict.text
+    assert router in results[0].sync_check
+
+
+def test_the_verdict_names_routing_when_routes_differ_and_the_trainer_recomputes():
+    """An inconsistent MoE rung where the trainer routed by its own router and routes differed
+    is a routing failure, with the config key that replays them; replaying, the advice would be
+    wrong and is not given (the ladder rule then names the first inconsistent rung)."""
+    from parityrl.doctor.ladder import RungResult
+    from parityrl.doctor.verdict import judge
+
+    def rung(routing):
+        settings = {"logprobs_mode": "processed_logprobs", "head_dtype": "float32",
+                    "trainer_fp32_lm_head": True, "trainer_dtype": "float32",
+                    "trainer_moe_routing": routing}
+        metrics = {"mismatch/mean_abs_diff": 0.02, "mismatch/max_abs_diff": 1.1,
+                   "mismatch/mean_diff": 0.0, "mismatch/clip_frac@0.2": 0.01,
+                   "mismatch/route_disagreement": 0.012}
+        err = {"mean": 1e-3, "p99": 1e-2, "max": 0.5}
+        return RungResult("routing-replay", "routing", SamplingConfig(), settings, metrics, [],
+                          [], engine_error={k: 20 * v for k, v in err.items()},
+                          trainer_error=err)
+
+    recomputed = judge([rung("recompute")], {}, "float32")
+    assert not recomputed.passed and recomputed.culprit == "routing"
+    assert "1.20% of (position, layer) routes differ" in recomputed.sentence
+    assert "trainer.moe_routing: replay" in recomputed.sentence
+    replayed = judge([rung("replay")], {}, "float32")
+    assert not replayed.passed and "moe_routing" not in replayed.sentence
+    assert "routes differ" not in replayed.sentence
 
 
 def own_routes(model, rollout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,3 +236,104 @@ def test_replay_routes_each_position_by_the_engines_experts_and_still_trains_the
     out.logprobs[out.mask].sum().backward()
     router = moe_routers(model)[0][1]
     assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+
+
+def test_a_trainer_step_on_moe_replays_reports_route_disagreement_and_checkpoints_per_expert(
+        moe_model, tmp_path):
+    """One optimizer step with the engine's routes (here: the trainer's own, one layer's picks
+    moved at one position): replay and the route metrics on the trainer's path; the checkpoint
+    holds the model folder's per-expert layout (what the engine and `export` read) and restores
+    into transformers' fused in-memory layout exactly."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from parityrl.config import build_config
+    from parityrl.export import export_checkpoint
+    from parityrl.models.load import load_policy
+    from parityrl.rollouts.types import Rollout
+    from parityrl.trainer.trainer import Trainer
+
+    def trainer(**trainer_cfg):
+        cfg = build_config({"model": moe_model, "sampling": {"temperature": 1.0},
+                            "mode": "sync", "trainer": trainer_cfg,
+                            "parity": {"routes_per_layer": True, "compare_routing": True}})
+        return Trainer(cfg, load_policy(moe_model), pad_id=0)
+
+    replaying = trainer(moe_routing="replay")
+    groups = []
+    for g in range(2):
+        group = []
+        for j in range(2):
+            r = Rollout([5, 6, 7, 8 + g], [9 + j, 10, 11], [-1.0] * 3, [0] * 3, "length",
+                        group_id=g, reward=float(j))
+            picked, _ = own_routes(replaying.model, r)
+            routes = picked.numpy().astype("int16")
+            routes[-1] = -1
+            if g == 0 and j == 0:
+                routes[2, 1] = (routes[2, 1] + 1) % 8  # one (position, layer) the engine chose
+            r.routes = routes
+            group.append(r)
+        groups.append(group)
+    state = replaying.accumulate(groups)
+    replaying.score_exact(state)  # with compare_routing: the same tokens, own routing
+    metrics = replaying.apply(state)
+    pairs = 2 * sum(len(r.prompt_ids) + len(r.completion_ids) - 1 for g in groups for r in g)
+    assert metrics["mismatch/route_disagreement"] == pytest.approx(1 / pairs)
+    assert metrics["mismatch/route_disagreement/layer1"] == pytest.approx(2 / pairs)
+    assert metrics["mismatch/route_disagreement/layer0"] == 0.0
+    assert "routing/recompute_mean_abs_diff" in metrics and metrics["rl/grad_norm"] > 0
+
+    replaying.save_checkpoint(tmp_path, step=1, data_position=4, keep=1)
+    folder = tmp_path / "checkpoints" / "step-000001"
+    on_disk = load_file(str(Path(moe_model) / "model.safetensors"))
+    assert set(load_file(str(folder / "model.safetensors"))) == set(on_disk)
+    resumed = trainer(moe_routing="replay")
+    resumed.restore(folder)
+    mine = replaying.model.state_dict()
+    assert all(torch.equal(t, mine[n]) for n, t in resumed.model.state_dict().items())
+    (tmp_path / "config.yaml").write_text(json.dumps({"model": moe_model}))
+    exported = export_checkpoint(tmp_path, tmp_path / "exported")
+    reloaded = load_policy(str(exported)).state_dict()
+    assert all(torch.equal(t, mine[n]) for n, t in reloaded.items())
+
+
+# A minimal chat template for the character tokenizer (the tiny models have none).
+CHAT = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}a:{% endif %}")
+
+
+@pytest.mark.slow
+def test_an_episodes_routes_cover_every_turn_and_observation_on_the_engines_request(
+        moe_model, loop):
+    """A three-turn episode: each turn is an engine request of its own; the episode's routes
+    hold, for every position but the last, the routes of a request that ran it (a turn's
+    sampled tokens from its own request, an observation from the next turn's prefill), and in
+    float32 they are the trainer's own routing of the whole episode."""
+    from helpers import engine_running
+
+    from parityrl.engine.settings import EngineSettings
+    from parityrl.models.load import load_policy
+    from parityrl.models.tiny import load_tokenizer
+    from parityrl.rollouts.episode import EpisodeLimits, engine_turns, run_episode
+    from parityrl.tasks.environment import EnvReply
+
+    tokenizer = load_tokenizer(moe_model)
+    tokenizer.chat_template = CHAT
+
+    async def respond(messages, last_turn):
+        if last_turn:
+            return EnvReply(reward=1.0)
+        return EnvReply(message={"role": "user", "content": f"obs{len(messages)}"})
+
+    with engine_running(loop, EngineSettings(model=moe_model, dtype="float32")) as engine:
+        episode = loop.run_until_complete(run_episode(
+            engine_turns(engine), respond, tokenizer, [{"role": "user", "content": "12+7="}],
+            SamplingConfig(temperature=1.0, max_tokens=8), EpisodeLimits(3, 256), seed=5))
+    assert episode.num_turns == 3 and not all(episode.sampled_mask)
+    length = len(episode.prompt_ids) + len(episode.completion_ids)
+    assert episode.routes.shape == (length, 2, 2)
+    assert (episode.routes[:-1] >= 0).all() and (episode.routes[-1] == -1).all()
+    picked, margin = own_routes(load_policy(moe_model, "float32"), episode)
+    share, confident = agreement(episode.routes, picked, margin)
+    assert share == 1.0 and confident > 0.9 * 2 * (length - 1), (share, confident)

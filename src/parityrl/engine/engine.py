@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from parityrl.engine.routes import NOT_CAPTURED, decode_routes
+from parityrl.engine.routes import decode_routes, full_length_routes
 from parityrl.engine.settings import EngineSettings, resolved_engine_settings
 from parityrl.shm_guard import (ensure_guard, forget_in_resource_tracker,
                                 held_by_this_process_tree, reclaim, shm_folder, temp_folder)
@@ -163,17 +163,6 @@ async def generate_each(generate, prompts: list[list[int]], sampling: SamplingCo
         for i, p in enumerate(prompts)
     ])
     return [r for group in groups for r in group]
-
-
-def full_length_routes(routes, rollout: Rollout):
-    """Routes [positions, layers, top_k] covering the rollout's prompt and completion: the last
-    sampled token was never run by the engine (nor anything past a stop), so it has none."""
-    import numpy as np
-
-    length = len(rollout.prompt_ids) + len(rollout.completion_ids)
-    full = np.full((length, *routes.shape[1:]), NOT_CAPTURED, dtype=routes.dtype)
-    full[: min(length, len(routes))] = routes[:length]
-    return full
 
 
 # Where every engine start is appended as a JSON line (what started, how long it took), when set:

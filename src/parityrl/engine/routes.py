@@ -85,6 +85,15 @@ class RouteRecorder:
         return routes
 
 
+def full_length_routes(routes, rollout):
+    """Routes [positions, layers, top_k] covering the rollout's prompt and completion: the last
+    sampled token was never run by the engine (nor anything past a stop), so it has none."""
+    length = len(rollout.prompt_ids) + len(rollout.completion_ids)
+    full = np.full((length, *routes.shape[1:]), NOT_CAPTURED, dtype=routes.dtype)
+    full[: min(length, len(routes))] = routes[:length]
+    return full
+
+
 def decode_routes(taken: list) -> dict[int, np.ndarray]:
     """`RouteRecorder.take`'s answer as arrays by sample index."""
     return {int(index): np.frombuffer(raw, dtype=np.int16).reshape(shape).copy()

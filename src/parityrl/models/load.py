@@ -71,6 +71,31 @@ def checkpoint_state_dict(model, state: dict | None = None) -> dict:
     return state if converted.keys() == state.keys() else converted
 
 
+def to_model_layout(model, tensors: dict) -> dict:
+    """Checkpoint-layout `tensors` (`checkpoint_state_dict`'s names and shapes) under `model`'s
+    in-memory names: the names as they are when they already match (dense models), else
+    converted by transformers' own loader (a mixture-of-experts layer's per-expert tensors fused
+    again), through a folder of this model's config and these tensors."""
+    import tempfile
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    mine = model.state_dict()
+    if set(tensors) <= set(mine):
+        return tensors
+    with tempfile.TemporaryDirectory(prefix="parityrl-layout-") as folder:
+        model.config.save_pretrained(folder)
+        save_file({n: t.contiguous() for n, t in tensors.items()}, f"{folder}/model.safetensors",
+                  metadata={"format": "pt"})
+        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=next(iter(mine.values())).dtype)
+        converted = loaded.state_dict()
+    unknown = set(converted) - set(mine)
+    if unknown:
+        raise UserError(f"checkpoint tensors do not fit this model: {sorted(unknown)[:3]}")
+    return converted
+
+
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from parityrl.errors import UserError
+from parityrl.engine.routes import NOT_CAPTURED, full_length_routes
 from parityrl.rollouts.types import Rollout
 from parityrl.sampling import SamplingConfig
 from parityrl.tasks.environment import EnvReply, Message
@@ -94,6 +95,29 @@ def template_mismatch(tokenizer, messages: list[Message], rollout: Rollout) -> s
     return f"turn {turn} ({where}) differs at token {first}"
 
 
+def merge_turn_routes(episode, turn, prompt_len: int):
+    """An episode's MoE routes after a turn whose request had `prompt_len` prompt tokens.
+
+    From the last prompt token on (it produced the turn's first sampled token) the turn's own
+    routes; before it, each position keeps the routes of the first request that ran it (an
+    observation is first run by the next turn's prefill). Every turn's prefill re-runs the earlier
+    positions, and its routes can differ there at rounding ties: one trainer forward replays one
+    route per position, and the one that produced the earlier turn's tokens is kept."""
+    import numpy as np
+
+    if turn is None:
+        return episode
+    if episode is None or len(episode) < len(turn):
+        grown = np.full((len(turn), *turn.shape[1:]), NOT_CAPTURED, dtype=turn.dtype)
+        if episode is not None:
+            grown[: len(episode)] = episode
+        episode = grown
+    take = (episode[: len(turn)] == NOT_CAPTURED).all(axis=(1, 2))
+    take[max(prompt_len - 1, 0):] = True
+    episode[: len(turn)][take] = turn[take]
+    return episode
+
+
 async def run_episode(generate: Generate, respond: Respond, tokenizer, messages: list[Message],
                       sampling: SamplingConfig, limits: EpisodeLimits, seed: int) -> Rollout:
     """One episode from `messages`; the rollout's reward is the environment's, and its meta holds
@@ -101,7 +125,7 @@ async def run_episode(generate: Generate, respond: Respond, tokenizer, messages:
     messages = [dict(m) for m in messages]
     prompt_ids = encode_prompt(tokenizer, messages, chat_template=True)
     ids, completion, logprobs, versions, sampled, turns = list(prompt_ids), [], [], [], [], []
-    reward, finish_reason = None, None
+    reward, finish_reason, routes = None, None, None
 
     def room() -> int:  # tokens the episode may still add
         return min(limits.max_model_len - len(ids),
@@ -111,6 +135,7 @@ async def run_episode(generate: Generate, respond: Respond, tokenizer, messages:
         budget = min(sampling.max_tokens, room())
         turn_sampling = sampling.model_copy(update={"max_tokens": budget})
         out = await generate(ids, turn_sampling, seed + turn * 7919)
+        routes = merge_turn_routes(routes, out.routes, len(ids))
         finish_reason = out.finish_reason
         completion += out.completion_ids
         logprobs += out.logprobs
@@ -147,6 +172,8 @@ async def run_episode(generate: Generate, respond: Respond, tokenizer, messages:
     rollout = Rollout(prompt_ids=list(prompt_ids), completion_ids=completion, logprobs=logprobs,
                       versions=versions, finish_reason=finish_reason, reward=reward,
                       sampled=sampled, turns=turns)
+    if routes is not None:
+        rollout.routes = full_length_routes(routes, rollout)
     rollout.meta["messages"] = messages
     rollout.meta["template_mismatch"] = template_mismatch(tokenizer, messages, rollout)
     return rollout

@@ -1,7 +1,8 @@
 """Atomic checkpoints: model + optimizer + RNG + step + data position, in safetensors.
 
     runs/x/checkpoints/step-000050/
-        model.safetensors       trainer weights (HF names; loadable by the engine as well), or
+        model.safetensors       trainer weights in the model folder's layout (HF names and shapes,
+                                per-expert tensors on MoE models; what the engine loads), or
                                 with trainer.lora the adapter's tensors only (PEFT names)
         optimizer.safetensors   AdamW state tensors, flattened as state.<param index>.<key>
         master.safetensors      float32 master weights (bfloat16/float16 models only)
@@ -20,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file, save_model, load_model
+from safetensors.torch import load_file, save_file
 
+from parityrl.models.load import checkpoint_state_dict, to_model_layout
 from parityrl.trainer.distributed import full_tensor, is_sharded, shard_like
+from parityrl.weights.transfer import unique_tensors
 
 
 @dataclass
@@ -63,8 +66,31 @@ def save_checkpoint(run_dir: Path, model, optimizer, step: int, data_position: i
                     keep: int, extra: dict | None = None,
                     master: dict[str, torch.Tensor] | None = None) -> Path:
     opt_tensors, groups = _optimizer_tensors(optimizer)
-    return _write(run_dir, step, lambda path: save_model(model, path),  # handles tied tensors
+    weights = checkpoint_state_dict(model)
+    return _write(run_dir, step, lambda path: write_weights(weights, path),
                   opt_tensors, groups, data_position, keep, extra, master)
+
+
+def write_weights(weights: dict[str, torch.Tensor], path: str) -> None:
+    """The model file: the checkpoint layout (`checkpoint_state_dict`, what a model folder and
+    the engine hold; the same for any number of ranks), a tied tensor once."""
+    save_file({n: t.contiguous() for n, t in unique_tensors(weights).items()}, path)
+
+
+def read_weights(model, path: str) -> dict[str, torch.Tensor]:
+    """The model file under `model`'s in-memory names (a tied tensor under one of them)."""
+    return to_model_layout(model, load_file(path))
+
+
+def _load_whole(model, path: str) -> None:
+    saved = read_weights(model, path)
+    missing, unexpected = model.load_state_dict(saved, strict=False)
+    tied = {n for n in missing if n.endswith("lm_head.weight")}
+    if unexpected or set(missing) - tied:
+        from parityrl.errors import UserError
+
+        raise UserError(f"{path} does not hold this model's weights (missing "
+                        f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
 
 
 def _write(run_dir: Path, step: int, write_model, opt_tensors: dict, groups: list,
@@ -144,16 +170,8 @@ def _save_sharded(trainer, run_dir: Path, step: int, data_position: int, keep: i
     written = None
     try:
         if trainer.dist.is_main:
-            def write_model(path: str) -> None:
-                seen, unique = set(), {}
-                for name, tensor in weights.items():  # tied tensors once, as save_model does
-                    if tensor.data_ptr() not in seen:
-                        seen.add(tensor.data_ptr())
-                        unique[name] = tensor.contiguous()
-                save_file(unique, path)
-
-            written = _write(run_dir, step, write_model, opt_tensors, groups, data_position, keep,
-                             extra, master)
+            written = _write(run_dir, step, lambda path: write_weights(weights, path),
+                             opt_tensors, groups, data_position, keep, extra, master)
     finally:
         # Every rank returns once the checkpoint is complete (or rank 0's write failed, which it
         # then raises): a rank that reads it next (a restore) never meets it half-written.
@@ -190,7 +208,7 @@ def _load_adapter(model, path: str) -> None:
 
 def _load_shards(model, path: str) -> None:
     """This rank's shards of the whole tensors in the model file (the rest whole)."""
-    saved = load_file(path)
+    saved = read_weights(model, path)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name not in saved:  # a tied tensor written once under its other name
@@ -205,10 +223,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(folder: Path, model, optimizer, load_weights=None) -> TrainingState:
-    """`load_weights(path)`: how the model takes the model file (default: safetensors'
-    load_model, which knows tied tensors)."""
+    """`load_weights(path)`: how the model takes the model file (default: whole, in the model's
+    in-memory layout)."""
     state = json.loads((folder / "state.json").read_text())
-    (load_weights or (lambda path: load_model(model, path)))(str(folder / "model.safetensors"))
+    (load_weights or (lambda path: _load_whole(model, path)))(str(folder / "model.safetensors"))
     _load_optimizer(optimizer, folder, state["param_groups"])
     torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch_rng"])
     random.setstate(_tupled(state["python_rng"]))
