@@ -125,9 +125,12 @@ class WeightSyncExtension:
         import torch
         from vllm import envs
 
+        experts = [e for _, _, e in _moe_layers(self.model_runner.get_model())]
         return {"cpu_attn_split_kv": bool(envs.VLLM_CPU_ATTN_SPLIT_KV),
                 "worker_threads": torch.get_num_threads(),
-                "single_row_gemm_padded": bool(getattr(self, "_parityrl_pad_gemms", False))}
+                "single_row_gemm_padded": bool(getattr(self, "_parityrl_pad_gemms", False)),
+                **({"moe_experts": type(experts[0]).__name__,
+                    "moe_experts_isa": getattr(experts[0], "isa", None)} if experts else {})}
 
 
 def pad_single_row(linear):
@@ -172,13 +175,22 @@ def _repack_cpu_experts(model) -> list[str]:
     checkpoint layout's).
     """
     repacked = []
-    for name, module in model.named_modules():
-        method = getattr(module, "quant_method", None)
-        experts = getattr(getattr(method, "moe_kernel", None), "fused_experts", None)
-        if experts is not None and type(experts).__name__.endswith("CPUUnquantizedExperts"):
+    for name, module, experts in _moe_layers(model):
+        if type(experts).__name__.endswith("CPUUnquantizedExperts"):
             experts.process_weights_after_loading(module)
             repacked.append(name)
     return repacked
+
+
+def _moe_layers(model) -> list:
+    """(name, module, fused-experts kernel object) of every MoE layer of the engine's model."""
+    found = []
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        experts = getattr(getattr(method, "moe_kernel", None), "fused_experts", None)
+        if experts is not None:
+            found.append((name, module, experts))
+    return found
 
 
 def _refresh_tied_modules(model) -> list[str]:

@@ -33,7 +33,7 @@ from parityrl.engine.worker_extension import pad_single_row
 from parityrl.errors import UserError
 from parityrl.sampling import SamplingConfig
 
-SUPPORTED_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3MoeForCausalLM")
 VOCAB_PADDING = 64  # vllm/model_executor/layers/vocab_parallel_embedding.py DEFAULT_VOCAB_PADDING_SIZE
 
 
@@ -122,6 +122,10 @@ def one_row_gemm_differs(in_features: int, out_features: int, threads: int | Non
     return not torch.equal(alone[0], batched[0])
 
 
+def _weight_of(norm) -> torch.Tensor | None:
+    return None if norm is None else norm.weight.detach().clone()
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     from vllm.ir.ops.layernorm import rms_norm
 
@@ -134,14 +138,57 @@ def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return fused_add_rms_norm.impls["native"].impl_fn(x, residual, weight, eps)
 
 
+class _EngineExperts:
+    """A mixture-of-experts layer as vLLM's CPU backend runs it (fused_moe/router/cpu_router.py,
+    experts/cpu_moe.py): the router GEMM through the same CPU GEMM dispatch as every linear,
+    top-k over the router logits with the weights a softmax over the picked logits (vLLM's
+    `_softmax_topk`), then the grouped-GEMM kernel `cpu_fused_moe` on expert weights padded and
+    prepacked for the engine's instruction set (`isa`, read from the engine's worker)."""
+
+    def __init__(self, block, isa: str) -> None:
+        from vllm import _custom_ops as ops
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import (
+            CPUUnquantizedExperts, X86CPUUnquantizedExperts)
+
+        experts_class = {"vec": CPUUnquantizedExperts, "amx": X86CPUUnquantizedExperts}.get(isa)
+        if experts_class is None:
+            raise UserError(f"bitwise mode reproduces vLLM's CPU MoE experts with isa vec or "
+                            f"amx; the engine runs {isa!r}")
+        gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
+        experts, inner, hidden = gate_up.shape[0], gate_up.shape[1] // 2, gate_up.shape[2]
+        align = experts_class._intermediate_alignment()
+        padded = -(-inner // align) * align  # zero-padded as `_pad_moe_intermediate` pads
+        w13 = gate_up.new_zeros(experts, 2 * padded, hidden)
+        w13[:, :inner], w13[:, padded:padded + inner] = gate_up[:, :inner], gate_up[:, inner:]
+        w2 = down.new_zeros(experts, hidden, padded)
+        w2[:, :, :inner] = down
+        self.w13 = ops.cpu_prepack_moe_weight(w13.contiguous(), isa)
+        self.w2 = ops.cpu_prepack_moe_weight(w2.contiguous(), isa)
+        self.router = _EngineLinear(block.gate.weight, None)
+        self.top_k, self.renormalize = block.gate.top_k, bool(block.gate.norm_topk_prob)
+        self.isa = isa
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from vllm import _custom_ops as ops
+        from vllm.model_executor.layers.fused_moe.router.cpu_router import _softmax_topk
+
+        weights, ids = _softmax_topk(self.router(x), self.top_k, self.renormalize)
+        out = torch.empty_like(x)
+        ops.cpu_fused_moe(out, x, self.w13, self.w2, None, None, weights, ids, "silu", self.isa)
+        return out
+
+
 @dataclass
 class _Layer:
     qkv: _EngineLinear
     o: _EngineLinear
-    gate_up: _EngineLinear
-    down: _EngineLinear
+    gate_up: _EngineLinear | None  # dense MLP, or
+    down: _EngineLinear | None
     input_norm: torch.Tensor
     post_norm: torch.Tensor
+    experts: _EngineExperts | None = None  # a mixture-of-experts layer
+    q_norm: torch.Tensor | None = None  # Qwen3: RMSNorm of each head's q and k before rope
+    k_norm: torch.Tensor | None = None
 
 
 @dataclass
@@ -157,7 +204,8 @@ class EngineKernels:
     copies of the weights: they are re-packed whenever a parameter changed in place since the
     last pack (an optimizer step, a checkpoint load), once per change."""
 
-    def __init__(self, model, block_size: int = 128, max_lora_rank: int | None = None) -> None:
+    def __init__(self, model, block_size: int = 128, max_lora_rank: int | None = None,
+                 moe_isa: str | None = None) -> None:
         from parityrl.trainer.lora import lora_settings
 
         check_bitwise_supported(model)
@@ -168,6 +216,7 @@ class EngineKernels:
         if self.lora is not None and not max_lora_rank:
             raise UserError("bitwise mode with a LoRA adapter needs an engine started with LoRA")
         self.max_lora_rank = max_lora_rank
+        self.moe_isa = moe_isa  # the engine's MoE experts' instruction set (MoE models)
         cfg = model.config
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -188,10 +237,11 @@ class EngineKernels:
         `current` when it already matches (block size, LoRA slot rank), else new ones."""
         block_size = resolved["block_size"]
         lora_rank = (resolved.get("lora") or {}).get("max_lora_rank")
+        moe_isa = resolved.get("moe_experts_isa")
         if (current is not None and current.block_size == block_size
-                and current.max_lora_rank == lora_rank):
+                and current.max_lora_rank == lora_rank and current.moe_isa == moe_isa):
             return current
-        return cls(model, block_size, lora_rank)
+        return cls(model, block_size, lora_rank, moe_isa)
 
     def _fingerprint(self) -> tuple:
         # Every in-place write bumps a tensor's version counter (optimizer step, copy_, load).
@@ -208,18 +258,26 @@ class EngineKernels:
             qkv_b = None
             if attn.q_proj.bias is not None:
                 qkv_b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            sparse = hasattr(mlp, "experts")
+            if sparse and self.moe_isa is None:
+                raise UserError("bitwise mode on a mixture-of-experts model needs the engine's "
+                                "MoE instruction set (moe_experts_isa, read from its worker)")
             self.layers.append(_Layer(
                 qkv=_EngineLinear(qkv_w, qkv_b,
                                   self._adapter([attn.q_proj, attn.k_proj, attn.v_proj])),
                 o=_EngineLinear(attn.o_proj.weight, attn.o_proj.bias, self._adapter([attn.o_proj])),
-                gate_up=_EngineLinear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                                      None if mlp.gate_proj.bias is None else
-                                      torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]),
-                                      self._adapter([mlp.gate_proj, mlp.up_proj])),
-                down=_EngineLinear(mlp.down_proj.weight, mlp.down_proj.bias,
-                                   self._adapter([mlp.down_proj])),
+                gate_up=None if sparse else _EngineLinear(
+                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                    None if mlp.gate_proj.bias is None else
+                    torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]),
+                    self._adapter([mlp.gate_proj, mlp.up_proj])),
+                down=None if sparse else _EngineLinear(mlp.down_proj.weight, mlp.down_proj.bias,
+                                                       self._adapter([mlp.down_proj])),
                 input_norm=layer.input_layernorm.weight.detach().clone(),
                 post_norm=layer.post_attention_layernorm.weight.detach().clone(),
+                experts=_EngineExperts(mlp, self.moe_isa) if sparse else None,
+                q_norm=_weight_of(getattr(attn, "q_norm", None)),
+                k_norm=_weight_of(getattr(attn, "k_norm", None)),
             ))
         self.embed = decoder.embed_tokens.weight.detach().clone()
         self.final_norm = decoder.norm.weight.detach().clone()
@@ -269,6 +327,11 @@ class EngineKernels:
                 hidden, residual = _add_rms_norm(hidden, residual, layer.input_norm, self.eps)
             qkv = layer.qkv(hidden)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            if layer.q_norm is not None:  # per head, on views of the fused output, as vLLM does
+                q = _rms_norm(q.view(-1, self.num_heads, self.head_dim), layer.q_norm,
+                              self.eps).view(q.shape)
+                k = _rms_norm(k.view(-1, self.num_kv_heads, self.head_dim), layer.k_norm,
+                              self.eps).view(k.shape)
             ops.rotary_embedding(layout.positions, q, k, self.head_dim, self.cos_sin_cache, True)
             cache = torch.zeros(blocks, self.num_kv_heads, self.block_size, 2 * self.head_dim)
             key_cache, value_cache = cache.view(
@@ -285,6 +348,9 @@ class EngineKernels:
                 out[rows] = part
             hidden = layer.o(out.view(-1, q_size))
             hidden, residual = _add_rms_norm(hidden, residual, layer.post_norm, self.eps)
+            if layer.experts is not None:
+                hidden = layer.experts(hidden)
+                continue
             gate_up = layer.gate_up(hidden)
             d = gate_up.shape[-1] // 2
             hidden = layer.down(torch.nn.functional.silu(gate_up[..., :d]) * gate_up[..., d:])
