@@ -209,12 +209,15 @@ def test_the_bitwise_verdict_names_differing_tokens_and_preemptions():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora", [None, {"rank": 4, "alpha": 16}], ids=["full", "lora"])
-def test_a_sync_run_in_bitwise_mode_is_exact_at_every_step(tiny_model, tmp_path,
-                                                           plugins_importable, lora):
+@pytest.mark.parametrize("variant, lora", [("qwen2", None), ("qwen2", {"rank": 4, "alpha": 16}),
+                                           ("qwen3-moe", None)], ids=["full", "lora", "moe"])
+def test_a_sync_run_in_bitwise_mode_is_exact_at_every_step(model_factory, tmp_path,
+                                                           plugins_importable, variant, lora):
     """Sync mode, top-p, bitwise parity: every token equal, every ratio exactly 1 (sync mode in
     the default parity mode: test_story.py, the reference config). With a LoRA adapter (rank 4
-    in the engine's rank-8 slots), from step 2 on a trained, non-zero one."""
+    in the engine's rank-8 slots), from step 2 on a trained, non-zero one. On a mixture of
+    experts (vLLM's CPU MoE kernel in the kernel pass), every route the engine's too."""
+    tiny_model = model_factory(variant)
     import json
 
     from helpers import digit_share_config, write_addition_rows
@@ -238,6 +241,10 @@ def test_a_sync_run_in_bitwise_mode_is_exact_at_every_step(tiny_model, tmp_path,
     assert all(r["engine/preemptions"] == 0 for r in rows)
     settings = json.loads((tmp_path / "run" / "engine_settings.json").read_text())
     assert settings["cpu_attn_split_kv"] is False and settings["single_row_gemm_padded"] is True
+    if variant == "qwen3-moe":
+        assert settings["moe_experts_isa"] in ("amx", "vec")
+        assert all(r["mismatch/route_disagreement"] == 0.0 for r in rows)
+        assert all(r["mismatch/route_positions"] > 0 for r in rows)
     if lora:
         assert settings["lora"]["max_lora_rank"] == 8
         assert all(r["sync/engines_verified"] == 1.0 for r in rows)

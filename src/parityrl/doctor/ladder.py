@@ -209,6 +209,13 @@ def perturb_in_place(model, scale: float, seed: int) -> dict[str, torch.Tensor]:
     return checkpoint_state_dict(model)
 
 
+def _routing_of(rung: Rung) -> str:
+    """How the trainer routes an MoE model's tokens at `rung`."""
+    if rung.trainer_kernels:
+        return "engine kernels"  # the kernel pass routes with vLLM's own router
+    return "replay" if rung.trainer_replays_routes else "recompute"
+
+
 def _wants_fp64(cfg: DoctorConfig, model) -> bool:
     if cfg.fp64_reference is not None:
         return cfg.fp64_reference
@@ -413,7 +420,7 @@ async def run_ladder(
                 "trainer_fp32_lm_head": rung.trainer_fp32_lm_head, "trainer_dtype": cfg.dtype,
                 "chat_template": session.chat_template, "trainer_lora": session.lora,
                 "weights_pushed": rung.pushes if rung.perturbs else None,
-                "trainer_moe_routing": (("replay" if rung.trainer_replays_routes else "recompute")
+                "trainer_moe_routing": (_routing_of(rung)
                                         if engine.resolved_settings().get("routes_captured")
                                         else None),
                 "prefix_cache_reset_after_update":

@@ -175,7 +175,7 @@ class _EngineExperts:
         weights, ids = _softmax_topk(self.router(x), self.top_k, self.renormalize)
         out = torch.empty_like(x)
         ops.cpu_fused_moe(out, x, self.w13, self.w2, None, None, weights, ids, "silu", self.isa)
-        return out
+        return out, ids
 
 
 @dataclass
@@ -228,6 +228,7 @@ class EngineKernels:
 
         self.isa = _get_attn_isa(torch.float32, block_size, self.head_dim, "auto")
         self.layers: list[_Layer] = []
+        self.routes: torch.Tensor | None = None  # the last pass's expert picks (MoE)
         self.pack()
 
     @classmethod
@@ -320,7 +321,12 @@ class EngineKernels:
         residual = None
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         blocks = layout.num_blocks
-        for layer in self.layers:
+        # MoE: the experts each row went to, per layer (-1 in dense layers), for the caller to
+        # compare with the engine's routes.
+        top_k = max((l.experts.top_k for l in self.layers if l.experts), default=0)
+        self.routes = (torch.full((len(layout.input_ids), len(self.layers), top_k), -1,
+                                  dtype=torch.int32) if top_k else None)
+        for index, layer in enumerate(self.layers):
             if residual is None:
                 residual, hidden = hidden, _rms_norm(hidden, layer.input_norm, self.eps)
             else:
@@ -349,7 +355,8 @@ class EngineKernels:
             hidden = layer.o(out.view(-1, q_size))
             hidden, residual = _add_rms_norm(hidden, residual, layer.post_norm, self.eps)
             if layer.experts is not None:
-                hidden = layer.experts(hidden)
+                hidden, picked = layer.experts(hidden)
+                self.routes[:, index] = picked
                 continue
             gate_up = layer.gate_up(hidden)
             d = gate_up.shape[-1] // 2

@@ -160,15 +160,17 @@ def token_logprobs(
     sampled = targets[wanted]
     exact, route_counts = None, None
     if kernels is not None:
-        exact = _engine_logprobs(kernels, input_ids, attention_mask, completion_mask, sampling,
-                                 logprobs_mode, sampled)
+        exact, route_counts = _engine_logprobs(kernels, input_ids, attention_mask,
+                                               completion_mask, sampling, logprobs_mode, sampled,
+                                               routes)
     if exact is None or torch.is_grad_enabled():
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         with engine_routing(model, routes, attention_mask, replay_routes) as counted:
             hidden = model.get_decoder()(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
             ).last_hidden_state
-        route_counts = counted[0] if counted else None
+        if route_counts is None:  # bitwise: the kernel pass's routing is the one compared
+            route_counts = counted[0] if counted else None
         # Only completion positions are projected: the [N, V] float32 logits are the memory peak.
         logits = project_to_vocab(model, hidden[:, :-1][wanted], fp32_lm_head)
         outside = torch.zeros_like(sampled, dtype=torch.bool)
@@ -222,24 +224,52 @@ def next_token_logprobs(logits: torch.Tensor, sampling: SamplingConfig) -> torch
 
 
 def _engine_logprobs(kernels, input_ids, attention_mask, completion_mask, sampling,
-                     logprobs_mode: LogprobsMode, sampled: torch.Tensor):
-    """Bitwise mode: (sampled-token logprobs [N], all logprobs [N, V]) from the engine's kernels,
-    in the order of `hidden[:, :-1][wanted]` (row by row, completion tokens in order)."""
+                     logprobs_mode: LogprobsMode, sampled: torch.Tensor, routes=None):
+    """Bitwise mode: ((sampled-token logprobs [N], all logprobs [N, V]) from the engine's kernels,
+    in the order of `hidden[:, :-1][wanted]` (row by row, completion tokens in order); the kernel
+    pass's routes compared with the engine's `routes` (MoE; else None))."""
     from parityrl.trainer.engine_kernels import Sequence, processed_logprobs
 
-    sequences = []
-    for ids, attn, comp in zip(input_ids.tolist(), attention_mask.tolist(),
-                               completion_mask.tolist()):
+    sequences, owners = [], []
+    for row, (ids, attn, comp) in enumerate(zip(input_ids.tolist(), attention_mask.tolist(),
+                                                completion_mask.tolist())):
         # Each run of sampled tokens is one engine request (an episode's turn): its prompt is
         # everything before it, prefilled afresh (prefix caching is off in bitwise mode).
-        sequences += [Sequence(ids[:start], ids[start:end])
-                      for start, end in _sampled_runs(comp[:sum(attn)])]
+        runs = _sampled_runs(comp[:sum(attn)])
+        sequences += [Sequence(ids[:start], ids[start:end]) for start, end in runs]
+        owners += [row] * len(runs)
     logits = kernels.logits(sequences).to(input_ids.device)
     if logprobs_mode == "raw_logprobs":
         logprobs_all = logits.log_softmax(-1, dtype=torch.float32)
     else:
         logprobs_all = processed_logprobs(logits, sampling)
-    return logprobs_all.gather(-1, sampled.unsqueeze(-1)).squeeze(-1), logprobs_all
+    counts = None
+    if routes is not None and kernels.routes is not None:
+        counts = _kernel_route_counts(kernels.routes, sequences, owners, routes)
+    return (logprobs_all.gather(-1, sampled.unsqueeze(-1)).squeeze(-1), logprobs_all), counts
+
+
+def _kernel_route_counts(kernel_routes: torch.Tensor, sequences, owners: list[int],
+                         routes: torch.Tensor) -> RouteCounts:
+    """The kernel pass's expert picks (rows in `_Layout` order: each sequence's prompt, then its
+    completion but the last token) against the engine's, per batch row and layer."""
+    from parityrl.trainer.routing import compare_routes
+
+    B, layers = routes.shape[0], routes.shape[2]
+    compared = torch.zeros(B, layers, dtype=torch.long)
+    differ = torch.zeros(B, layers, dtype=torch.long)
+    start = 0
+    for seq, owner in zip(sequences, owners):
+        n = len(seq.prompt) + len(seq.completion) - 1
+        for layer in range(layers):
+            mine = kernel_routes[start:start + n, layer]
+            if (mine < 0).any():  # a dense layer
+                continue
+            captured, differs = compare_routes(mine, routes[owner, :n, layer].cpu())
+            compared[owner, layer] += int(captured.sum())
+            differ[owner, layer] += int(differs.sum())
+        start += n
+    return RouteCounts(compared, differ)
 
 
 def _sampled_runs(mask: list[int]) -> list[tuple[int, int]]:

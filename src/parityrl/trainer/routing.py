@@ -78,6 +78,14 @@ class RouteCounts:
         return m
 
 
+def compare_routes(own: torch.Tensor, engine: torch.Tensor):
+    """Per row of [N, top_k] expert ids: (the engine's row was captured, the two expert sets
+    differ there)."""
+    captured = (engine >= 0).all(-1)
+    same = (own.sort(-1).values == engine.to(own.dtype).sort(-1).values).all(-1)
+    return captured, captured & ~same
+
+
 @contextmanager
 def engine_routing(model, routes: torch.Tensor | None, attention_mask: torch.Tensor,
                    replay: bool):
@@ -107,10 +115,9 @@ def engine_routing(model, routes: torch.Tensor | None, attention_mask: torch.Ten
         def on_output(module, args, output):
             logits, weights, indices = output
             engine = routes[:, :, layer_index].reshape(B * T, -1).to(indices.device)
-            captured = (engine >= 0).all(-1) & valid.to(indices.device)
-            same = (torch.sort(indices, -1).values == torch.sort(engine.to(indices.dtype),
-                                                                 -1).values).all(-1)
-            differ = captured & ~same
+            captured, differ = compare_routes(indices, engine)
+            captured &= valid.to(indices.device)
+            differ &= captured
             pending.compared[:, layer_index] = captured.view(B, T).sum(-1).cpu()
             pending.differ[:, layer_index] = differ.view(B, T).sum(-1).cpu()
             if not replay or not captured.any():
