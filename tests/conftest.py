@@ -27,6 +27,7 @@ VARIANTS = {
     "llama-tied-wide": dict(arch="llama", tie_embeddings=True, hidden=320, heads=10, kv_heads=5),
     # Mixture of experts: 8 experts a layer, 2 a token.
     "qwen3-moe": dict(arch="qwen3_moe", experts=8, experts_per_token=2),
+    "qwen2-moe": dict(arch="qwen2_moe", experts=8, experts_per_token=2),  # a shared expert
 }
 
 

@@ -54,13 +54,18 @@ def test_a_tiny_moe_pushes_its_experts_under_the_checkpoints_names_and_scores_in
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("variant", ["qwen3-moe", "qwen2-moe"])
 def test_the_doctor_passes_a_tiny_moe_after_a_push_and_names_a_withheld_router_weight(
-        moe_model):
+        model_factory, variant):
     """The last rung on an MoE model (routing-replay: weights pushed in place, fp32 heads, the
     engine's routes replayed) passes by the dense models' rule, and compares the routes; the
-    same push without one router weight fails at the weight-synchronisation layer."""
+    same push without one router weight fails at the weight-synchronisation layer. Qwen3-MoE
+    renormalises its picked experts' weights; Qwen2-MoE does not, and adds a gated shared
+    expert."""
     from parityrl.doctor.ladder import DoctorConfig, build_ladder, run_ladder_sync
     from parityrl.doctor.verdict import judge
+
+    moe_model = model_factory(variant)
 
     rungs = build_ladder(moe=True)[-1:]
     assert rungs[0].name == "routing-replay" and rungs[0].trainer_replays_routes

@@ -47,8 +47,8 @@ def make_model_cmd(
     from_gguf: Optional[Path] = typer.Option(
         None, "--from-gguf", help="Dequantize this GGUF file (weights, tokenizer, chat template) "
                                   "into an HF folder instead of building a tiny random model."),
-    arch: str = typer.Option("qwen2", help="Tiny model: qwen2, llama or qwen3_moe (mixture of "
-                                           "experts)."),
+    arch: str = typer.Option("qwen2", help="Tiny model: qwen2, llama, or a mixture of experts: "
+                                           "qwen3_moe, qwen2_moe (with a shared expert)."),
     tie_embeddings: bool = typer.Option(False, "--tie-embeddings", help="Share embedding and lm_head."),
     layers: Optional[int] = typer.Option(
         None, min=1, help="Tiny model: decoder layers (default 2). With --from-gguf: keep only "
@@ -57,8 +57,8 @@ def make_model_cmd(
     heads: int = typer.Option(2, min=1),
     kv_heads: int = typer.Option(1, min=1),
     seed: int = typer.Option(0),
-    experts: int = typer.Option(8, min=1, help="qwen3_moe: experts per layer."),
-    experts_per_token: int = typer.Option(2, min=1, help="qwen3_moe: experts a token is routed "
+    experts: int = typer.Option(8, min=1, help="MoE: experts per layer."),
+    experts_per_token: int = typer.Option(2, min=1, help="MoE: experts a token is routed "
                                                          "to (top-k)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder."),
 ):

@@ -2,6 +2,7 @@
 
     parityrl make-model runs/tiny --arch qwen2 --layers 2 --hidden 64
     parityrl make-model runs/tiny-moe --arch qwen3_moe --experts 8 --experts-per-token 2
+    parityrl make-model runs/tiny-moe-shared --arch qwen2_moe    # with a shared expert
 
 The folder holds config.json, model.safetensors and a character-level tokenizer (digits, letters,
 punctuation, space, newline, plus <pad>/<bos>/<eos>/<unk>), so both transformers and vLLM load it
@@ -17,8 +18,8 @@ from typing import Literal
 
 from parityrl.errors import UserError
 
-Arch = Literal["qwen2", "llama", "qwen3_moe"]
-ARCHS = ("qwen2", "llama", "qwen3_moe")
+Arch = Literal["qwen2", "llama", "qwen3_moe", "qwen2_moe"]
+ARCHS = ("qwen2", "llama", "qwen3_moe", "qwen2_moe")
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARACTERS = string.digits + string.ascii_letters + string.punctuation + " \n"
 
@@ -47,7 +48,7 @@ def build_config(
     tie_embeddings: bool, max_positions: int, init_std: float, special_ids: dict[str, int],
     experts: int = 8, experts_per_token: int = 2,
 ):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3MoeConfig
+    from transformers import LlamaConfig, Qwen2Config, Qwen2MoeConfig, Qwen3MoeConfig
 
     common = dict(
         vocab_size=vocab_size,
@@ -68,16 +69,21 @@ def build_config(
         return Qwen2Config(use_sliding_window=False, **common)
     if arch == "llama":
         return LlamaConfig(**common)
+    if arch in ("qwen3_moe", "qwen2_moe") and not 1 <= experts_per_token <= experts:
+        raise UserError(f"--experts-per-token must be between 1 and --experts ({experts}), "
+                        f"got {experts_per_token}")
+    sparse = dict(num_experts=experts, num_experts_per_tok=experts_per_token,
+                  moe_intermediate_size=hidden * 2, decoder_sparse_step=1, mlp_only_layers=[],
+                  use_sliding_window=False)
     if arch == "qwen3_moe":
         # Every layer sparse: a router picks `experts_per_token` of `experts` MLPs per token, and
         # their gate weights are renormalised over the picked ones (as Qwen3-30B-A3B does).
-        if not 1 <= experts_per_token <= experts:
-            raise UserError(f"--experts-per-token must be between 1 and --experts ({experts}), "
-                            f"got {experts_per_token}")
-        return Qwen3MoeConfig(num_experts=experts, num_experts_per_tok=experts_per_token,
-                              moe_intermediate_size=hidden * 2, decoder_sparse_step=1,
-                              mlp_only_layers=[], norm_topk_prob=True, head_dim=hidden // heads,
-                              use_sliding_window=False, **common)
+        return Qwen3MoeConfig(norm_topk_prob=True, head_dim=hidden // heads, **sparse, **common)
+    if arch == "qwen2_moe":
+        # Qwen1.5-MoE's layout: the routed experts' gate weights are not renormalised, and a
+        # shared expert, scaled by a sigmoid gate of its own, sees every token.
+        return Qwen2MoeConfig(norm_topk_prob=False, shared_expert_intermediate_size=hidden * 2,
+                              **sparse, **common)
     raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
 
 

@@ -42,7 +42,10 @@ class Float64Reference:
         self = cls.__new__(cls)
         self.model = _loop_over_experts(
             AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval())
-        self.model.load_state_dict(weights)
+        from parityrl.models.load import to_model_layout
+
+        # `weights` in the checkpoint's layout (Trainer.weights): MoE experts fused again.
+        self.model.load_state_dict(to_model_layout(self.model, weights))
         return self
 
     def refresh(self, model) -> None:
