@@ -487,3 +487,97 @@ def test_any_jsonl_file_gives_problems_or_one_line_error(tmp_path, lines, raw, c
         assert "\n" not in str(e) and str(e).startswith(str(path))
     else:
         assert all(isinstance(task.train_problem(i).prompt, str) for i in range(len(task.train)))
+
+
+# --- hf_dataset: a local Hugging Face dataset and TRL-signature reward functions -------------
+
+def _parquet(path, rows):
+    from datasets import Dataset
+
+    Dataset.from_list(rows).to_parquet(str(path))
+    return path
+
+
+def _hf_task(path, *funcs, **extra):
+    from parityrl.tasks.hf_dataset import HFDatasetConfig, HFDatasetTask
+
+    return HFDatasetTask(HFDatasetConfig(path=str(path), reward_funcs=list(funcs), **extra))
+
+
+def test_trl_reward_functions_get_what_trl_passes_them(tmp_path, plugins_importable):
+    """Plain-text and conversational prompts from parquet and from a saved dataset folder; each
+    function called once per group with TRL's keyword arguments and every other column."""
+    import trl_rewards
+    from datasets import Dataset
+
+    rows = [{"prompt": f"{a}+1=", "answer": str(a + 1), "level": a % 3} for a in range(10)]
+    task = _hf_task(_parquet(tmp_path / "plain.parquet", rows), "trl_rewards:seen_calls",
+                    "trl_rewards:exact_answer", reward_weights=[1.0, 2.0], shuffle=False)
+    assert len(task.train) == 9 and len(task.eval) == 1  # eval_fraction 0.1, from the end
+    problem = task.train_problem(3)
+    assert problem.prompt == "3+1=" and problem.messages is None
+    trl_rewards.CALLS.clear()
+    rewards = task.rewards(problem, ["4", "5"], [[9, 10], [11]])
+    assert rewards == [2.0, 0.0]  # None from seen_calls is left out (TRL's nansum)
+    (call,) = trl_rewards.CALLS
+    assert call["prompts"] == ["3+1=", "3+1="] and call["completions"] == ["4", "5"]
+    assert call["completion_ids"] == [[9, 10], [11]] and call["answer"] == ["4", "4"]
+    assert call["columns"] == ["level"]  # every other column, as a list a completion
+
+    chat = [{"prompt": [{"role": "system", "content": "Add."},
+                        {"role": "user", "content": f"{a}+1="}], "answer": str(a + 1)}
+            for a in range(4)]
+    Dataset.from_list(chat).save_to_disk(str(tmp_path / "saved"))
+    task = _hf_task(tmp_path / "saved", "trl_rewards:exact_answer", eval_fraction=0.0,
+                    shuffle=False)
+    problem = task.train_problem(1)
+    assert problem.messages[0]["role"] == "system" and problem.prompt == "1+1="
+    assert task.rewards(problem, ["2", "3"]) == [1.0, 0.0]  # completions as assistant messages
+
+
+@pytest.mark.parametrize("funcs, fragment", [
+    (["trl_rewards:not_trl"], "does not take TRL's arguments"),
+    (["trl_rewards:needs_solution"], "needs column 'solution'"),
+    (["trl_rewards:nowhere"], "has no attribute 'nowhere'"),
+])
+def test_a_wrong_reward_signature_or_a_missing_column_is_one_line(tmp_path, plugins_importable,
+                                                                  funcs, fragment):
+    from parityrl.errors import UserError
+
+    path = _parquet(tmp_path / "d.parquet", [{"prompt": "1+1=", "answer": "2"}] * 3)
+    with pytest.raises(UserError, match=fragment) as caught:
+        _hf_task(path, *funcs)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_dataset_that_is_not_there_or_has_no_prompt_is_one_line(tmp_path):
+    from parityrl.errors import UserError
+
+    with pytest.raises(UserError, match="no such file"):
+        _hf_task(tmp_path / "missing.parquet", "trl_rewards:digit_share")
+    path = _parquet(tmp_path / "q.parquet", [{"question": "1+1=", "answer": "2"}] * 3)
+    with pytest.raises(UserError, match="no 'prompt' column"):
+        _hf_task(path, "trl_rewards:digit_share")
+
+
+@pytest.mark.slow
+def test_a_parquet_dataset_and_trl_reward_functions_drive_a_parityrl_run(tiny_model, tmp_path,
+                                                                         plugins_importable):
+    """A TRL user's inputs unchanged: parquet rows and two TRL-signature rewards, weighted."""
+    from helpers import digit_share_config
+
+    from parityrl.config import build_config
+    from parityrl.pipeline import run_training
+    from parityrl.runlog import read_metrics
+
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 30) for b in range(3)]
+    path = _parquet(tmp_path / "train.parquet", rows)
+    cfg = digit_share_config(tiny_model, path, max_steps=2, mode="sync")
+    cfg["task"] = {"type": "hf_dataset", "path": str(path),
+                   "reward_funcs": ["trl_rewards:digit_share", "trl_rewards:exact_answer"],
+                   "reward_weights": [1.0, 5.0]}
+    run_training(build_config(cfg), tmp_path / "run", on_message=lambda m: None)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(0 < r["rl/reward_mean"] for r in rows)
+    assert all(r["mismatch/max_abs_diff"] <= 1e-5 for r in rows)

@@ -343,7 +343,8 @@ class LadderSession:
         return self.kernels
 
     def measure(self, rung: Rung, rollouts: list[Rollout], sampling: SamplingConfig):
-        replay = rung.trainer_replays_routes
+        # A compiled engine records no routes (engine/routes.py): nothing to replay then.
+        replay = rung.trainer_replays_routes and any(r.routes is not None for r in rollouts)
         recomputed = rollout_logprobs(self.model, rollouts, sampling, pad_id=self.pad_id,
                                       fp32_lm_head=rung.trainer_fp32_lm_head,
                                       kernels=self.kernels_for(rung), replay_routes=replay)

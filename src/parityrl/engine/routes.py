@@ -109,6 +109,12 @@ def start_recording(worker) -> dict:
     config = runner.vllm_config.model_config
     if config.get_num_experts() <= 0:
         return {"routes_captured": False}
+    if int(runner.vllm_config.compilation_config.mode) != 0:
+        # Measured (the doctor's vllm-defaults rung on a tiny Qwen3-MoE): inside vLLM's compiled
+        # graph the routers' capture calls never run, and every route would read "none".
+        return {"routes_captured": False,
+                "routes_not_captured": "the engine runs a compiled graph; set "
+                                       "engine.enforce_eager: true to record routes"}
     recorder = RouteRecorder(runner, config.get_total_num_hidden_layers(),
                              config.get_num_experts_per_tok())
     bind_routed_experts_capturer(runner.get_model(), recorder)

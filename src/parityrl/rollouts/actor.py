@@ -160,7 +160,8 @@ class Actor:
             self._leave()
         seconds = time.perf_counter() - start
         if self.env is None:
-            rewards = await self._rewards(index, problem, [self.decode(r) for r in group])
+            rewards = await self._rewards(index, problem, [self.decode(r) for r in group],
+                                          [r.completion_ids for r in group])
             for rollout, reward in zip(group, rewards):
                 rollout.reward = reward
         for rollout in group:
@@ -233,8 +234,11 @@ class Actor:
                     raise
                 await self._recover(generation, e)
 
-    async def _rewards(self, index: int, problem, completions: list[str]) -> list[float]:
+    async def _rewards(self, index: int, problem, completions: list[str],
+                       completion_ids: list[list[int]]) -> list[float]:
         def score() -> list[float]:
+            if hasattr(self.task, "rewards"):  # a whole group at once (TRL-style functions)
+                return [float(r) for r in self.task.rewards(problem, completions, completion_ids)]
             return [float(self.task.reward(problem, c)) for c in completions]
 
         try:

@@ -2,7 +2,8 @@
 
 Two float32 implementations of one model agree only to their rounding error (issue 3). The one way
 to *equal* logprobs is for the trainer to run the engine's own kernels, laid out as the engine ran
-them. This module does that for Llama/Qwen2-type models on vLLM's CPU backend (0.32, eager):
+them. This module does that for Llama/Qwen2-type models and Qwen3-MoE (per-head q/k RMSNorm
+before rope; each sparse layer as `_EngineExperts`) on vLLM's CPU backend (0.32, eager):
 
     embedding ─► per layer: native RMSNorm (+ residual) ─► fused qkv GEMM (vLLM's CPU GEMM
     dispatch: oneDNN) ─► `_C.rotary_embedding` ─► K/V written to a paged cache
