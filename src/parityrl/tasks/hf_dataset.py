@@ -150,8 +150,14 @@ def check_reward_signature(fn, name: str, columns: list[str]) -> None:
     except (TypeError, ValueError):
         return  # a builtin or C callable: nothing to check
     params = signature.parameters.values()
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
     given = set(TRL_ARGUMENTS) | set(columns)
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        unplaced = [a for a in ("prompts", "completions") if a not in signature.parameters]
+        unplaced += sorted(given - set(signature.parameters) - set(unplaced))
+        if unplaced:
+            raise UserError(f"reward function {name} does not take TRL's arguments: it has no "
+                            f"parameter for {', '.join(unplaced[:3])} (TRL's signature: "
+                            "fn(prompts, completions, **kwargs))")
     for p in params:
         if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             continue
@@ -161,13 +167,6 @@ def check_reward_signature(fn, name: str, columns: list[str]) -> None:
         if p.name not in given and p.default is inspect.Parameter.empty:
             raise UserError(f"reward function {name} needs column {p.name!r}, which the dataset "
                             f"does not have (columns: {', '.join(columns) or 'none'})")
-    if not takes_any:
-        missing = [a for a in ("prompts", "completions") if a not in signature.parameters]
-        extra = sorted(given - set(signature.parameters))
-        if missing or extra:
-            raise UserError(f"reward function {name} does not take TRL's arguments: it has no "
-                            f"parameter for {', '.join((missing or extra)[:3])} (TRL's signature: "
-                            "fn(prompts, completions, **kwargs))")
 
 
 class HFDatasetTask:
