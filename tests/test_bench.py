@@ -52,3 +52,18 @@ def test_bitwise_stage_times_both_trainers_on_the_same_batches():
     assert steps["default"]["n"] == steps["bitwise"]["n"] == ratio["n"] == 2
     assert (steps["bitwise"]["min"] / steps["default"]["max"] <= ratio["median"]
             <= steps["bitwise"]["max"] / steps["default"]["min"])
+
+
+def test_the_peer_stage_runs_only_when_named_and_needs_trl_in_one_line(tmp_path, monkeypatch):
+    """`bench` alone never starts the TRL side-by-side; `--only peer` without the extra is a
+    one-line error naming how to install it."""
+    import sys
+
+    from parityrl.bench.runner import OPT_IN, STAGES, run_bench
+    from parityrl.errors import UserError
+
+    assert "peer" in STAGES and "peer" in OPT_IN
+    monkeypatch.setitem(sys.modules, "trl", None)  # as if the extra were not installed
+    with pytest.raises(UserError, match="PARITYRL_EXTRAS=peer make setup") as caught:
+        run_bench(tmp_path / "results.json", ["peer"], say=lambda m: None)
+    assert "\n" not in str(caught.value)

@@ -491,7 +491,9 @@ def bench(
     out: Path = typer.Option(Path("bench/results.json"), help="JSON results; results.md beside it."),
     only: Optional[str] = typer.Option(None, help="Comma-separated stages: rollout, weight_sync, "
                                                   "logprob_pass, pipeline, doctor, bitwise, "
-                                                  "lora_sync."),
+                                                  "lora_sync; and peer (the side-by-side with "
+                                                  "TRL, run only when named; needs the extra "
+                                                  "`peer`)."),
     reps: int = typer.Option(5, help="Repetitions per timed figure (medians and spread)."),
 ):
     """Measure every stage of the data path as a ratio to its anchor (about 5 min on 2 cores)."""

@@ -24,6 +24,10 @@ HEADLINES = {
                           "update, SmolLM2-135M", ("<=", 0.1)),
     "lora_step_vs_full": ("trainer step seconds with the rank-8 adapter ÷ every weight "
                           "trainable, SmolLM2-135M", None),
+    "peer_samples_ratio": ("completions/s, parityrl async ÷ the faster TRL arm (stage peer)",
+                           (">=", 1.5)),
+    "peer_time_to_accuracy_ratio": ("seconds to the accuracy the best TRL arm ends at, parityrl "
+                                    "async ÷ that TRL arm (stage peer)", ("<=", 0.67)),
 }
 
 
@@ -105,7 +109,33 @@ def markdown(results: dict) -> str:
     if "doctor" in stages:
         lines += [f"Doctor end to end (`{stages['doctor']['command']}`): "
                   f"{stages['doctor']['doctor_seconds']:.0f} s."]
+    if "peer" in stages:
+        lines += ["", *peer_table(stages["peer"])]
     return "\n".join(lines) + "\n"
+
+
+def peer_table(peer: dict) -> list[str]:
+    """The side-by-side with TRL, one row an arm (bench/peer.py)."""
+    spec = peer["spec"]
+    lines = [f"Side by side with TRL ({spec['steps']} steps of {spec['prompts_per_step']} prompts "
+             f"× {spec['group_size']}, {spec['model']}; accuracy by one evaluator, its time "
+             "excluded):", "",
+             "| arm | completions/s | tokens/s | start-up s | wall s | final accuracy | s to "
+             "TRL's final accuracy | engine dtype | mismatch mean \\|Δ\\| (parityrl's measure) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    target = peer.get("peer_target_accuracy")
+    for arm, r in peer["arms"].items():
+        if "error" in r:
+            lines.append(f"| {arm} | error: {r['error']} | | | | | | | |")
+            continue
+        reach = next((p["wall_s"] for p in peer["curves"][arm]
+                      if target is not None and p["accuracy"] >= target), None)
+        mismatch = (r.get("parity_mismatch") or {}).get("mean_abs_diff")
+        lines.append(f"| {arm} | {r['completions_per_s']:.0f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['startup_s']:.1f} | {r['wall_s']:.1f} | {r['final_accuracy']:.3f} | "
+                     f"{'—' if reach is None else f'{reach:.1f}'} | {r.get('engine_dtype') or '—'} "
+                     f"| {'—' if mismatch is None else f'{mismatch:.2e}'} |")
+    return lines
 
 
 def write(results: dict, out: Path) -> Path:

@@ -10,7 +10,9 @@ from parityrl.bench import report
 from parityrl.errors import UserError
 
 STAGES = ("rollout", "weight_sync", "logprob_pass", "pipeline", "doctor", "bitwise",
-          "lora_sync")
+          "lora_sync", "peer")
+# Run only when named (--only peer): it needs the optional extra `peer` (TRL).
+OPT_IN = ("peer",)
 
 
 def run_bench(out: Path, only: list[str] | None = None, reps: int = 5, say=print,
@@ -18,7 +20,7 @@ def run_bench(out: Path, only: list[str] | None = None, reps: int = 5, say=print
     from parityrl.bench import (bitwise, doctor, logprob_pass, lora_sync, pipeline, rollout,
                                 weight_sync)
 
-    chosen = only or list(STAGES)
+    chosen = only or [s for s in STAGES if s not in OPT_IN]
     unknown = [s for s in chosen if s not in STAGES]
     if unknown:
         raise UserError(f"unknown bench stage {unknown[0]!r}; choose from {', '.join(STAGES)}")
@@ -45,6 +47,10 @@ def run_bench(out: Path, only: list[str] | None = None, reps: int = 5, say=print
                 data = doctor.run(say=say)
             elif stage == "bitwise":
                 data = bitwise.run(bitwise.BitwiseBench(reps=reps), say)
+            elif stage == "peer":
+                from parityrl.bench import peer
+
+                data = peer.run(out=out.parent / "peer", say=say)
             else:
                 data = lora_sync.run(lora_sync.LoRASyncBench(reps=reps), loop, say)
             data["stage_seconds"] = time.perf_counter() - stage_start
@@ -54,6 +60,10 @@ def run_bench(out: Path, only: list[str] | None = None, reps: int = 5, say=print
                     results[key] = data[key]
             results["seconds_total"] = time.perf_counter() - start
             report.write(results, out)
+            failed = [a for a, r in data.get("arms", {}).items() if "error" in r]
+            if failed:  # written above; the run still says so in its exit code
+                raise UserError(f"bench stage {stage}: arm(s) {', '.join(failed)} failed (their "
+                                f"logs: {out.parent / stage}/<arm>/log.txt)")
     finally:
         loop.close()
     return results

@@ -110,6 +110,10 @@ def settings_faults(r: RungResult) -> list[tuple[str, str]]:
 
         faults += [("kernels", f"the engine runs {fault}, which the trainer's kernel pass "
                                "does not reproduce") for fault in bitwise_setting_faults(s)]
+    engine_dtype, trainer_dtype = s.get("dtype"), s.get("trainer_dtype")
+    if engine_dtype and trainer_dtype and engine_dtype != trainer_dtype:
+        faults.append(("numerics", f"the engine computes in {engine_dtype} (as vLLM resolved "
+                                   f"it), the trainer in {trainer_dtype}"))
     head_engine = s.get("head_dtype")
     head_trainer = "float32" if s.get("trainer_fp32_lm_head") else s.get("trainer_dtype")
     if head_engine and head_trainer and head_engine != head_trainer:
