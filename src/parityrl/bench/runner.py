@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -28,6 +29,15 @@ def run_bench(out: Path, only: list[str] | None = None, reps: int = 5, say=print
         raise UserError(f"--reps must be >= 1, got {reps}")
     results: dict = {"command": command, "machine": report.machine(), "stages": {},
                      "seconds_total": 0.0}
+    if only and out.exists():
+        # `--only` refreshes the stages it names; the others keep their last measurement (each
+        # stage records the command that measured it).
+        previous = json.loads(out.read_text())
+        results["stages"] = {k: v for k, v in previous.get("stages", {}).items()
+                             if k not in chosen}
+        for data in results["stages"].values():
+            data.setdefault("bench_command", previous.get("command"))
+            results.update({k: data[k] for k in report.HEADLINES if k in data})
     start = time.perf_counter()
     loop = asyncio.new_event_loop()
     try:
@@ -54,6 +64,7 @@ def run_bench(out: Path, only: list[str] | None = None, reps: int = 5, say=print
             else:
                 data = lora_sync.run(lora_sync.LoRASyncBench(reps=reps), loop, say)
             data["stage_seconds"] = time.perf_counter() - stage_start
+            data["bench_command"] = command
             results["stages"][stage] = data
             for key in report.HEADLINES:
                 if key in data:
