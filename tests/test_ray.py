@@ -85,19 +85,25 @@ def test_two_engines_and_two_trainer_ranks_on_ray_match_local_and_survive_a_kill
     assert (ray_dir / "checkpoints" / "step-000002" / "model.safetensors").exists()
 
 
+def run_on_one_ray_engine(model: str, tmp_path, **overrides) -> tuple[list[dict], dict]:
+    """A two-step sync run with its engine in a Ray actor: the metric rows and the resolved
+    engine settings."""
+    prompts = write_addition_rows(tmp_path / "prompts.jsonl")
+    cfg = sync_config(model, prompts, cluster={"backend": "ray", "engines": 1}, **overrides)
+    run_training(build_config(cfg), tmp_path / "run", on_message=lambda m: None)
+    return (read_metrics(tmp_path / "run" / "metrics.jsonl"),
+            json.loads((tmp_path / "run" / "engine_settings.json").read_text()))
+
+
 def test_a_lora_run_on_a_ray_engine_pushes_the_adapter_through_the_actor(tiny_model, tmp_path,
                                                                          ray_cluster):
     """The adapter reaches an engine in a Ray actor (the actor writes its PEFT folder on its own
     node): verified on every step, parity at the local level."""
-    prompts = write_addition_rows(tmp_path / "prompts.jsonl")
-    cfg = sync_config(tiny_model, prompts, cluster={"backend": "ray", "engines": 1},
-                      **{"trainer.lora": {"rank": 8, "alpha": 16}, "trainer.optim.lr": 1e-2})
-    run_training(build_config(cfg), tmp_path / "run", on_message=lambda m: None)
-    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    rows, settings = run_on_one_ray_engine(tiny_model, tmp_path, **{
+        "trainer.lora": {"rank": 8, "alpha": 16}, "trainer.optim.lr": 1e-2})
     assert [r["sync/engines_verified"] for r in rows] == [1.0, 1.0]
     assert all(r["mismatch/max_abs_diff"] <= 1e-5 for r in rows), rows
-    assert json.loads((tmp_path / "run" / "engine_settings.json").read_text())["lora"][
-        "max_lora_rank"] == 8
+    assert settings["lora"]["max_lora_rank"] == 8
 
 
 def test_a_moe_run_on_a_ray_engine_carries_routes_and_replays_them(model_factory, tmp_path,
@@ -105,15 +111,10 @@ def test_a_moe_run_on_a_ray_engine_carries_routes_and_replays_them(model_factory
     """Mixture of experts through a Ray actor: the engine's routes travel with the rollouts,
     the trainer replays them (and scores the same tokens with its own routing), the per-expert
     weights are pushed and verified, and parity holds at the float32 level."""
-    moe = model_factory("qwen3-moe")
-    prompts = write_addition_rows(tmp_path / "prompts.jsonl")
-    cfg = sync_config(moe, prompts, cluster={"backend": "ray", "engines": 1},
-                      **{"trainer.moe_routing": "replay", "parity.compare_routing": True})
-    run_training(build_config(cfg), tmp_path / "run", on_message=lambda m: None)
-    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    rows, settings = run_on_one_ray_engine(model_factory("qwen3-moe"), tmp_path, **{
+        "trainer.moe_routing": "replay", "parity.compare_routing": True})
     assert [r["sync/engines_verified"] for r in rows] == [1.0, 1.0]
     assert all(r["mismatch/max_abs_diff"] <= 1e-5 for r in rows), rows
     assert all(r["mismatch/route_disagreement"] < 0.01 for r in rows), rows
     assert all(r["routing/recompute_max_abs_diff"] <= 1e-5 for r in rows), rows
-    settings = json.loads((tmp_path / "run" / "engine_settings.json").read_text())
     assert settings["routes_captured"] is True

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from parityrl.bench.peer_arms import ARMS, PeerSpec, _demo_task
+from parityrl.bench.peer_arms import ARMS, PeerSpec, demo_task
 from parityrl.errors import UserError
 
 
@@ -74,7 +74,7 @@ class Evaluator:
         self.model = load_policy(folder, "float32").eval()
         self.tokenizer = load_tokenizer(folder)
         self.tokenizer.padding_side = "left"
-        self.task = _demo_task()
+        self.task = demo_task()
         self.problems = self.task.eval_problems()[: spec.eval_size]
         self.max_tokens = spec.max_tokens
 

@@ -46,7 +46,7 @@ class PeerSpec(BaseModel):
     thresholds: list[float] = [0.45, 0.50, 0.55]
 
 
-def _demo_task():
+def demo_task():
     from parityrl.config import build_config
     from parityrl.models.warm_start import DEMO_TASK
     from parityrl.tasks.registry import build_task
@@ -71,15 +71,16 @@ class Timeline:
         self.started = time.perf_counter() - seconds_ago
         self.first_step_at = time.time() - seconds_ago
 
-    def step(self, step: int, completions: int, tokens: int, reward: float, weights,
+    def step(self, step: int, completions: int, tokens: int, reward: float, weights=None,
              **stages: float) -> None:
-        """`stages`: seconds of this step by stage (what each arm can tell apart)."""
+        """`stages`: seconds of this step by stage (what each arm can tell apart); `weights`:
+        a callable giving the state dict to snapshot, None when the arm keeps its own."""
         wall = time.perf_counter() - self.started - self.paused
         self.file.write(json.dumps({"step": step, "wall_s": wall, "completions": completions,
                                     "tokens": tokens, "reward_mean": reward,
                                     "stages": stages}) + "\n")
         self.file.flush()
-        if step % self.spec.eval_every == 0 or step == self.spec.steps:
+        if weights is not None and (step % self.spec.eval_every == 0 or step == self.spec.steps):
             pause = time.perf_counter()
             self.snapshot(step, weights())
             self.paused += time.perf_counter() - pause
@@ -116,7 +117,7 @@ def run_trl(spec: PeerSpec, out: Path, use_vllm: bool) -> dict:
     from parityrl.tasks.base import Problem
 
     folder = str(resolve_model(spec.model))
-    task = _demo_task()
+    task = demo_task()
     rows = []
     for i in range(spec.prompts_per_step * spec.steps):
         problem = task.train_problem(i)
@@ -270,12 +271,12 @@ def run_parityrl(spec: PeerSpec, out: Path, mode: str) -> dict:
         step_s, train_s = metrics["time/step_seconds"], metrics["time/train_seconds"]
         push_s = metrics.get("sync/seconds", 0.0)
         timeline.step(step, completions, int(metrics["rl/tokens"]), metrics["rl/reward_mean"],
-                      lambda: {}, whole_step=step_s, train=train_s, push=push_s,
+                      whole_step=step_s, train=train_s, push=push_s,
                       wait_for_rollouts=max(step_s - train_s - push_s, 0.0),
                       engine_busy=step_s * (1 - metrics["throughput/engine_idle_frac"]))
 
-    timeline.snapshot = lambda step, state: None  # checkpoints hold the weights (below)
     run_training(cfg, run_dir, on_step=on_step, on_message=lambda m: None)
+    # The run's checkpoints (every eval_every steps) are this arm's snapshots.
     for folder in sorted((run_dir / "checkpoints").glob("step-*")):
         step = int(folder.name.split("-")[1])
         (out / "snapshots" / f"step-{step:06d}.safetensors").symlink_to(

@@ -421,11 +421,10 @@ async def run_ladder(
                 "trainer_fp32_lm_head": rung.trainer_fp32_lm_head, "trainer_dtype": cfg.dtype,
                 "chat_template": session.chat_template, "trainer_lora": session.lora,
                 "weights_pushed": rung.pushes if rung.perturbs else None,
-                "trainer_moe_routing": (_routing_of(rung)
-                                        if engine.resolved_settings().get("routes_captured")
-                                        else None),
                 "prefix_cache_reset_after_update":
                     ("prefix-cache-reset" not in cfg.withhold) if rung.perturbs else None}
+            resolved["trainer_moe_routing"] = (_routing_of(rung) if resolved.get("routes_captured")
+                                               else None)
             for sampling in cfg.samplings:
                 preemptions = Preemptions(engine)
                 rollouts = await engine.generate_many(session.prompt_ids, sampling,

@@ -59,10 +59,9 @@ def resolve_model(spec: str, say: Callable[[str], None] | None = None) -> Path:
 
         convert_gguf(packaged_smollm2(), tmp, layers=_SMOLLM2_LAYERS[name])
     else:
-        from parityrl.models.warm_start import DEMO_MOE_MODEL, build_warm_started_model
+        from parityrl.models.warm_start import WARM_ARCHITECTURES, build_warm_started_model
 
-        build_warm_started_model(tmp, **({"architecture": DEMO_MOE_MODEL}
-                                         if name == "arithmetic-warm-moe" else {}))
+        build_warm_started_model(tmp, architecture=WARM_ARCHITECTURES[name])
     tmp.rename(folder)  # only a finished folder ever carries the name
     return folder
 
@@ -75,11 +74,10 @@ def _recipe_hash(name: str) -> str:
     import parityrl
 
     recipe: list = [name, parityrl.__version__]
-    if name.startswith("arithmetic-warm"):
-        from parityrl.models.warm_start import DEMO_MODEL, DEMO_MOE_MODEL, DEMO_TASK, WARMUP
+    from parityrl.models.warm_start import DEMO_TASK, WARM_ARCHITECTURES, WARMUP
 
-        architecture = DEMO_MOE_MODEL if name == "arithmetic-warm-moe" else DEMO_MODEL
-        recipe += [architecture, WARMUP, DEMO_TASK]
+    if name in WARM_ARCHITECTURES:
+        recipe += [WARM_ARCHITECTURES[name], WARMUP, DEMO_TASK]
     if name in _SMOLLM2_LAYERS:
         from parityrl.models.gguf import SMOLLM2_FILE
 

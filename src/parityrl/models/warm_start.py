@@ -1,9 +1,9 @@
 """The demo's model: a tiny Qwen2 warm-started on 3-digit + 1-digit addition (no download).
 
 What `parityrl demo` trains and what `model: builtin:arithmetic-warm` names;
-`builtin:arithmetic-warm-moe` is the same recipe on a tiny Qwen3-MoE (8 experts, top-2). The supervised warm
-start stops while the model is only partly competent (about 40% held-out greedy accuracy), so RL
-has reward to work with and room to improve.
+`builtin:arithmetic-warm-moe` is the same recipe on a tiny Qwen3-MoE (8 experts, top-2). The
+supervised warm start stops while the model is only partly competent (about 40% held-out greedy
+accuracy), so RL has reward to work with and room to improve.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from parityrl.config import build_config
 
 DEMO_MODEL = dict(arch="qwen2", layers=2, hidden=128, heads=4, kv_heads=2, init_std=0.02)
 DEMO_MOE_MODEL = DEMO_MODEL | dict(arch="qwen3_moe", experts=8, experts_per_token=2)
+# The built-in names of the warm start, by architecture (models/builtin.py).
+WARM_ARCHITECTURES = {"arithmetic-warm": DEMO_MODEL, "arithmetic-warm-moe": DEMO_MOE_MODEL}
 WARMUP = dict(steps=1000, batch_size=64, lr=3e-3)
 DEMO_TASK = {"type": "arithmetic", "digits": 3, "second_digits": 1, "ops": ["+"],
              "eval_fraction": 0.1, "eval_size": 500}
