@@ -112,8 +112,8 @@ class EngineHost:
         self._thread = threading.Thread(target=self.loop.run_forever, name="engine-host",
                                         daemon=True)
         self._thread.start()
-        # Running engines nobody holds (~1 GB each for a tiny model): past this many, the one of
-        # the kind asked for least often goes (of those, the longest idle).
+        # Running engines nobody holds (~1 GB each for a tiny model): past this many, one goes
+        # (_least_needed).
         self.max_idle = max_idle
         self._idle: list[tuple[str, object]] = []  # (kind, RolloutEngine), oldest first
         self._asked: dict[str, int] = {}  # kind → leases so far
@@ -143,8 +143,7 @@ class EngineHost:
         kind = engine_kind(settings)
         self.leases += 1
         self._asked[kind] = self._asked.get(kind, 0) + 1
-        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[0]
-        self.asked_by.setdefault(kind, set()).add(Path(test).name)
+        self.asked_by.setdefault(kind, set()).add(self._current_file())
         engine = await self._take_idle(kind, settings)
         if engine is None:
             engine = await self._start(settings)
@@ -175,8 +174,7 @@ class EngineHost:
         sized = settings.model_copy(update={r: max(getattr(settings, r), floor[r])
                                             for r in RESOURCES})
         while len(self._idle) >= self.max_idle:  # memory: each engine is two processes
-            least = min(range(len(self._idle)), key=lambda i: self._asked[self._idle[i][0]])
-            _, engine = self._idle.pop(least)  # min() keeps the first (longest idle) of a tie
+            _, engine = self._idle.pop(self._least_needed())
             await self._drop(engine)
         started = time.perf_counter()
         engine = await RolloutEngine.start(sized)
@@ -184,6 +182,18 @@ class EngineHost:
                                  engine_kind(settings)))
         self._holds[id(engine)] = str(settings.model)
         return engine
+
+    def _least_needed(self) -> int:
+        """The idle engine to stop first: one the running test file has not asked for (a file
+        runs whole on one worker, so its own kinds come back soonest), then the kind asked for
+        least often, then the longest idle (min() keeps the first of a tie)."""
+        here = self._current_file()
+        return min(range(len(self._idle)), key=lambda i: (
+            here in self.asked_by.get(self._idle[i][0], ()), self._asked[self._idle[i][0]]))
+
+    @staticmethod
+    def _current_file() -> str:
+        return Path(os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[0]).name
 
     async def _hand_over(self, engine, settings: EngineSettings) -> None:
         """The engine holds `settings.model`'s weights at version 0, nothing in flight, its
