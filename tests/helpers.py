@@ -139,13 +139,24 @@ def shm_of(root: int) -> set[str]:
     return {path for ino, path in _entries(folders).items() if ino in inodes} | folders
 
 
-def wait_gone(paths: set[str], seconds: float = 10.0) -> set[str]:
+def wait_for(condition, seconds: float, what: str):
+    """Poll `condition()` until it returns something truthy (returned); fail after `seconds`."""
     deadline = time.monotonic() + seconds
-    left = {p for p in paths if os.path.exists(p)}
-    while left and time.monotonic() < deadline:
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
         time.sleep(0.1)
-        left = {p for p in left if os.path.exists(p)}
-    return left
+    return value
+
+
+def wait_gone(paths: set[str], seconds: float = 30.0) -> set[str]:
+    """Of `paths`, those still there after up to `seconds` (a guardian reclaims within a few
+    seconds of a run's end; a loaded machine's within more)."""
+    try:
+        wait_for(lambda: not any(os.path.exists(p) for p in paths), seconds, "")
+    except AssertionError:
+        pass
+    return {p for p in paths if os.path.exists(p)}
 
 
 # --- `parityrl train` as a process the test can kill ---------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import kill_group, shm_of, wait_gone
+from helpers import kill_group, shm_of, wait_for
 
 SHM = Path("/dev/shm")
 pytestmark = pytest.mark.skipif(not SHM.is_dir(), reason="no /dev/shm on this system")
@@ -40,22 +41,58 @@ def test_guardian_reclaims_segments_folders_and_semaphores_of_a_killed_process_g
     """))
     other = SHM / f"not-ours-{os.getpid()}"
     other.write_bytes(b"x")  # another process's file: must survive
+    state = tmp_path / "guard.json"  # what the holder's guardian has recorded (shm_guard.py)
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            env={**os.environ, "PARITYRL_SHM_GUARD_STATE": str(state)})
     try:
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(1.0)  # the guardian's first polls
-        held = shm_of(proc.pid)
-        names = [Path(p).name for p in held]
-        assert len([n for n in names if n.startswith("psm_")]) == 2, held
-        assert any(n.startswith("sem.") for n in names), held
-        assert any(n.startswith(f"parityrl-test-{proc.pid}-") for n in names), held
+        held = wait_for(lambda: _holds_all_kinds(shm_of(proc.pid), proc.pid), 60,
+                        "the holder and its child to hold a segment each, a semaphore, a folder")
+        # Kill only once the guardian has seen all of it: a file made and killed between two
+        # polls is one it never knew (a loaded machine's guardian can poll seconds apart).
+        inodes = {os.stat(path).st_ino for path in held if os.path.isfile(path)}
+        recorded = wait_for(lambda: _covers(_read_json(state), inodes, held), 60,
+                            "the guardian to record every file and folder the holder has")
     finally:
         kill_group(proc)
-    assert wait_gone(held) == set()
-    assert other.exists()
-    other.unlink()
+    try:
+        guardian = recorded["pid"]
+        wait_for(lambda: not Path(f"/proc/{guardian}").exists() or _zombie(guardian), 60,
+                 "the guardian to reclaim and exit")
+        assert {p for p in held if os.path.exists(p)} == set()
+        assert other.exists()
+    finally:
+        other.unlink(missing_ok=True)
 
+
+def _holds_all_kinds(held: set[str], pid: int) -> set[str] | None:
+    names = [Path(p).name for p in held]
+    complete = (len([n for n in names if n.startswith("psm_")]) == 2
+                and any(n.startswith("sem.") for n in names)
+                and any(n.startswith(f"parityrl-test-{pid}-") for n in names))
+    return held if complete else None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _covers(state: dict | None, inodes: set[int], folders: set[str]) -> dict | None:
+    if state and inodes <= set(state["inodes"]) and {
+            f for f in folders if os.path.isdir(f)} <= set(state["folders"]):
+        return state
+    return None
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
 
 # A run that SIGKILLs or whose engine dies leaves nothing either: test_reliability.py runs both
 # (`parityrl train` as a process, /dev/shm compared before and after).

@@ -15,13 +15,18 @@ of the run's tree maps or holds open, read from /proc/<pid>/maps and /proc/<pid>
 `temp_folder`). When the run's root process is gone it waits up to GRACE_S for the
 tree's other processes to exit, then removes each recorded file that no live process uses, and the
 recorded folders once empty. A path is only ever recorded while a process of this run uses or owns
-it, so files of other processes are never touched.
+it, so files of other processes are never touched. A zombie counts as gone: it holds nothing, and
+an orphan's zombie may wait long for a reaper.
 
     python -m parityrl.shm_guard ROOT_PID      # what ensure_guard runs
+
+With PARITYRL_SHM_GUARD_STATE=FILE set, the guardian writes what it has recorded to FILE (JSON: its
+pid, polls, inodes, folders) after every poll: for debugging, and for the test that kills a run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,12 +87,13 @@ def _owned_folders(pids: set[int]) -> set[str]:
 
 
 def _start_time(pid: int) -> str | None:
-    """The process's start time (field 22 of /proc/pid/stat): tells a reused PID apart."""
+    """The process's start time (field 22 of /proc/pid/stat): tells a reused PID apart; None for a
+    process that is gone or a zombie."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def _parent(pid: int) -> int | None:
@@ -241,10 +247,20 @@ def guard(root: int) -> None:
     inodes: set[int] = set()
     folders: set[str] = set()
 
+    state_file = os.environ.get("PARITYRL_SHM_GUARD_STATE")
+    polls = 0
+
     def record() -> None:
+        nonlocal polls
         for pid in tree.live():
             inodes.update(_shm_inodes(pid))
         folders.update(_owned_folders(set(tree.members)))
+        polls += 1
+        if state_file:
+            tmp = f"{state_file}.tmp"
+            Path(tmp).write_text(json.dumps({"pid": os.getpid(), "polls": polls,
+                                             "inodes": sorted(inodes), "folders": sorted(folders)}))
+            os.replace(tmp, state_file)
 
     while tree.alive(root):
         tree.refresh()
