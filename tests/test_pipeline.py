@@ -7,6 +7,7 @@ reward (share of digits in the completion): advantages are non-zero and the loss
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,10 @@ def test_async_run_writes_a_complete_run_directory(async_run):
     assert settings["logprobs_mode"] == "processed_logprobs"
     assert settings["enable_prefix_caching"] is False
     assert settings["head_dtype"] == "float32"
+    # The model runs in the engine-core process, with vLLM's OpenMP placement for its worker: a
+    # core left to the rest (without the placement it would take every core).
+    assert settings["executor"] == "uni"
+    assert settings["worker_threads"] <= max(1, os.cpu_count() - 1)
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["max_steps"] == 6
     assert "vllm" in json.loads((run_dir / "versions.json").read_text())
     assert any((run_dir / "tb").glob("events.out.tfevents.*"))

@@ -489,8 +489,8 @@ def compare(
 @app.command()
 def bench(
     out: Path = typer.Option(Path("bench/results.json"), help="JSON results; results.md beside it."),
-    only: Optional[str] = typer.Option(None, help="Comma-separated stages: rollout, weight_sync, "
-                                                  "logprob_pass, pipeline, doctor, bitwise, "
+    only: Optional[str] = typer.Option(None, help="Comma-separated stages: engine_start, rollout, "
+                                                  "weight_sync, logprob_pass, pipeline, doctor, bitwise, "
                                                   "lora_sync; and peer (the side-by-side with "
                                                   "TRL, run only when named; needs the extra "
                                                   "`peer`)."),

@@ -9,6 +9,8 @@ from pathlib import Path
 
 # headline key → (what it is, anchor, target as (op, value) or None)
 HEADLINES = {
+    "engine_start_uni_vs_mp": ("engine start seconds, executor uni ÷ mp (vLLM's CPU choice)",
+                               None),
     "rollout_overhead_ratio": ("rollout tokens/s, parityrl ÷ raw vLLM LLM.generate", (">=", 0.95)),
     "weight_sync_vs_memcpy": ("in-place weight sync seconds ÷ memcpy seconds, largest model",
                               ("<=", 3.0)),

@@ -43,7 +43,8 @@ def run(cfg: RolloutBench, loop: asyncio.AbstractEventLoop, say=print) -> dict:
     prompts = [tokenizer(task.train_problem(i).prompt, add_special_tokens=False)["input_ids"]
                for i in range(cfg.num_prompts)]
     sampling = SamplingConfig(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
-    settings = EngineSettings(model=folder)
+    # The raw LLM runs vLLM's CPU executor (a worker process of its own): ours does too here.
+    settings = EngineSettings(model=folder, executor="mp")
     # generate_many gives prompt i the seed base + i * n; the raw side gets the very same params.
     raw_params = [sampling.to_vllm(seed=i * cfg.group_size, n=cfg.group_size)
                   for i in range(cfg.num_prompts)]

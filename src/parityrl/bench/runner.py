@@ -10,7 +10,7 @@ from pathlib import Path
 from parityrl.bench import report
 from parityrl.errors import UserError
 
-STAGES = ("rollout", "weight_sync", "logprob_pass", "pipeline", "doctor", "bitwise",
+STAGES = ("engine_start", "rollout", "weight_sync", "logprob_pass", "pipeline", "doctor", "bitwise",
           "lora_sync", "peer")
 # Run only when named (--only peer): it needs the optional extra `peer` (TRL).
 OPT_IN = ("peer",)
@@ -18,8 +18,8 @@ OPT_IN = ("peer",)
 
 def run_bench(out: Path, only: list[str] | None = None, reps: int = 5, say=print,
               command: str = "parityrl bench") -> dict:
-    from parityrl.bench import (bitwise, doctor, logprob_pass, lora_sync, pipeline, rollout,
-                                weight_sync)
+    from parityrl.bench import (bitwise, doctor, engine_start, logprob_pass, lora_sync, pipeline,
+                                rollout, weight_sync)
 
     chosen = only or [s for s in STAGES if s not in OPT_IN]
     unknown = [s for s in chosen if s not in STAGES]
@@ -45,7 +45,9 @@ def run_bench(out: Path, only: list[str] | None = None, reps: int = 5, say=print
             if stage not in chosen:
                 continue
             stage_start = time.perf_counter()
-            if stage == "rollout":
+            if stage == "engine_start":
+                data = engine_start.run(engine_start.EngineStartBench(reps=reps), loop, say)
+            elif stage == "rollout":
                 data = rollout.run(rollout.RolloutBench(reps=reps), loop, say)
             elif stage == "weight_sync":
                 data = weight_sync.run(weight_sync.WeightSyncBench(reps=reps), loop, say)

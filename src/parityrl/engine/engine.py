@@ -12,6 +12,7 @@ engine core had when it produced it (`CompletionOutput.weight_versions`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import os
@@ -170,6 +171,26 @@ async def generate_each(generate, prompts: list[list[int]], sampling: SamplingCo
 ENGINE_START_LOG = "PARITYRL_ENGINE_START_LOG"
 
 
+@contextlib.contextmanager
+def model_in_engine_core(vllm_config, executor: str):
+    """With executor "uni", the engine-core process runs the model itself.
+
+    vLLM's CPU platform always picks its mp executor: the engine core spawns a worker process,
+    and each of the two imports vLLM in turn (~5 s each on these machines). Its reason is OpenMP:
+    thread count and cores are environment variables a process must start with, so vLLM sets
+    them for the worker it spawns (OMPProcessManager). Here the same manager sets them for the
+    engine-core process while AsyncLLM spawns it: one process, the worker's threads and cores.
+    """
+    if executor != "uni" or vllm_config.parallel_config.world_size != 1:
+        yield
+        return
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    vllm_config.parallel_config.distributed_executor_backend = "uni"
+    with OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0):
+        yield
+
+
 def log_engine_start(settings: EngineSettings, seconds: float) -> None:
     path = os.environ.get(ENGINE_START_LOG)
     if not path:
@@ -221,9 +242,13 @@ class RolloutEngine:
             # reach this one, and a local here would keep the engine alive past close() (its
             # __del__ then fails at interpreter exit).
             counter = PreemptionCounter() if settings.count_preemptions else None
-            engine = cls(settings, AsyncLLM.from_engine_args(
-                settings.to_engine_args(),
-                stat_loggers=None if counter is None else [counter.stat_logger]))
+            args = settings.to_engine_args()
+            vllm_config = args.create_engine_config()
+            with model_in_engine_core(vllm_config, settings.executor):
+                engine = cls(settings, AsyncLLM.from_vllm_config(
+                    vllm_config, enable_log_requests=args.enable_log_requests,
+                    disable_log_stats=args.disable_log_stats,
+                    stat_loggers=None if counter is None else [counter.stat_logger]))
         except BaseException:
             shutil.rmtree(ipc_dir, ignore_errors=True)
             raise

@@ -73,6 +73,11 @@ class EngineKnobs(BaseModel):
         True, description="Mixture-of-experts models: record the experts each token was routed "
                           "to, per layer, on every rollout (engine/routes.py; the trainer's "
                           "route_disagreement and moe_routing=replay use them). Dense: no effect.")
+    executor: Literal["uni", "mp"] = Field(
+        "uni", description="Where the model runs: 'uni' in vLLM's engine-core process, 'mp' in a "
+                           "worker process of its own (vLLM's CPU choice). 'uni' starts one "
+                           "process, not two (about 5 s less per engine start here); the worker's "
+                           "OpenMP threads and cores are the same (vLLM's own placement).")
     worker_extension: str = Field(
         "parityrl.engine.worker_extension.WeightSyncExtension",
         description="Worker mixin that loads pushed weights in place.",
@@ -184,6 +189,7 @@ def resolved_engine_settings(vllm_config) -> dict:
         "max_num_seqs": sched.max_num_seqs,
         "max_num_batched_tokens": sched.max_num_batched_tokens,
         "compilation_mode": str(vllm_config.compilation_config.mode),
+        "executor": vllm_config.parallel_config.distributed_executor_backend,
         "worker_extension_cls": vllm_config.parallel_config.worker_extension_cls,
         "weight_transfer_backend": getattr(vllm_config.weight_transfer_config, "backend", None),
         "lora": None if vllm_config.lora_config is None else {
