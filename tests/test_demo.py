@@ -19,7 +19,7 @@ def test_demo_summary_agrees_with_the_run_it_summarises(tmp_path):
     messages: list[str] = []
     # A warm start long enough for some reward, sync mode for a parity probe at every step: the
     # figures the summary draws from differ from step to step.
-    summary = run_demo(out, console_print=messages.append, warmup={"steps": 300}, mode="sync",
+    summary = run_demo(out, console_print=messages.append, warmup={"steps": 300, "target_accuracy": None}, mode="sync",
                        max_steps=3, eval_size=24, **{"actor.prompts_per_step": 4,
                                                      "actor.group_size": 4})
     assert json.loads((out / "summary.json").read_text()) == summary

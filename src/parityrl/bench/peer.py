@@ -73,27 +73,20 @@ class Evaluator:
         folder = str(resolve_model(spec.model))
         self.model = load_policy(folder, "float32").eval()
         self.tokenizer = load_tokenizer(folder)
-        self.tokenizer.padding_side = "left"
         self.task = demo_task()
         self.problems = self.task.eval_problems()[: spec.eval_size]
         self.max_tokens = spec.max_tokens
 
-    @torch.no_grad()
     def accuracy(self, weights: Path) -> float:
         from safetensors.torch import load_file
 
         from parityrl.models.load import to_model_layout
+        from parityrl.rollouts.evaluate import model_greedy_accuracy
 
         self.model.load_state_dict(to_model_layout(self.model, load_file(str(weights))),
                                    strict=False)
-        batch = self.tokenizer([p.prompt for p in self.problems], return_tensors="pt",
-                               padding=True, add_special_tokens=False)
-        out = self.model.generate(**batch, do_sample=False, max_new_tokens=self.max_tokens,
-                                  pad_token_id=self.tokenizer.pad_token_id)
-        texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:],
-                                            skip_special_tokens=True)
-        return sum(self.task.reward(p, t) >= 1.0 for p, t in zip(self.problems, texts)) / len(
-            self.problems)
+        return model_greedy_accuracy(self.model, self.tokenizer, self.task, self.problems,
+                                     self.max_tokens)
 
 
 def evaluate_arm(evaluator: Evaluator, out: Path, start_accuracy: float) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Held-out evaluation on the engine: greedy accuracy on the task's eval problems."""
+"""Held-out evaluation: greedy accuracy on the task's eval problems, on the engine (training runs)
+or on the trainer's model (the warm start, the TRL side-by-side, where no engine runs)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,26 @@ async def greedy_accuracy(engine, task: Task, tokenizer, problems: list[Problem]
 
     scores = await asyncio.gather(*[solve(p) for p in problems])
     return sum(scores) / max(len(scores), 1)
+
+
+def model_greedy_accuracy(model, tokenizer, task: Task, problems: list[Problem],
+                          max_tokens: int) -> float:
+    """Fraction of `problems` whose greedy completion by `model` (transformers' generate, left
+    padding, one batch) gets reward 1."""
+    import torch
+
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer([p.prompt for p in problems], return_tensors="pt", padding=True,
+                          add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = padding_side
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(**batch, do_sample=False, max_new_tokens=max_tokens,
+                             pad_token_id=tokenizer.pad_token_id)
+    model.train(was_training)
+    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(task.reward(p, t) >= 1.0 for p, t in zip(problems, texts)) / max(len(problems), 1)

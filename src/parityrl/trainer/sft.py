@@ -21,9 +21,13 @@ UNPROCESSED = SamplingConfig(temperature=1.0)
 
 def supervised_warmup(model, tokenizer, task: Task, *, steps: int, batch_size: int, lr: float,
                       start_index: int = 10_000_000,
-                      on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train `model` in place for `steps` steps; returns the loss of each step.
+                      on_step: Callable[[int, float], None] | None = None,
+                      done: Callable[[int], bool] | None = None, check_every: int = 100,
+                      max_steps: int | None = None) -> list[float]:
+    """Train `model` in place; returns the loss of each step.
 
+    `steps` steps; with `done`, then on until `done(step)` (asked at `steps` and every
+    `check_every` steps after) says so or `max_steps` is reached.
     Problems come from the task's training stream starting at `start_index`, far from where RL
     starts reading, so the warm start and RL see different problems.
     """
@@ -31,7 +35,10 @@ def supervised_warmup(model, tokenizer, task: Task, *, steps: int, batch_size: i
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     eos = tokenizer.eos_token_id
     losses = []
-    for step in range(steps):
+    last = steps if done is None else max(steps, max_steps or steps)
+    for step in range(last):
+        if step >= steps and (step - steps) % check_every == 0 and done(step):
+            break
         examples = []
         for i in range(batch_size):
             problem = task.train_problem(start_index + step * batch_size + i)
