@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import kill_group, shm_of, wait_for
+from parityrl.shm_guard import _start_time
 
 SHM = Path("/dev/shm")
 pytestmark = pytest.mark.skipif(not SHM.is_dir(), reason="no /dev/shm on this system")
@@ -58,7 +59,7 @@ def test_guardian_reclaims_segments_folders_and_semaphores_of_a_killed_process_g
         kill_group(proc)
     try:
         guardian = recorded["pid"]
-        wait_for(lambda: not Path(f"/proc/{guardian}").exists() or _zombie(guardian), 60,
+        wait_for(lambda: _start_time(guardian) is None, 60,  # gone, or a zombie
                  "the guardian to reclaim and exit")
         assert {p for p in held if os.path.exists(p)} == set()
         assert other.exists()
@@ -87,12 +88,3 @@ def _covers(state: dict | None, inodes: set[int], folders: set[str]) -> dict | N
         return state
     return None
 
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
-    except OSError:
-        return True
-
-# A run that SIGKILLs or whose engine dies leaves nothing either: test_reliability.py runs both
-# (`parityrl train` as a process, /dev/shm compared before and after).

@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from parityrl.bench.peer_arms import ARMS, PeerSpec, demo_task
 from parityrl.errors import UserError
 

@@ -50,12 +50,11 @@ def build_warm_started_model(out: Path, warmup: dict | None = None, on_step=None
     tokenizer = load_tokenizer(init_dir)
     model = load_policy(init_dir, "float32")
     problems = task.eval_problems()[: warmup["eval_problems"]]
-    accuracy: list[tuple[int, float]] = []
+    accuracy: list[float] = []  # at each check
 
     def done(step: int) -> bool:
-        accuracy.append((step, model_greedy_accuracy(model, tokenizer, task, problems,
-                                                     ANSWER_TOKENS)))
-        return accuracy[-1][1] >= warmup["target_accuracy"]
+        accuracy.append(model_greedy_accuracy(model, tokenizer, task, problems, ANSWER_TOKENS))
+        return accuracy[-1] >= warmup["target_accuracy"]
 
     losses = supervised_warmup(
         model, tokenizer, task, steps=warmup["steps"], batch_size=warmup["batch_size"],
@@ -65,7 +64,7 @@ def build_warm_started_model(out: Path, warmup: dict | None = None, on_step=None
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(init_dir / name, out / name)
     shutil.rmtree(init_dir)
-    reached = (f", held-out greedy accuracy {accuracy[-1][1]:.1%} (target "
+    reached = (f", held-out greedy accuracy {accuracy[-1]:.1%} (target "
                f"{warmup['target_accuracy']:.0%})" if accuracy else "")
     console_print(f"    warm-start loss {losses[0]:.3f} → {losses[-1]:.3f} in {len(losses)} steps"
                   f"{reached}; saved {out}")
