@@ -23,8 +23,8 @@ def main(out: Path) -> None:
     from parityrl.config import build_config
     from parityrl.models.load import load_policy
     from parityrl.models.tiny import make_model
-    from parityrl.rollouts.types import Rollout
-    from parityrl.sampling import SamplingConfig
+    from parityrl.core.rollout import Rollout
+    from parityrl.core.sampling import SamplingConfig
     from parityrl.trainer.batch import rollout_logprobs
     from parityrl.trainer.trainer import Trainer
 

@@ -19,8 +19,8 @@ from parityrl.engine.engine import RolloutEngine
 from parityrl.engine.settings import EngineSettings
 from parityrl.models.builtin import resolve_model
 from parityrl.models.load import load_policy
-from parityrl.models.tiny import load_tokenizer
-from parityrl.sampling import SamplingConfig
+from parityrl.models.tokenizer import load_tokenizer
+from parityrl.core.sampling import SamplingConfig
 from parityrl.tasks.prompts import encode_prompt, has_chat_template
 
 

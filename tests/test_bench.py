@@ -7,7 +7,7 @@ import pytest
 from parityrl.bench import bitwise, logprob_pass, report
 from parityrl.bench.runner import run_bench
 from parityrl.bench.stats import Summary, ratios
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 
 
 def test_summary_and_ratios_of_interleaved_repetitions():
@@ -60,7 +60,7 @@ def test_the_peer_stage_runs_only_when_named_and_needs_trl_in_one_line(tmp_path,
     import sys
 
     from parityrl.bench.runner import OPT_IN, STAGES, run_bench
-    from parityrl.errors import UserError
+    from parityrl.core.errors import UserError
 
     assert "peer" in STAGES and "peer" in OPT_IN
     monkeypatch.setitem(sys.modules, "trl", None)  # as if the extra were not installed

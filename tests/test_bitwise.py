@@ -17,8 +17,8 @@ import torch
 from parityrl.config import load_config
 from parityrl.doctor.ladder import DoctorConfig, build_ladder, run_ladder_sync
 from parityrl.doctor.verdict import judge
-from parityrl.errors import UserError
-from parityrl.sampling import SamplingConfig
+from parityrl.core.errors import UserError
+from parityrl.core.sampling import SamplingConfig
 
 SAMPLINGS = [SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=32),
              SamplingConfig(temperature=1.0, max_tokens=32)]

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from parityrl.compare import compare_runs, write_report
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 
 
 def make_run(path: Path, steps: int, seed: int, shift_at: int | None = None, shift: float = 0.0,

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from parityrl.config import build_config, dump_config, load_config, parse_overrides
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 
 
 def write(tmp_path, text: str):

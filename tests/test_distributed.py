@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from parityrl.config import build_config
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 from parityrl.models.load import load_policy
 from parityrl.trainer.distributed import DistContext
 from parityrl.trainer.trainer import Trainer

@@ -14,7 +14,7 @@ import pytest
 
 from parityrl.doctor.ladder import DoctorConfig, build_ladder, run_ladder_sync
 from parityrl.doctor.verdict import consistency, judge
-from parityrl.sampling import SamplingConfig
+from parityrl.core.sampling import SamplingConfig
 
 pytestmark = pytest.mark.slow
 

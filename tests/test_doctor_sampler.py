@@ -16,7 +16,7 @@ from helpers import cli_in_process, engine_running
 from parityrl.doctor.sampler import check_sampler, g_test, verdict_lines
 from parityrl.engine.settings import EngineSettings
 from parityrl.models.load import load_policy
-from parityrl.sampling import SamplingConfig
+from parityrl.core.sampling import SamplingConfig
 
 SAMPLING = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=1)
 PROMPTS = [[5, 6, 76, 7, 84], [20, 21, 22], [40, 41, 42, 43, 98]]
@@ -131,7 +131,7 @@ def test_the_precision_tables_ratio_share_counts_tokens_beyond_ln_1_25_either_wa
     import math
 
     from parityrl.doctor.ladder import RungResult
-    from parityrl.doctor.precision import PrecisionRow, table_lines
+    from parityrl.doctor.dtypes import PrecisionRow, table_lines
 
     edge = math.log(1.25)
     diffs = [0.0, 0.1, edge * 0.999, edge * 1.001, 2.0, math.nan]  # 3 of 6 outside [0.8, 1.25]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 from parityrl.models.load import load_policy
-from parityrl.sampling import SamplingConfig
+from parityrl.core.sampling import SamplingConfig
 from parityrl.trainer.logprobs import process_logits, token_logprobs
 
 SAMPLINGS = [
@@ -204,7 +204,7 @@ def test_token_logprobs_never_gives_a_sampled_token_minus_inf(policy):
 
 
 def test_mismatch_metrics_count_nonfinite_tokens_and_average_the_rest():
-    from parityrl.mismatch import mismatch_metrics
+    from parityrl.core.mismatch import mismatch_metrics
 
     lp_train = torch.tensor([-1.0, float("-inf"), -2.0, float("nan")])
     lp_engine = torch.tensor([-1.5, -0.5, -2.0, -1.0])

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 from helpers import cli_in_process, digit_share_config, write_addition_rows
 from parityrl.config import build_config, dump_config
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 from parityrl.models.load import load_policy
-from parityrl.trainer.lora import (adapter_state_dict, attach_lora, engine_max_rank,
-                                   lora_settings, write_peft_folder)
+from parityrl.trainer.lora import adapter_state_dict, attach_lora, lora_settings
+from parityrl.weights.lora_folder import engine_max_rank, write_peft_folder
 
 
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
@@ -166,7 +166,7 @@ def test_adapter_pushes_reach_the_engine_verified_versioned_and_in_parity(tiny_m
     is the trainer's, new rollouts carry it and match the trainer's logprobs with the adapter;
     an adapter left out in part is caught by the digests."""
     from parityrl.engine.source import start_engine
-    from parityrl.sampling import SamplingConfig
+    from parityrl.core.sampling import SamplingConfig
 
     sampling = SamplingConfig(temperature=0.7, max_tokens=12)
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
@@ -211,7 +211,7 @@ def test_an_adapter_update_resets_the_prefix_cache(tiny_model):
     logprobs are the new adapter's; without one, its cached KV of the old adapter is reused and
     it shows. Private engine kind: the parity settings have prefix caching off."""
     from parityrl.engine.source import start_engine
-    from parityrl.sampling import SamplingConfig
+    from parityrl.core.sampling import SamplingConfig
 
     sampling = SamplingConfig(temperature=0.7, max_tokens=6)
     long_prompt = [[(7 * i) % 60 + 3 for i in range(300)]]  # > 2 blocks of 128 tokens
@@ -298,7 +298,7 @@ def check_exported_adapter_on_the_engine(base: str, run_dir, saved: dict) -> Non
     sampled: the same tokens and logprobs for the same seeds."""
     from parityrl.engine.source import start_engine
     from parityrl.export import export_checkpoint
-    from parityrl.sampling import SamplingConfig
+    from parityrl.core.sampling import SamplingConfig
 
     folder = export_checkpoint(run_dir, run_dir.parent / "exported")
     lora = json.loads((run_dir / "checkpoints" / "step-000004" / "state.json").read_text())[

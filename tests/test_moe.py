@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parityrl.sampling import SamplingConfig
+from parityrl.core.sampling import SamplingConfig
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +25,10 @@ def test_a_tiny_moe_pushes_its_experts_under_the_checkpoints_names_and_scores_in
 
     from safetensors.torch import load_file
 
-    from parityrl.models.load import checkpoint_state_dict, load_policy
+    from parityrl.models.load import load_policy
+    from parityrl.trainer.layout import checkpoint_state_dict
     from parityrl.trainer.logprobs import token_logprobs
-    from parityrl.trainer.precision import Float64Reference
+    from parityrl.trainer.float64 import Float64Reference
 
     config = json.loads((Path(moe_model) / "config.json").read_text())
     assert config["architectures"] == ["Qwen3MoeForCausalLM"]
@@ -204,7 +205,7 @@ def test_replay_routes_each_position_by_the_engines_experts_and_still_trains_the
     import numpy as np
 
     from parityrl.models.load import load_policy
-    from parityrl.rollouts.types import Rollout
+    from parityrl.core.rollout import Rollout
     from parityrl.trainer.batch import collate
     from parityrl.trainer.logprobs import token_logprobs
     from parityrl.trainer.routing import moe_routers
@@ -256,7 +257,7 @@ def test_a_trainer_step_on_moe_replays_reports_route_disagreement_and_checkpoint
     from parityrl.config import build_config
     from parityrl.export import export_checkpoint
     from parityrl.models.load import load_policy
-    from parityrl.rollouts.types import Rollout
+    from parityrl.core.rollout import Rollout
     from parityrl.trainer.trainer import Trainer
 
     def trainer(**trainer_cfg):
@@ -319,7 +320,7 @@ def test_an_episodes_routes_cover_every_turn_and_observation_on_the_engines_requ
 
     from parityrl.engine.settings import EngineSettings
     from parityrl.models.load import load_policy
-    from parityrl.models.tiny import load_tokenizer
+    from parityrl.models.tokenizer import load_tokenizer
     from parityrl.rollouts.episode import EpisodeLimits, engine_turns, run_episode
     from parityrl.tasks.environment import EnvReply
 

@@ -17,8 +17,8 @@ from parityrl.config import build_config
 from parityrl.models.load import load_policy
 from parityrl.rollouts.episode import EpisodeLimits, engine_turns, observation_ids, \
     run_episode, template_mismatch
-from parityrl.rollouts.types import Rollout
-from parityrl.sampling import SamplingConfig
+from parityrl.core.rollout import Rollout
+from parityrl.core.sampling import SamplingConfig
 from parityrl.tasks.environment import EnvReply
 from parityrl.tasks.prompts import encode_prompt
 from parityrl.trainer.trainer import Trainer
@@ -297,7 +297,8 @@ def test_an_update_between_turns_gives_two_versions_and_parity_only_on_same_vers
 def test_an_environment_that_raises_or_hangs_rejects_its_group_and_the_rest_goes_on(
         engine, loop, real_model_4l, plugins_importable):
     from parityrl.rollouts.actor import Actor, ActorLimits
-    from parityrl.tasks.environment import EnvConfig, build_environment
+    from parityrl.tasks.environment import EnvConfig
+    from parityrl.tasks.registry import build_environment
     from parityrl.tasks.registry import build_task
 
     tok = tokenizer_of(real_model_4l)

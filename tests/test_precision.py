@@ -4,10 +4,10 @@ import torch
 
 from parityrl.doctor.ladder import RungResult
 from parityrl.models.load import load_policy
-from parityrl.rollouts.types import Rollout
-from parityrl.sampling import SamplingConfig
+from parityrl.core.rollout import Rollout
+from parityrl.core.sampling import SamplingConfig
 from parityrl.trainer.batch import rollout_logprobs
-from parityrl.trainer.precision import exact_logprobs, precision_metrics, within_precision
+from parityrl.trainer.float64 import exact_logprobs, precision_metrics, within_precision
 
 SAMPLING = SamplingConfig(temperature=0.7, max_tokens=8)
 

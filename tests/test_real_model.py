@@ -20,7 +20,7 @@ from helpers import cli_in_process
 from parityrl.doctor.ladder import DoctorConfig, build_ladder, run_ladder_sync
 from parityrl.doctor.report import judge_all
 from parityrl.doctor.verdict import consistency
-from parityrl.sampling import SamplingConfig
+from parityrl.core.sampling import SamplingConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.real]
 

@@ -67,7 +67,7 @@ def test_impossible_configurations_are_refused_at_load(tmp_path, overrides, frag
 # --- non-finite numbers never reach the weights ------------------------------------------------
 
 def _rollouts(n: int):
-    from parityrl.rollouts.types import Rollout
+    from parityrl.core.rollout import Rollout
 
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -282,7 +282,7 @@ def test_a_prompt_that_cannot_fit_is_rejected_before_the_engine(tmp_path):
 
     from parityrl.models.tiny import build_tokenizer
     from parityrl.rollouts.actor import Actor, ActorLimits, RunStopped
-    from parityrl.sampling import SamplingConfig
+    from parityrl.core.sampling import SamplingConfig
     from parityrl.tasks.jsonl import JsonlConfig, JsonlTask
 
     rows = tmp_path / "r.jsonl"
@@ -314,7 +314,7 @@ def test_a_cancelled_actor_leaves_no_task_pending(tmp_path):
     from parityrl.models.tiny import build_tokenizer
     from parityrl.rollouts.actor import Actor, ActorLimits
     from parityrl.rollouts.stream import InProcessStream
-    from parityrl.sampling import SamplingConfig
+    from parityrl.core.sampling import SamplingConfig
     from parityrl.tasks.jsonl import JsonlConfig, JsonlTask
 
     rows = tmp_path / "r.jsonl"

@@ -1,7 +1,7 @@
 import pytest
 
-from parityrl.errors import UserError
-from parityrl.sampling import SamplingConfig, from_vllm, make_sampling
+from parityrl.core.errors import UserError
+from parityrl.core.sampling import SamplingConfig, from_vllm, make_sampling
 
 
 @pytest.mark.parametrize(

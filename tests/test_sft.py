@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from parityrl.models.load import load_policy
-from parityrl.models.tiny import load_tokenizer
+from parityrl.models.tokenizer import load_tokenizer
 from parityrl.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
 from parityrl.trainer.sft import supervised_warmup
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 from parityrl.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
 from parityrl.tasks.base import Problem
 from parityrl.tasks.jsonl import JsonlConfig, JsonlTask
@@ -542,7 +542,7 @@ def test_trl_reward_functions_get_what_trl_passes_them(tmp_path, plugins_importa
 ])
 def test_a_wrong_reward_signature_or_a_missing_column_is_one_line(tmp_path, plugins_importable,
                                                                   funcs, fragment):
-    from parityrl.errors import UserError
+    from parityrl.core.errors import UserError
 
     path = _parquet(tmp_path / "d.parquet", [{"prompt": "1+1=", "answer": "2"}] * 3)
     with pytest.raises(UserError, match=fragment) as caught:
@@ -551,7 +551,7 @@ def test_a_wrong_reward_signature_or_a_missing_column_is_one_line(tmp_path, plug
 
 
 def test_a_dataset_that_is_not_there_or_has_no_prompt_is_one_line(tmp_path):
-    from parityrl.errors import UserError
+    from parityrl.core.errors import UserError
 
     with pytest.raises(UserError, match="no such file"):
         _hf_task(tmp_path / "missing.parquet", "trl_rewards:digit_share")

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from parityrl.models.tiny import CHARACTERS, load_tokenizer, make_model
+from parityrl.models.tiny import CHARACTERS, make_model
+from parityrl.models.tokenizer import load_tokenizer
 
 
 def _digest(folder: Path) -> str:

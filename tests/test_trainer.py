@@ -14,7 +14,7 @@ from parityrl.config import build_config
 from parityrl.models.load import load_policy
 from parityrl.pipeline import split_stale
 from parityrl.rollouts.stream import InProcessStream
-from parityrl.rollouts.types import Rollout
+from parityrl.core.rollout import Rollout
 from parityrl.trainer.trainer import Trainer
 
 
@@ -142,7 +142,7 @@ def test_compare_with_an_extra_reference_seed_widens_the_band(tmp_path):
 
 
 def test_samples_are_logged_and_a_reward_stuck_at_zero_is_announced_once(tmp_path, tiny_model):
-    from parityrl.models.tiny import load_tokenizer
+    from parityrl.models.tokenizer import load_tokenizer
     from parityrl.pipeline import Pipeline
     from parityrl.runlog import JsonlLog, MetricsWriter, read_metrics
 

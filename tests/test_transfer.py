@@ -1,4 +1,4 @@
-"""The shared-memory hand-over of weights (weights/transfer.py), both sides in this process."""
+"""The shared-memory hand-over of weights (weights/shm_file.py), both sides in this process."""
 
 import json
 
@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from parityrl.weights.digest import tensor_digest
-from parityrl.weights.transfer import MappedUpdateFile, SharedUpdateFile
+from parityrl.weights.shm_file import MappedUpdateFile, SharedUpdateFile
 
 
 def _state(seed: int) -> dict[str, torch.Tensor]:
@@ -82,7 +82,7 @@ def test_digest_changes_with_any_bit_dtype_or_shape(change):
 def test_a_tied_lm_head_is_sent_once_under_the_embeddings_name_in_either_order():
     import torch
 
-    from parityrl.weights.transfer import unique_tensors
+    from parityrl.weights.shm_file import unique_tensors
 
     embed, norm = torch.ones(4, 2), torch.zeros(2)
     for state in ({"model.embed_tokens.weight": embed, "model.norm.weight": norm,

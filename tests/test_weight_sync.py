@@ -15,11 +15,11 @@ from parityrl.doctor.ladder import DoctorConfig, build_ladder, perturb_in_place,
 from parityrl.doctor.verdict import judge
 from parityrl.engine.engine import WeightSyncError
 from parityrl.engine.settings import EngineSettings
-from parityrl.mismatch import mismatch_metrics
+from parityrl.core.mismatch import mismatch_metrics
 from parityrl.models.load import load_policy
-from parityrl.sampling import SamplingConfig
+from parityrl.core.sampling import SamplingConfig
 from parityrl.trainer.batch import rollout_logprobs
-from parityrl.weights.transfer import checkpoint_tensor_names
+from parityrl.weights.shm_file import checkpoint_tensor_names
 
 pytestmark = pytest.mark.slow
 

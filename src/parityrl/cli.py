@@ -19,7 +19,7 @@ from typing import Optional
 
 import typer
 
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pipeline RL on vLLM V1 whose rollout logprobs match the trainer's.")
@@ -199,7 +199,7 @@ def doctor(
     """Diagnose engine/trainer logprob parity, one fix per rung; exit 0 = parity, 1 = not."""
     from parityrl.models.builtin import resolve_model
     from parityrl.models.load import TORCH_DTYPES, check_model_folder
-    from parityrl.sampling import make_sampling
+    from parityrl.core.sampling import make_sampling
 
     if dtype not in TORCH_DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
@@ -251,7 +251,7 @@ def doctor(
         rungs = rungs[-2:] if bitwise else rungs[-1:]
     turns = []  # the multi-turn check's results, after the last rung
     if multi_turn:
-        from parityrl.models.tiny import load_tokenizer
+        from parityrl.models.tokenizer import load_tokenizer
         from parityrl.tasks.prompts import has_chat_template
 
         if chat_template is False or not has_chat_template(load_tokenizer(str(folder))):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 from parityrl.runlog import read_metrics
 
 DEFAULT_METRICS = ["rl/reward_mean", "rl/clip_frac", "rl/kl_k3", "rl/entropy", "rl/logprob_mean",

@@ -15,13 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from parityrl.engine.settings import BITWISE_KNOBS, EngineKnobs, EngineSettings
-from parityrl.errors import UserError
-from parityrl.sampling import SamplingConfig
+from parityrl.core.errors import UserError
+from parityrl.core.sampling import SamplingConfig
 from parityrl.tasks.environment import EnvConfig
 from parityrl.tasks.registry import TaskConfig
-from parityrl.trainer.advantages import AdvantageConfig
-from parityrl.trainer.loss_scale import LossScaleConfig
-from parityrl.trainer.objectives import CorrectionConfig, LossConfig
+from parityrl.trainer.config import ParityConfig, TrainerConfig
 
 
 class _Strict(BaseModel):
@@ -84,74 +82,6 @@ class ClusterConfig(_Strict):
     object_store_mib: int = Field(512, ge=80, description="ray, cluster started for the run: "
                                                           "the object store's size (/dev/shm).")
     resources: ClusterResources = ClusterResources()
-
-
-class OptimConfig(_Strict):
-    lr: float = Field(1e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    tokens_per_microbatch: int = Field(8192, ge=1, description="Gradient accumulation budget.")
-    master_weights: Literal["float32", "model"] = Field(
-        "float32", description="bfloat16/float16 models: the optimizer steps float32 master "
-                               "weights (model = step the low-precision weights themselves).")
-    loss_scale: LossScaleConfig = Field(LossScaleConfig(), description="trainer/loss_scale.py: "
-                                        "dynamic loss scaling (float16).")
-
-
-class LoRAConfig(_Strict):
-    """A LoRA adapter trained instead of every weight (trainer/lora.py): the base stays frozen,
-    the optimizer, checkpoints and the update sent to the engines cover the adapter only."""
-
-    rank: int = Field(8, ge=1, description="Adapter rank r.")
-    alpha: float = Field(32.0, gt=0, description="Scale numerator: the update is alpha/r · BA.")
-    targets: Literal["all-linear"] | list[str] = Field(
-        "all-linear", description="Every linear of the decoder (the lm_head excluded), or the "
-                                  "module names to adapt, e.g. [q_proj, v_proj].")
-    rslora: bool = Field(False, description="Scale by alpha/√r instead of alpha/r.")
-
-
-class TrainerConfig(_Strict):
-    fp32_lm_head: bool = Field(True, description="lm_head projection in float32.")
-    lora: LoRAConfig | None = Field(None, description="Train a LoRA adapter; None = every "
-                                                      "weight (full fine-tuning).")
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    moe_routing: Literal["recompute", "replay"] = Field(
-        "recompute", description="Mixture-of-experts models: route by the trainer's own router "
-                                 "(recompute), or send each position to the experts the engine "
-                                 "chose, gate weights from the trainer's router (replay; R3).")
-    max_nonfinite_steps: int = Field(
-        3, ge=1, description="Consecutive steps with a non-finite gradient (not applied) before "
-                             "the run stops.")
-    loss: LossConfig = LossConfig()
-    correction: CorrectionConfig = CorrectionConfig()
-    advantage: AdvantageConfig = AdvantageConfig()
-    optim: OptimConfig = OptimConfig()
-
-
-class ParityConfig(_Strict):
-    mode: Literal["default", "bitwise"] = Field(
-        "default", description="bitwise: the trainer scores tokens with the engine's own kernels "
-                               "(trainer/engine_kernels.py), equal bit for bit; float32, CPU "
-                               "engine, single turn. The engine knobs it needs are set for you.")
-    alarm_kl_k3: float = Field(1e-3, gt=0, description="Alarm when mismatch/kl_k3 exceeds this.")
-    on_alarm: Literal["warn", "stop", "ignore"] = "warn"
-    probe_rollouts: int = Field(64, ge=0, description="Queued rollouts sampled by the current "
-                                                       "weights scored each step for parity.")
-    probe_wait_s: float = Field(1.0, ge=0, description="How long a step waits for the first such "
-                                                       "rollout before it gives up measuring.")
-    fp64_reference: bool = Field(
-        False, description="Also score those rollouts in float64 each step: the trainer's own "
-                           "rounding error, and the share of tokens it does not explain "
-                           "(mismatch/beyond_precision_frac). Costs a float64 copy of the model.")
-    tolerance: float = Field(1e-5, gt=0, description="Per-token |Δ logprob| bound for "
-                                                     "mismatch/beyond_*_frac.")
-    routes_per_layer: bool = Field(False, description="MoE: also log "
-                                                      "mismatch/route_disagreement/layer<i>.")
-    compare_routing: bool = Field(
-        False, description="MoE with trainer.moe_routing=replay: also score the parity tokens "
-                           "with the trainer's own routing each step (routing/recompute_*): "
-                           "what replay changed, on the same tokens. One more forward.")
 
 
 class CheckpointConfig(_Strict):
@@ -261,7 +191,7 @@ class RunConfig(_Strict):
         lora = self.trainer.lora
         if lora is None:
             return
-        from parityrl.trainer.lora import engine_max_rank
+        from parityrl.weights.lora_folder import engine_max_rank
 
         if self.cluster.trainer_ranks > 1:
             raise ValueError("trainer.lora with cluster.trainer_ranks > 1 is not built yet: the "

@@ -19,7 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 
 # Files of the source model folder that describe weights, not the model: never copied.
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf")
@@ -43,7 +43,7 @@ def merged_weights(model_dir: Path, adapter: dict, lora: dict, dtype: str) -> di
     import torch
     from safetensors.torch import load_file
 
-    from parityrl.trainer.lora import lora_scale
+    from parityrl.weights.lora_folder import lora_scale
 
     weights = {}
     for file in sorted(model_dir.glob("*.safetensors")):
@@ -83,7 +83,7 @@ def export_checkpoint(source: str | Path, out: str | Path, overwrite: bool = Fal
     tmp.mkdir(parents=True)
     saved = load_file(str(checkpoint / "model.safetensors"))
     if lora is not None and not merge:
-        from parityrl.trainer.lora import write_peft_folder
+        from parityrl.weights.lora_folder import write_peft_folder
 
         write_peft_folder(tmp, saved, lora, base_model=str(model_dir))
     else:

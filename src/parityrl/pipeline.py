@@ -22,10 +22,10 @@ from typing import Callable
 import torch
 
 from parityrl.config import RunConfig, engine_settings
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 from parityrl.rollouts.actor import ActorLimits, RunStopped, is_engine_death
 from parityrl.rollouts.ledger import Ledger
-from parityrl.rollouts.stream import Group
+from parityrl.core.rollout import Group
 
 
 def actor_limits(cfg: RunConfig) -> ActorLimits:
@@ -109,7 +109,7 @@ class Pipeline:
 
     def _load_tokenizer(self) -> None:
         from parityrl.models.builtin import resolve_model
-        from parityrl.models.tiny import load_tokenizer
+        from parityrl.models.tokenizer import load_tokenizer
 
         self.model_dir = resolve_model(self.cfg.model, say=self.on_message)
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -274,7 +274,7 @@ class Pipeline:
         return engine
 
     def _build_env(self, task):
-        from parityrl.tasks.environment import build_environment
+        from parityrl.tasks.registry import build_environment
         from parityrl.tasks.prompts import has_chat_template
 
         if self.cfg.env is None:

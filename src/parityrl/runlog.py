@@ -38,7 +38,7 @@ def new_run_dir(cfg: RunConfig, out: Path | None, overwrite: bool = False) -> Pa
     An existing run is never written over silently: that takes `overwrite` (which removes it)."""
     import shutil
 
-    from parityrl.errors import UserError
+    from parityrl.core.errors import UserError
 
     path = out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if path.exists() and not path.is_dir():

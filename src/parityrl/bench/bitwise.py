@@ -28,7 +28,7 @@ class BitwiseBench:
 
 
 def _groups(cfg: BitwiseBench, tokenizer, seed: int):
-    from parityrl.rollouts.types import Rollout
+    from parityrl.core.rollout import Rollout
 
     rng = random.Random(seed)
     groups = []
@@ -47,7 +47,8 @@ def _groups(cfg: BitwiseBench, tokenizer, seed: int):
 def run(cfg: BitwiseBench, say=print) -> dict:
     from parityrl.config import load_config
     from parityrl.models.load import load_policy
-    from parityrl.models.tiny import load_tokenizer, make_model
+    from parityrl.models.tiny import make_model
+    from parityrl.models.tokenizer import load_tokenizer
     from parityrl.models.warm_start import DEMO_MODEL
     from parityrl.trainer.engine_kernels import EngineKernels
     from parityrl.trainer.trainer import Trainer

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from parityrl.bench.stats import Summary, ratios
-from parityrl.sampling import SamplingConfig
+from parityrl.core.sampling import SamplingConfig
 
 
 @dataclass

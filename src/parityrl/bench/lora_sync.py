@@ -32,7 +32,7 @@ class LoRASyncBench:
 
 def _step_seconds(model, params, ids: torch.Tensor, reps: int) -> list[float]:
     """Forward (the one logprob function), backward, AdamW over `params`: seconds per step."""
-    from parityrl.sampling import SamplingConfig
+    from parityrl.core.sampling import SamplingConfig
     from parityrl.trainer.logprobs import token_logprobs
 
     optimizer = torch.optim.AdamW(params, lr=1e-6)
@@ -56,9 +56,9 @@ def run(cfg: LoRASyncBench, loop: asyncio.AbstractEventLoop, say=print) -> dict:
     from parityrl.engine.settings import EngineSettings
     from parityrl.models.builtin import resolve_model
     from parityrl.models.load import load_policy
-    from parityrl.trainer.lora import (adapter_state_dict, attach_lora, engine_max_rank,
-                                       is_adapter_name, lora_settings)
-    from parityrl.weights.transfer import unique_tensors
+    from parityrl.trainer.lora import adapter_state_dict, attach_lora, is_adapter_name, lora_settings
+    from parityrl.weights.lora_folder import engine_max_rank
+    from parityrl.weights.shm_file import unique_tensors
 
     folder = str(resolve_model(cfg.model, say=say))
     model = load_policy(folder, "float32")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from parityrl.bench.peer_arms import ARMS, PeerSpec, demo_task
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 
 
 def check_installed() -> None:
@@ -66,7 +66,7 @@ class Evaluator:
     def __init__(self, spec: PeerSpec) -> None:
         from parityrl.models.builtin import resolve_model
         from parityrl.models.load import load_policy
-        from parityrl.models.tiny import load_tokenizer
+        from parityrl.models.tokenizer import load_tokenizer
 
         folder = str(resolve_model(spec.model))
         self.model = load_policy(folder, "float32").eval()
@@ -78,7 +78,7 @@ class Evaluator:
     def accuracy(self, weights: Path) -> float:
         from safetensors.torch import load_file
 
-        from parityrl.models.load import to_model_layout
+        from parityrl.trainer.layout import to_model_layout
         from parityrl.rollouts.evaluate import model_greedy_accuracy
 
         self.model.load_state_dict(to_model_layout(self.model, load_file(str(weights))),
@@ -160,7 +160,7 @@ def settings_verdict(resolved: dict, trainer_dtype: str = "float32") -> str:
     lm_head (as TRL's does): PASS, or the faults by layer."""
     from parityrl.doctor.ladder import RungResult
     from parityrl.doctor.verdict import settings_faults
-    from parityrl.sampling import SamplingConfig
+    from parityrl.core.sampling import SamplingConfig
 
     settings = resolved | {"trainer_dtype": trainer_dtype, "trainer_fp32_lm_head": False}
     faults = settings_faults(RungResult("peer", "peer", SamplingConfig(), settings, {}, [], []))

@@ -113,7 +113,7 @@ def run_trl(spec: PeerSpec, out: Path, use_vllm: bool) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from parityrl.models.builtin import resolve_model
-    from parityrl.models.tiny import load_tokenizer
+    from parityrl.models.tokenizer import load_tokenizer
     from parityrl.tasks.base import Problem
 
     folder = str(resolve_model(spec.model))
@@ -224,10 +224,10 @@ def _score_samples(rollouts: list, folder: str) -> dict | None:
     weights that sampled them: parityrl's mismatch measure applied to TRL's rollouts."""
     if not rollouts:
         return None
-    from parityrl.mismatch import mismatch_metrics
+    from parityrl.core.mismatch import mismatch_metrics
     from parityrl.models.load import load_policy
-    from parityrl.rollouts.types import Rollout
-    from parityrl.sampling import SamplingConfig
+    from parityrl.core.rollout import Rollout
+    from parityrl.core.sampling import SamplingConfig
     from parityrl.trainer.batch import rollout_logprobs
 
     model = load_policy(folder, "float32")

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from parityrl.bench.stats import Summary, ratios
-from parityrl.sampling import SamplingConfig
+from parityrl.core.sampling import SamplingConfig
 
 
 @dataclass
@@ -34,7 +34,7 @@ def run(cfg: RolloutBench, loop: asyncio.AbstractEventLoop, say=print) -> dict:
     from parityrl.engine.engine import RolloutEngine
     from parityrl.engine.settings import EngineSettings
     from parityrl.models.builtin import resolve_model
-    from parityrl.models.tiny import load_tokenizer
+    from parityrl.models.tokenizer import load_tokenizer
     from parityrl.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
 
     folder = str(resolve_model(cfg.model))

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from parityrl.bench import report
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 
 STAGES = ("engine_start", "rollout", "weight_sync", "logprob_pass", "pipeline", "doctor", "bitwise",
           "lora_sync", "peer")

@@ -63,7 +63,7 @@ def run(cfg: WeightSyncBench, loop: asyncio.AbstractEventLoop, say=print) -> dic
     from parityrl.engine.settings import EngineSettings
     from parityrl.models.load import load_policy
     from parityrl.models.tiny import make_model
-    from parityrl.weights.transfer import unique_tensors
+    from parityrl.weights.shm_file import unique_tensors
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="parityrl-bench-") as tmp:

@@ -16,8 +16,8 @@ import asyncio
 from parityrl.config import RoleResources
 from parityrl.engine.engine import PreemptionCounter, UpdateReport, update_report
 from parityrl.engine.settings import EngineSettings
-from parityrl.rollouts.types import Rollout
-from parityrl.sampling import SamplingConfig
+from parityrl.core.rollout import Rollout
+from parityrl.core.sampling import SamplingConfig
 
 # The RolloutEngine calls a driver may make on the actor's engine (one update's steps).
 UPDATE_CALLS = frozenset({"pause", "finish_transfer", "after_load", "resume", "transfer_init",
@@ -62,7 +62,7 @@ class RayEngine:
     """The driver's stand-in for one engine actor (see the module docstring)."""
 
     def __init__(self, handle, settings: EngineSettings, started: dict) -> None:
-        from parityrl.weights.transfer import checkpoint_tensor_names
+        from parityrl.weights.shm_file import checkpoint_tensor_names
 
         self.handle = handle
         self.settings = settings

@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 
 from parityrl.config import ClusterConfig, RoleResources
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 
 
 FORWARDED_ENV = ("VLLM_", "PARITYRL_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from parityrl.config import RunConfig
-from parityrl.rollouts.types import Rollout
+from parityrl.core.rollout import Rollout
 
 
 def build_trainer(cfg: RunConfig, model_dir: str | Path, pad_id: int, dist=None):

@@ -35,13 +35,14 @@ from typing import Callable
 import torch
 
 from parityrl.engine.settings import BITWISE_KNOBS, EngineSettings
-from parityrl.mismatch import mismatch_metrics, per_turn_mismatch
-from parityrl.models.load import checkpoint_state_dict, has_experts
-from parityrl.rollouts.types import Rollout
-from parityrl.sampling import SamplingConfig
+from parityrl.core.mismatch import mismatch_metrics, per_turn_mismatch
+from parityrl.models.load import has_experts
+from parityrl.trainer.layout import checkpoint_state_dict
+from parityrl.core.rollout import Rollout
+from parityrl.core.sampling import SamplingConfig
 from parityrl.tasks.prompts import Messages, encode_prompt, has_chat_template
 from parityrl.trainer.batch import rollout_logprobs
-from parityrl.trainer.precision import Float64Reference, error_stats
+from parityrl.trainer.float64 import Float64Reference, error_stats
 from parityrl.trainer.routing import ROUTING_COMPARED, RouteCounts
 
 DEFAULT_PROMPTS = [
@@ -172,7 +173,7 @@ class DoctorConfig:
     def __post_init__(self) -> None:
         unknown = set(self.withhold) - set(WITHHOLDABLE)
         if unknown:
-            from parityrl.errors import UserError
+            from parityrl.core.errors import UserError
 
             raise UserError(f"cannot withhold {', '.join(sorted(unknown))}; choose from "
                             f"{', '.join(WITHHOLDABLE)}")
@@ -251,7 +252,7 @@ class LadderSession:
 
     def __init__(self, cfg: DoctorConfig) -> None:
         from parityrl.models.load import load_policy
-        from parityrl.models.tiny import load_tokenizer
+        from parityrl.models.tokenizer import load_tokenizer
 
         self.cfg = cfg
         tokenizer = load_tokenizer(cfg.model)
@@ -282,7 +283,7 @@ class LadderSession:
                 await self.engine.close()
             lora = {}
             if self.lora is not None:
-                from parityrl.trainer.lora import engine_max_rank
+                from parityrl.weights.lora_folder import engine_max_rank
 
                 lora = {"max_lora_rank": engine_max_rank(self.lora["rank"])}
             settings = EngineSettings.vllm_defaults(self.cfg.model, dtype=self.cfg.dtype,

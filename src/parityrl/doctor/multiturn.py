@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from parityrl.doctor.ladder import LadderSession, Preemptions, Rung, RungResult
 from parityrl.doctor.verdict import Consistency, bitwise_consistency, consistency
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 from parityrl.rollouts.episode import EpisodeLimits, engine_turns, run_episode
-from parityrl.sampling import SamplingConfig
+from parityrl.core.sampling import SamplingConfig
 from parityrl.tasks.environment import EnvReply
 from parityrl.tasks.prompts import as_messages
 
@@ -69,7 +69,7 @@ async def check_multi_turn(session: LadderSession, rung: Rung,
     """One MultiTurnResult per sampling, on the engine `session` holds after `rung` (the ladder's
     last: its settings, the trainer's weights pushed); `turns` assistant turns an episode, the
     observation after each but the last."""
-    from parityrl.models.tiny import load_tokenizer
+    from parityrl.models.tokenizer import load_tokenizer
 
     cfg = session.cfg
     tokenizer = load_tokenizer(cfg.model)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from parityrl.doctor.ladder import BASELINE, RungResult
 from parityrl.doctor.verdict import Verdict, consistency, judge
-from parityrl.mismatch import METRIC_NAMES
-from parityrl.sampling import SamplingConfig
+from parityrl.core.mismatch import METRIC_NAMES
+from parityrl.core.sampling import SamplingConfig
 
 # The settings of the last rung, as a user writes them in a run config (and as vLLM calls them).
 PARITY_SETTINGS = [

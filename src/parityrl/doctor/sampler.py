@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parityrl.sampling import SamplingConfig
+from parityrl.core.sampling import SamplingConfig
 
 NAME = "sampler"
 MIN_EXPECTED = 5.0  # the usual validity floor of the chi-square approximation to G

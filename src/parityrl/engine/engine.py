@@ -27,10 +27,10 @@ from parityrl.engine.routes import decode_routes, full_length_routes
 from parityrl.engine.settings import EngineSettings, resolved_engine_settings
 from parityrl.shm_guard import (ensure_guard, forget_in_resource_tracker,
                                 held_by_this_process_tree, reclaim, shm_folder, temp_folder)
-from parityrl.rollouts.types import Rollout
-from parityrl.sampling import SamplingConfig
+from parityrl.core.rollout import Rollout
+from parityrl.core.sampling import SamplingConfig
 from parityrl.weights.digest import DigestCheck, compare_digests
-from parityrl.weights.transfer import SharedUpdateFile, checkpoint_tensor_names
+from parityrl.weights.shm_file import SharedUpdateFile, checkpoint_tensor_names
 
 
 @dataclass
@@ -382,7 +382,7 @@ class RolloutEngine:
         `skip` leaves tensors out of the folder (tests: the digests must catch it)."""
         from vllm.lora.request import LoRARequest
 
-        from parityrl.trainer.lora import engine_digests, write_peft_folder
+        from parityrl.weights.lora_folder import engine_digests, write_peft_folder
 
         if not self.settings.max_lora_rank:
             raise RuntimeError("this engine was started without LoRA (max_lora_rank unset)")

@@ -23,8 +23,8 @@ import torch
 from parityrl.engine.engine import (PreemptionCounter, RolloutEngine, UpdateReport, generate_each,
                                     join_gloo_group, push_over_gloo)
 from parityrl.engine.settings import EngineSettings
-from parityrl.rollouts.types import Rollout
-from parityrl.sampling import SamplingConfig
+from parityrl.core.rollout import Rollout
+from parityrl.core.sampling import SamplingConfig
 
 
 class EnginePool:

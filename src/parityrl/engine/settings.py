@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from parityrl.weights import GLOO_BACKEND
+
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
@@ -149,7 +151,6 @@ class EngineSettings(EngineKnobs):
         )
 
 
-GLOO_BACKEND = "parityrl_gloo"  # weights/gloo.py registers it in the engine's worker
 
 # The fields that change what the engine computes or reports; None leaves them to vLLM.
 NUMERICS_KNOBS = ("lm_head_dtype", "logprobs_mode", "enable_prefix_caching", "async_scheduling",

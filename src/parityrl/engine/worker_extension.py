@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+from parityrl.kernels import pad_single_row_gemms
 from parityrl.weights import gloo
 
 gloo.register()
@@ -20,7 +21,7 @@ class WeightSyncExtension:
     def parityrl_load_weights(self, path: str) -> dict:
         """Reload every tensor in `path` in place; return digests of what was handed to vLLM."""
         from parityrl.weights.digest import tensor_digest
-        from parityrl.weights.transfer import MappedUpdateFile
+        from parityrl.weights.shm_file import MappedUpdateFile
 
         start = time.perf_counter()
         if getattr(self, "_parityrl_update_file", None) is None:
@@ -59,7 +60,7 @@ class WeightSyncExtension:
         model = self.model_runner.get_model()
         refreshed = _refresh_tied_modules(model) + _repack_cpu_experts(model)
         if getattr(self, "_parityrl_pad_gemms", False):  # the reload rebuilt every GEMM
-            _pad_single_row_gemms(model)
+            pad_single_row_gemms(model)
         return refreshed
 
     def parityrl_load_adapter(self, name: str, lora_id: int, path: str) -> dict:
@@ -108,7 +109,7 @@ class WeightSyncExtension:
         """From now on (reloads included) every CPU GEMM runs a one-row input as two rows; or,
         with `on=False`, as it comes again. Returns the GEMMs changed."""
         self._parityrl_pad_gemms = on
-        return _pad_single_row_gemms(self.model_runner.get_model(), on)
+        return pad_single_row_gemms(self.model_runner.get_model(), on)
 
     def parityrl_record_routes(self) -> dict:
         """Record the experts every token is routed to from now on (engine/routes.py)."""
@@ -131,37 +132,6 @@ class WeightSyncExtension:
                 "single_row_gemm_padded": bool(getattr(self, "_parityrl_pad_gemms", False)),
                 **({"moe_experts": type(experts[0]).__name__,
                     "moe_experts_isa": getattr(experts[0], "isa", None)} if experts else {})}
-
-
-def pad_single_row(linear):
-    """`linear(x, weight, bias)` that runs a one-row input as two identical rows: oneDNN gives a
-    row the same bits for every M >= 2, but its M = 1 kernel differs when K >= 1280. The engine
-    (below) and the trainer's kernel pass (trainer/engine_kernels.py) both go through it."""
-    if getattr(linear, "parityrl_padded", False):
-        return linear
-
-    def padded(x, weight, bias):
-        if x.numel() == x.shape[-1]:
-            rows = x.reshape(1, -1).expand(2, -1).contiguous()
-            return linear(rows, weight, bias)[:1].view(*x.shape[:-1], -1)
-        return linear(x, weight, bias)
-
-    padded.parityrl_padded = True
-    padded.parityrl_unpadded = linear
-    return padded
-
-
-def _pad_single_row_gemms(model, on: bool = True) -> int:
-    """Wrap each module's CPU GEMM (`cpu_linear`, set by vLLM's dispatch after every load) with
-    `pad_single_row` (the trainer's batched pass never has M = 1), or unwrap it (`on=False`)."""
-    changed = 0
-    for module in model.modules():
-        linear = getattr(module, "cpu_linear", None)
-        if linear is None or getattr(linear, "parityrl_padded", False) == on:
-            continue
-        module.cpu_linear = pad_single_row(linear) if on else linear.parityrl_unpadded
-        changed += 1
-    return changed
 
 
 def _repack_cpu_experts(model) -> list[str]:

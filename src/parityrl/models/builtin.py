@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 
 PREFIX = "builtin:"
 BUILTINS = {

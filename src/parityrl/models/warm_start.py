@@ -38,7 +38,8 @@ def build_warm_started_model(out: Path, warmup: dict | None = None, on_step=None
     `architecture=DEMO_MOE_MODEL`, `builtin:arithmetic-warm-moe`) builds.
     """
     from parityrl.models.load import load_policy
-    from parityrl.models.tiny import load_tokenizer, make_model
+    from parityrl.models.tiny import make_model
+    from parityrl.models.tokenizer import load_tokenizer
     from parityrl.rollouts.evaluate import model_greedy_accuracy
     from parityrl.tasks.registry import build_task
     from parityrl.trainer.sft import supervised_warmup

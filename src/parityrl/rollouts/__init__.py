@@ -1,1 +1,2 @@
-"""Rollouts: what the engine hands the trainer (types.py)."""
+"""Rollouts: the actor that keeps the engine generating (actor.py), multi-turn episodes
+(episode.py), the ledger of problems, the stream to the trainer. The Rollout type is in core/."""

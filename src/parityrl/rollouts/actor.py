@@ -27,9 +27,9 @@ from typing import Awaitable, Callable
 from parityrl.engine.engine import RolloutEngine
 from parityrl.rollouts.episode import EnvProtocolError, EpisodeLimits, run_episode
 from parityrl.rollouts.ledger import Ledger
-from parityrl.rollouts.stream import Group, RolloutStream
-from parityrl.rollouts.types import Rollout
-from parityrl.sampling import SamplingConfig
+from parityrl.rollouts.stream import RolloutStream
+from parityrl.core.rollout import Group, Rollout
+from parityrl.core.sampling import SamplingConfig
 from parityrl.tasks.base import Problem, Task
 from parityrl.tasks.environment import EnvConfig, Environment, EnvReply
 from parityrl.tasks.prompts import encode_problem, encode_prompt

@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 from parityrl.engine.routes import NOT_CAPTURED, full_length_routes
-from parityrl.rollouts.types import Rollout
-from parityrl.sampling import SamplingConfig
+from parityrl.core.rollout import Rollout
+from parityrl.core.sampling import SamplingConfig
 from parityrl.tasks.environment import EnvReply, Message
 from parityrl.tasks.prompts import encode_prompt
 

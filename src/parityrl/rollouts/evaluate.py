@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from parityrl.rollouts.episode import EpisodeLimits, engine_turns, run_episode
-from parityrl.sampling import SamplingConfig
+from parityrl.core.sampling import SamplingConfig
 from parityrl.tasks.environment import Environment, EnvReply
 from parityrl.tasks.base import Problem, Task
 from parityrl.tasks.prompts import encode_problem

@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from parityrl.rollouts.types import Rollout
-
-Group = list[Rollout]
+from parityrl.core.rollout import Group
 
 
 class RolloutStream(Protocol):

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 from parityrl.tasks.base import Problem
 
 Op = Literal["+", "-", "*"]

@@ -17,9 +17,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from parityrl.errors import UserError
-from parityrl.tasks.base import Problem, Task
-from parityrl.tasks.jsonl import load_callable
+from parityrl.tasks.base import Problem
 
 Message = dict[str, str]
 
@@ -66,18 +64,3 @@ class EnvConfig(BaseModel):
         if self.type == "python" and not self.factory:
             raise ValueError('env.type=python needs env.factory="package.module:function"')
         return self
-
-
-def build_environment(config: EnvConfig, task: Task) -> Environment:
-    if config.type == "calculator":
-        from parityrl.tasks.calculator import CalculatorEnv
-
-        return CalculatorEnv(task, observation_role=config.observation_role)
-    if not config.factory:
-        raise UserError('env.type=python needs env.factory="package.module:function"')
-    env = load_callable(config.factory, what="env.factory")(task)
-    for method in ("start", "respond"):
-        if not callable(getattr(env, method, None)):
-            raise UserError(f"env.factory {config.factory!r} returned {type(env).__name__}, "
-                            f"which has no {method}() method")
-    return env

@@ -36,7 +36,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 from parityrl.tasks.base import Problem
 from parityrl.tasks.jsonl import load_callable
 

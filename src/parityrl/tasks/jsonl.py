@@ -30,7 +30,7 @@ from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 from parityrl.tasks.base import Problem
 
 RewardFn = Callable[[str, str, str], float]

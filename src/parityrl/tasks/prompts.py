@@ -8,7 +8,7 @@ text is tokenized as is: what a base model or the built-in character models expe
 
 from __future__ import annotations
 
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 
 Messages = list[dict[str, str]]
 

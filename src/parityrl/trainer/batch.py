@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from parityrl.rollouts.types import Rollout
-from parityrl.sampling import SamplingConfig
+from parityrl.core.rollout import Rollout
+from parityrl.core.sampling import SamplingConfig
 from parityrl.trainer.logprobs import LogprobsMode, TokenLogprobs, token_logprobs
 from parityrl.trainer.routing import routes_tensor
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from parityrl.models.load import checkpoint_state_dict, to_model_layout
+from parityrl.trainer.layout import checkpoint_state_dict, to_model_layout
 from parityrl.trainer.distributed import full_tensor, is_sharded, shard_like
-from parityrl.weights.transfer import unique_tensors
+from parityrl.weights.shm_file import unique_tensors
 
 
 @dataclass
@@ -87,7 +87,7 @@ def _load_whole(model, path: str) -> None:
     missing, unexpected = model.load_state_dict(saved, strict=False)
     tied = {n for n in missing if n.endswith("lm_head.weight")}
     if unexpected or set(missing) - tied:
-        from parityrl.errors import UserError
+        from parityrl.core.errors import UserError
 
         raise UserError(f"{path} does not hold this model's weights (missing "
                         f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
@@ -193,7 +193,7 @@ def restore_trainer(trainer, folder: Path) -> TrainingState:
 
 def _load_adapter(model, path: str) -> None:
     """An adapter-only checkpoint into `model`'s adapter: every adapter tensor, nothing else."""
-    from parityrl.errors import UserError
+    from parityrl.core.errors import UserError
     from parityrl.trainer.lora import adapter_state_dict, lora_rank
 
     saved, mine = load_file(path), adapter_state_dict(model)

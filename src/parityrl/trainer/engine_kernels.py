@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from parityrl.engine.worker_extension import pad_single_row
-from parityrl.errors import UserError
-from parityrl.sampling import SamplingConfig
+from parityrl.kernels import pad_single_row
+from parityrl.core.errors import UserError
+from parityrl.core.sampling import SamplingConfig
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3MoeForCausalLM")
 VOCAB_PADDING = 64  # vllm/model_executor/layers/vocab_parallel_embedding.py DEFAULT_VOCAB_PADDING_SIZE
@@ -292,7 +292,7 @@ class EngineKernels:
         """The engine's adapter slots for the fused linear made of `linears` (trainer/lora.py
         `engine_slots`); a linear without an adapter has zero slots, as vLLM gives every LoRA
         layer. None when the model has no adapter."""
-        from parityrl.trainer.lora import engine_slots
+        from parityrl.weights.lora_folder import engine_slots
 
         if self.lora is None:
             return None

@@ -2,7 +2,7 @@
 
 `parityrl doctor` and the RL trainer both call `token_logprobs`; nothing else in the code base turns
 logits into logprobs of sampled tokens. It reproduces the processing of vLLM V1's sampler for the
-steps `SamplingConfig` allows (see parityrl/sampling.py):
+steps `SamplingConfig` allows (see parityrl/core/sampling.py):
 
     hidden states ─► lm_head (fp32 if asked) ─► float32 ─► / temperature ─► top-k mask ─► top-p mask
                   ─► log_softmax ─► gather the sampled token
@@ -32,8 +32,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from parityrl.errors import UserError
-from parityrl.sampling import SamplingConfig
+from parityrl.core.errors import UserError
+from parityrl.core.sampling import SamplingConfig
 from parityrl.trainer.routing import RouteCounts, engine_routing
 
 LogprobsMode = Literal["processed_logprobs", "raw_logprobs"]

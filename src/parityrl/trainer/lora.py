@@ -10,41 +10,24 @@ transformers model. The scale is folded into B before the second product, in the
 CPU LoRA ops use (vllm/lora/lora_weights.py `optimize`, then shrink and expand), so that both
 sides round alike.
 
-The engine side (engine/engine.py `update_adapter`) loads the same tensors from a PEFT folder this
-module writes; `engine_digests` predicts the bytes the engine's adapter slots hold after loading
+The engine side loads the same tensors from a PEFT folder (weights/lora_folder.py, the adapter's
+transport); `engine_digests` predicts the bytes the engine's adapter slots hold after loading
 (rank padded to `max_lora_rank`, B scaled, the engine's dtype), which the worker digests
 (engine/worker_extension.py `parityrl_adapter_digests`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
+from parityrl.weights.lora_folder import lora_scale
 
 ALL_LINEAR = "all-linear"
-PEFT_PREFIX = "base_model.model."
-# vLLM 0.32's LoRAConfig.max_lora_rank choices: an adapter's rank is padded up to one of them.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def engine_max_rank(rank: int) -> int:
-    """The smallest `max_lora_rank` vLLM accepts that holds a rank-`rank` adapter."""
-    for allowed in VLLM_LORA_RANKS:
-        if allowed >= rank:
-            return allowed
-    raise UserError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank "
-                    f"({VLLM_LORA_RANKS[-1]})")
-
-
-def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 def _add_update(linear: nn.Linear, inputs, output):
@@ -136,57 +119,3 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
 def lora_rank(tensors: dict[str, torch.Tensor]) -> int | None:
     """The rank of an adapter's tensors (the rows of any A)."""
     return next((t.shape[0] for n, t in tensors.items() if ".lora_A." in n), None)
-
-
-def peft_config(settings: dict, base_model: str = "") -> dict:
-    """adapter_config.json of a PEFT LoRA adapter (read by peft and by vLLM)."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings["rank"],
-            "lora_alpha": settings["alpha"], "use_rslora": settings["rslora"],
-            "target_modules": settings["targets"], "lora_dropout": 0.0, "bias": "none",
-            "fan_in_fan_out": False, "modules_to_save": None,
-            "base_model_name_or_path": base_model}
-
-
-def write_peft_folder(folder: str | Path, tensors: dict[str, torch.Tensor], settings: dict,
-                      base_model: str = "", dtype: torch.dtype | None = None) -> Path:
-    """A PEFT-format adapter folder: adapter_config.json + adapter_model.safetensors."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({PEFT_PREFIX + n: (t if dtype is None else t.to(dtype)).contiguous()
-               for n, t in tensors.items()}, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(
-        json.dumps(peft_config(settings, base_model), indent=2) + "\n")
-    return folder
-
-
-def engine_slots(tensors: dict[str, torch.Tensor], settings: dict, dtype: torch.dtype,
-                 max_rank: int) -> dict[str, torch.Tensor]:
-    """What the engine's adapter slots hold after loading `tensors`: A and B padded to `max_rank`
-    with zeros, in the engine's `dtype`, B times the scale (vLLM multiplies it in after casting).
-    The worker digests these bytes; bitwise mode computes with them (trainer/engine_kernels.py)."""
-    scale = lora_scale(settings["rank"], settings["alpha"], settings["rslora"])
-    slots = {}
-    for name, t in tensors.items():
-        t = t.detach().to(dtype)
-        if ".lora_A." in name:
-            slot = torch.zeros(max_rank, t.shape[1], dtype=dtype)
-            slot[: t.shape[0]] = t
-        else:
-            t = t.clone()
-            if scale != 1:
-                t *= scale
-            slot = torch.zeros(t.shape[0], max_rank, dtype=dtype)
-            slot[:, : t.shape[1]] = t
-        slots[name] = slot
-    return slots
-
-
-def engine_digests(tensors: dict[str, torch.Tensor], settings: dict, dtype: torch.dtype,
-                   max_rank: int) -> dict[str, str]:
-    """`engine_slots`, digested: what the worker's digests of its slots must equal."""
-    from parityrl.weights.digest import tensor_digest
-
-    return {name: tensor_digest(slot)
-            for name, slot in engine_slots(tensors, settings, dtype, max_rank).items()}

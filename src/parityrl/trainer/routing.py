@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 
 
 # The mismatch metrics also reported with the trainer's own routing (routing/recompute_*) where

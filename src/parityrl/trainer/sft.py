@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-from parityrl.rollouts.types import Rollout
-from parityrl.sampling import SamplingConfig
+from parityrl.core.rollout import Rollout
+from parityrl.core.sampling import SamplingConfig
 from parityrl.tasks.base import Task
 from parityrl.trainer.batch import collate
 from parityrl.trainer.logprobs import token_logprobs

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from parityrl.config import RunConfig
-from parityrl.errors import UserError
-from parityrl.mismatch import mismatch_metrics, per_turn_mismatch
-from parityrl.models.load import checkpoint_state_dict
-from parityrl.rollouts.stream import Group
-from parityrl.rollouts.types import Rollout
+from parityrl.core.errors import UserError
+from parityrl.core.mismatch import mismatch_metrics, per_turn_mismatch
+from parityrl.trainer.layout import checkpoint_state_dict
+from parityrl.core.rollout import Group
+from parityrl.core.rollout import Rollout
 from parityrl.trainer.advantages import group_advantages
+from parityrl.trainer.config import RunSections
 from parityrl.trainer.batch import collate, rollout_logprobs
 from parityrl.trainer.logprobs import token_logprobs
 from parityrl.trainer.lora import adapter_state_dict, lora_settings
@@ -27,7 +27,7 @@ from parityrl.trainer.distributed import (DistContext, average_replicated_grads,
                                           data_parallel_shares, full_state_dict, full_tensor,
                                           gather_objects, is_sharded, shard_like, shard_model)
 from parityrl.trainer.routing import ROUTING_COMPARED, RouteCounts
-from parityrl.trainer.precision import Float64Reference, exact_logprobs, precision_metrics
+from parityrl.trainer.float64 import Float64Reference, exact_logprobs, precision_metrics
 from parityrl.trainer.objectives import kl_k3, policy_loss
 
 
@@ -75,7 +75,7 @@ def microbatches(rollouts: list[Rollout], token_budget: int) -> list[list[Rollou
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, model, pad_id: int, ref_model=None,
+    def __init__(self, cfg: RunSections, model, pad_id: int, ref_model=None,
                  dist: DistContext | None = None) -> None:
         """`dist`: this trainer is one rank of several (trainer/distributed.py); it shards
         `model` with FSDP2 itself, and every rank must make the same calls with the same data.

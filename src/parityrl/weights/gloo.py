@@ -32,9 +32,9 @@ from vllm.distributed.weight_transfer.base import (ParamMeta, TrainerInitInfo,
                                                    WeightTransferEngine, WeightTransferInitInfo,
                                                    WeightTransferUpdateInfo)
 
-from parityrl.engine.settings import GLOO_BACKEND as BACKEND
+from parityrl.weights import GLOO_BACKEND as BACKEND
 from parityrl.weights.digest import tensor_digest
-from parityrl.weights.transfer import unique_tensors
+from parityrl.weights.shm_file import unique_tensors
 
 
 def register() -> None:

@@ -13,8 +13,8 @@ import copy
 
 import torch
 
-from parityrl.rollouts.types import Rollout
-from parityrl.sampling import SamplingConfig
+from parityrl.core.rollout import Rollout
+from parityrl.core.sampling import SamplingConfig
 from parityrl.trainer.batch import rollout_logprobs
 
 
@@ -42,7 +42,7 @@ class Float64Reference:
         self = cls.__new__(cls)
         self.model = _loop_over_experts(
             AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval())
-        from parityrl.models.load import to_model_layout
+        from parityrl.trainer.layout import to_model_layout
 
         # `weights` in the checkpoint's layout (Trainer.weights): MoE experts fused again.
         self.model.load_state_dict(to_model_layout(self.model, weights))

@@ -86,3 +86,7 @@ class Rollout:
         for t, v in zip(turns, versions):
             pure[t] = pure[t] and v == version
         return [pure[t] for t in turns]
+
+
+# Rollouts sampled from one prompt: the unit of advantages, of staleness and of the ledger.
+Group = list[Rollout]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from parityrl.errors import UserError
+from parityrl.core.errors import UserError
 
 # vLLM treats temperatures below this as greedy (vllm/v1/sample/sampler.py: _SAMPLING_EPS).
 GREEDY_EPS = 1e-5
