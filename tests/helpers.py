@@ -198,3 +198,44 @@ def metric_rows(run_dir: Path) -> int:
     from parityrl.runlog import read_metrics
 
     return len(read_metrics(run_dir / "metrics.jsonl"))
+
+
+async def check_engine_interface(engine, model_dir: str) -> None:
+    """What every engine kind answers alike (engine/interface.py): rollouts tagged with the
+    engine's version and carrying logprobs, an update that lands whole (digests) under the
+    version asked for, rollouts of the new weights that the trainer rescores exactly, liveness,
+    and the resolved settings."""
+    import torch
+
+    from parityrl.core.mismatch import mismatch_metrics
+    from parityrl.core.sampling import SamplingConfig
+    from parityrl.engine.interface import Engine
+    from parityrl.models.load import load_policy
+    from parityrl.trainer.batch import rollout_logprobs
+
+    assert isinstance(engine, Engine)
+    sampling = SamplingConfig(temperature=0.7, max_tokens=8)
+    prompts, before = [[5, 6, 76, 7, 84], [20, 21, 22]], engine.version
+    rollouts = await engine.generate_many(prompts, sampling, n=2, seed=0)
+    assert [len(r.completion_ids) > 0 for r in rollouts] == [True] * 4
+    assert all(v == before for r in rollouts for v in r.versions)
+    assert all(lp <= 0 for r in rollouts for lp in r.logprobs)
+
+    model = load_policy(model_dir)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05 * p.std())
+    report = await engine.update_weights(model.state_dict(), version=before + 3)
+    assert report.check.ok and report.check.checked > 0 and report.engines_verified >= 1
+    assert report.version == engine.version == before + 3
+    rollouts = await engine.generate_many(prompts, sampling, n=2, seed=1)
+    assert all(v == before + 3 for r in rollouts for v in r.versions)
+    scored = rollout_logprobs(model, rollouts, sampling, pad_id=0)
+    mismatch = mismatch_metrics(torch.cat([s.logprobs for s in scored]),
+                                torch.tensor([x for r in rollouts for x in r.logprobs]))
+    assert mismatch["mismatch/max_abs_diff"] <= 1e-5
+    assert await engine.alive()
+    resolved = engine.resolved_settings()
+    if engine.settings.logprobs_mode is not None:
+        assert resolved["logprobs_mode"] == engine.settings.logprobs_mode

@@ -168,3 +168,25 @@ def test_two_engines_over_gloo_one_broadcast_updates_both_exactly_and_a_gap_is_n
     # Housekeeping: vLLM's ZMQ sockets lived in the engine's own folder in the temp dir, and
     # close() removed it.
     assert sockets and ipc_dir.parent == Path(tempfile.gettempdir()) and not ipc_dir.exists()
+
+
+def test_every_local_engine_kind_answers_the_engine_interface_alike(tiny_model, loop):
+    """engine/interface.py: the shared engine the tests hand out, the RolloutEngine behind it
+    (driven on its own loop) and a pool of one pass the same check; every update goes through
+    weights/update.py whatever the kind."""
+    from helpers import check_engine_interface
+
+    from parityrl.engine.pool import EnginePool
+
+    settings = EngineSettings(model=tiny_model)
+    with engine_running(loop, settings) as shared:
+        loop.run_until_complete(check_engine_interface(shared, tiny_model))
+        rollout_engine = shared._engine
+        loop.run_until_complete(shared._host.on_host(
+            check_engine_interface(rollout_engine, tiny_model)))
+    pool = loop.run_until_complete(EnginePool.start(settings))
+    try:
+        assert len(pool.engines) == 1 and pool.metrics() == {}
+        loop.run_until_complete(check_engine_interface(pool, tiny_model))
+    finally:
+        loop.run_until_complete(pool.close())

@@ -4,9 +4,10 @@
 
 `EngineRole` runs in the actor: a `RolloutEngine` (vLLM's AsyncLLM, the worker extension) that
 joins the pool's gloo group instead of one of its own. `RayEngine` is what the driver's actor,
-evaluation and EnginePool talk to: the same calls as a RolloutEngine, each one a Ray call, so
-`push_over_gloo` drives engines in other processes (or on other nodes) exactly as local ones:
-pause with mode="keep", one broadcast, digests, prefix-cache reset, version, resume.
+evaluation and EnginePool talk to: the engine interface (engine/interface.py), and an update's
+steps each one a Ray call, so weights/update.py `push` drives engines in other processes (or on
+other nodes) exactly as local ones: pause with mode="keep", one broadcast, digests, prefix-cache
+reset, version, resume.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from __future__ import annotations
 import asyncio
 
 from parityrl.config import RoleResources
-from parityrl.engine.engine import PreemptionCounter, UpdateReport, update_report
+from parityrl.engine.engine import PreemptionCounter, generate_each, join_gloo_group
 from parityrl.engine.settings import EngineSettings
+from parityrl.weights.shm_file import checkpoint_tensor_names
+from parityrl.weights.update import UpdateReport, WeightsPayload, push
 from parityrl.core.rollout import Rollout
 from parityrl.core.sampling import SamplingConfig
 
 # The RolloutEngine calls a driver may make on the actor's engine (one update's steps).
-UPDATE_CALLS = frozenset({"pause", "finish_transfer", "after_load", "resume", "transfer_init",
+UPDATE_CALLS = frozenset({"pause", "worker_call", "after_load", "resume", "transfer_init",
                           "transfer_start", "transfer_update", "transfer_finish"})
 
 
@@ -62,8 +65,6 @@ class RayEngine:
     """The driver's stand-in for one engine actor (see the module docstring)."""
 
     def __init__(self, handle, settings: EngineSettings, started: dict) -> None:
-        from parityrl.weights.shm_file import checkpoint_tensor_names
-
         self.handle = handle
         self.settings = settings
         self.where = started["where"]
@@ -71,10 +72,14 @@ class RayEngine:
         self.version = 0
         self.update_lock = asyncio.Lock()
         self.preemption_counter = PreemptionCounter() if settings.count_preemptions else None
-        self._expected_names = checkpoint_tensor_names(settings.model)
+        self.expected_names = checkpoint_tensor_names(settings.model)
+        self.transport = None  # a gloo group of its own (start); in a pool, the pool's
 
     @classmethod
-    async def start(cls, settings: EngineSettings, resources: RoleResources) -> "RayEngine":
+    async def start(cls, settings: EngineSettings, resources: RoleResources, *,
+                    join_transfer: bool = False) -> "RayEngine":
+        """An engine actor; with `join_transfer`, in a gloo group of its own (alone, not in an
+        EnginePool, which makes one group for all its engines)."""
         import ray
 
         from parityrl.cluster.ray_cluster import actor_options
@@ -88,7 +93,14 @@ class RayEngine:
         except BaseException:
             ray.kill(handle)
             raise
-        return cls(handle, settings, started)
+        engine = cls(handle, settings, started)
+        if join_transfer:
+            try:
+                engine.transport = await join_gloo_group([engine])
+            except BaseException:
+                await engine.close()
+                raise
+        return engine
 
     def resolved_settings(self) -> dict:
         return self._resolved
@@ -111,12 +123,27 @@ class RayEngine:
                                                       preemptions)
         return rollouts
 
+    async def generate_many(self, prompts: list[list[int]], sampling: SamplingConfig, *,
+                            n: int = 1, seed: int | None = None) -> list[Rollout]:
+        return await generate_each(self.generate, prompts, sampling, n=n, seed=seed)
+
+    async def update_weights(self, state_dict: dict, *, version: int | None = None,
+                             verify: bool = True, skip: set[str] = frozenset(),
+                             reset_prefix_cache: bool = True) -> UpdateReport:
+        """Alone (`join_transfer`): one update over its own gloo group."""
+        if self.transport is None:
+            raise RuntimeError("this engine actor takes its updates from its pool's group")
+        (report,) = await push([self], self.transport, WeightsPayload(state_dict, skip),
+                               version=version, verify=verify,
+                               reset_prefix_cache=reset_prefix_cache)
+        return report
+
     # -- an update's steps, run in the actor ------------------------------------------------------
     async def pause(self) -> None:
         await self.handle.call.remote("pause")
 
-    async def finish_transfer(self) -> dict:
-        return await self.handle.call.remote("finish_transfer")
+    async def worker_call(self, method: str, *args):
+        return await self.handle.call.remote("worker_call", method, *args)
 
     async def after_load(self, version: int | None, reset_prefix_cache: bool) -> None:
         await self.handle.call.remote("after_load", version, reset_prefix_cache)
@@ -124,11 +151,6 @@ class RayEngine:
 
     async def resume(self) -> None:
         await self.handle.call.remote("resume")
-
-    def report(self, sent: dict, result: dict, pause_seconds: float,
-               write_seconds: float) -> UpdateReport:
-        return update_report(self.version, self._expected_names, sent, result, pause_seconds,
-                             write_seconds)
 
     async def update_adapter(self, tensors: dict, lora: dict, *, version: int | None = None,
                              **options) -> UpdateReport:
@@ -155,6 +177,7 @@ class RayEngine:
         """Stop the engine in the actor (a dead actor is simply gone), then the actor."""
         import ray
 
+        self.transport = None
         try:
             await asyncio.wait_for(self.handle.close.remote(), timeout=30)
         except Exception:  # noqa: BLE001 - dead or stuck: the kill below ends it either way

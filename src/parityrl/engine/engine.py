@@ -18,7 +18,6 @@ import itertools
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,19 +28,11 @@ from parityrl.shm_guard import (ensure_guard, forget_in_resource_tracker,
                                 held_by_this_process_tree, reclaim, shm_folder, temp_folder)
 from parityrl.core.rollout import Rollout
 from parityrl.core.sampling import SamplingConfig
-from parityrl.weights.digest import DigestCheck, compare_digests
-from parityrl.weights.shm_file import SharedUpdateFile, checkpoint_tensor_names
+from parityrl.weights.lora_folder import AdapterFolderTransport, AdapterPayload
+from parityrl.weights.shm_file import SharedFileTransport, checkpoint_tensor_names
+from parityrl.weights.update import UpdateReport, WeightsPayload, WeightSyncError, push
 
-
-@dataclass
-class UpdateReport:
-    version: int
-    check: DigestCheck
-    pause_seconds: float  # generation paused: pause, load, prefix-cache reset, resume
-    write_seconds: float  # before the pause, trainer side: cast, hand-over file, digests
-    load_seconds: float  # inside the worker: digests + vLLM's in-place reload (copy, repack)
-    worker_digest_seconds: float  # the part of load_seconds spent on digests
-    engines_verified: int = 1  # engines of this update whose digests matched the trainer's
+__all__ = ["RolloutEngine", "UpdateReport", "WeightSyncError", "generate_each"]
 
 
 # The trainer's adapter is LoRA id 1 (update_adapter); an exported folder served is id 2.
@@ -82,77 +73,15 @@ class PreemptionCounter:
         return _Logger(vllm_config, engine_index)
 
 
-class WeightSyncError(RuntimeError):
-    """The engine does not hold what the trainer sent."""
-
-
 async def join_gloo_group(engines: list):
-    """The trainer side of the gloo transport: rank 0 of one group with every engine's worker
-    (engine i at rank 1 + i), created through vLLM's trainer factory while the engines join in
-    their own calls. `engines`: RolloutEngines, or stand-ins for engines in other processes
-    with the same update calls (cluster/engine_role.py)."""
-    from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
+    """One gloo group of the trainer (rank 0) and every engine's worker (engine i at rank 1 + i):
+    the transport of their updates. `engines`: RolloutEngines, or stand-ins for engines in other
+    processes that answer the same calls (cluster/engine_role.py)."""
+    from parityrl.weights.gloo import GlooTransport  # imports vLLM
 
-    from parityrl.weights import gloo
-
-    gloo.register()
-    address = engines[0].settings.weight_transport_address
-    info = gloo.GlooTrainerInitInfo(master_address=address, master_port=gloo.free_port(address),
-                                    world_size=1 + len(engines), rank_offset=1, rank=0)
-    client = gloo.EngineGroupClient(engines, asyncio.get_running_loop(), CONTROL_TIMEOUT_S)
-    return await asyncio.to_thread(WeightTransferTrainerFactory.trainer_init, info, client=client)
-
-
-async def push_over_gloo(
-    engines: list, transfer, state_dict: dict[str, torch.Tensor], *,
-    version: int | None, verify: bool, skip: set[str], reset_prefix_cache: bool,
-) -> list[UpdateReport]:
-    """One update for every engine of a gloo group: all pause (`mode="keep"`), one broadcast
-    reaches them all through vLLM's start → update → finish, each reports what it received,
-    resets its prefix cache, takes the version, and all resume. The trainer's digests fill in as
-    the tensors go out; each engine's are compared with them."""
-    from contextlib import AsyncExitStack
-
-    from parityrl.weights.gloo import StateDictSource
-
-    source = StateDictSource(state_dict, getattr(torch, engines[0].settings.dtype), skip)
-    async with AsyncExitStack() as locks:
-        for engine in engines:
-            await locks.enter_async_context(engine.update_lock)
-        start = time.perf_counter()
-        try:
-            await asyncio.gather(*(e.pause() for e in engines))
-            load_start = time.perf_counter()
-            transfer.source = source
-            await asyncio.wait_for(asyncio.to_thread(transfer.send_weights), CONTROL_TIMEOUT_S)
-            loaded = time.perf_counter() - load_start
-            results = await asyncio.gather(*(e.finish_transfer() for e in engines))
-            await asyncio.gather(*(e.after_load(version, reset_prefix_cache) for e in engines))
-        finally:
-            resumed = await asyncio.gather(*(e.resume() for e in engines),
-                                           return_exceptions=True)
-            failed = [r for r in resumed if isinstance(r, BaseException)]
-            if failed:
-                raise failed[0]
-        pause_seconds = time.perf_counter() - start
-    reports = [e.report(source.digests, result | {"load_seconds": loaded}, pause_seconds, 0.0)
-               for e, result in zip(engines, results)]
-    bad = [(i, r) for i, r in enumerate(reports) if not r.check.ok]
-    for report in reports:
-        report.engines_verified = len(reports) - len(bad)
-    if verify and bad:
-        if len(engines) == 1:
-            raise WeightSyncError(bad[0][1].check.summary())
-        raise WeightSyncError("; ".join(f"engine {i}: {r.check.summary()}" for i, r in bad))
-    return reports
-
-
-def update_report(version: int, expected_names: set[str], sent: dict, result: dict,
-                  pause_seconds: float, write_seconds: float) -> UpdateReport:
-    """What the engine's worker received (`result`) checked against what was `sent`."""
-    check = compare_digests(sent, result["digests"], expected_names)
-    return UpdateReport(version, check, pause_seconds, write_seconds, result["load_seconds"],
-                        result["digest_seconds"], int(check.ok))
+    first = engines[0].settings
+    return await GlooTransport.join(engines, first.weight_transport_address, first.dtype,
+                                    CONTROL_TIMEOUT_S)
 
 
 async def generate_each(generate, prompts: list[list[int]], sampling: SamplingConfig, *,
@@ -209,15 +138,19 @@ class RolloutEngine:
         self.llm = llm
         self.version = 0
         self._request_ids = itertools.count()
-        self._expected_names = checkpoint_tensor_names(settings.model)
+        self.expected_names = checkpoint_tensor_names(settings.model)
         self._update_dir = shm_folder("weights")
-        self._update_file = SharedUpdateFile(self._update_dir)
-        self.update_lock = asyncio.Lock()  # one update at a time: they share the file
+        self.update_lock = asyncio.Lock()  # one update at a time (weights/update.py push)
         self._held_shm: set[int] = set()
         self._ipc_dir: Path | None = None  # vLLM's ZMQ sockets (see start)
         self.worker_numerics: dict = {}  # what the worker process runs with (see start)
         self.preemption_counter: PreemptionCounter | None = None  # with count_preemptions
-        self._transfer = None  # weight_transport=gloo: the trainer side of vLLM's transfer API
+        # How full updates arrive: the shared file, or a gloo group of this engine's own (start).
+        self._shared_file = SharedFileTransport(self._update_dir, settings.dtype)
+        self.transport = self._shared_file
+        self._adapters = (AdapterFolderTransport(self._update_dir, settings.model, settings.dtype,
+                                                 settings.max_lora_rank)
+                          if settings.max_lora_rank else None)
         self.adapter = None  # with max_lora_rank: the LoRARequest every request carries
         self.routes_info: dict = {"routes_captured": False}  # MoE: what the worker records
 
@@ -266,7 +199,7 @@ class RolloutEngine:
         await engine.llm.update_weight_version(str(engine.version))
         if settings.weight_transport == "gloo" and join_transfer:
             try:
-                engine._transfer = await join_gloo_group([engine])
+                engine.transport = await join_gloo_group([engine])
             except BaseException:
                 await engine.close()
                 raise
@@ -330,39 +263,16 @@ class RolloutEngine:
         self, state_dict: dict[str, torch.Tensor], *, version: int | None = None,
         verify: bool = True, skip: set[str] = frozenset(), reset_prefix_cache: bool = True,
     ) -> UpdateReport:
-        """Push `state_dict` into the running engine without aborting requests in flight.
-
-        Requests are frozen with their KV cache (`mode="keep", clear_cache=False`), the weights are
-        reloaded in place, the prefix cache is reset (cached prefixes were computed by the old
-        weights, and vLLM does not drop them on a reload), the version increments, and generation
-        resumes. `version` labels the new weights (default: the current version + 1; the trainer
+        """Push `state_dict` into the running engine without aborting requests in flight
+        (weights/update.py `push`: pause(keep) → load → prefix-cache reset → version → resume →
+        digests). `version` labels the new weights (default: the current version + 1; the trainer
         passes its optimizer step). `skip` leaves tensors out on purpose and
         `reset_prefix_cache=False` keeps stale prefixes: the doctor uses both to show that a broken
         update is caught.
         """
-        if self._transfer is not None:
-            (report,) = await push_over_gloo([self], self._transfer, state_dict, version=version,
-                                             verify=verify, skip=skip,
-                                             reset_prefix_cache=reset_prefix_cache)
-            return report
-        async with self.update_lock:
-            # Written while the engine still generates: after a reload the engine holds copies,
-            # never views of the file (checked in the worker), so the file is free until the next
-            # reload reads it, and generation pauses only for the reload itself.
-            write_start = time.perf_counter()
-            path, sent = self._update_file.write(state_dict, self.settings.dtype, skip=skip)
-            start = time.perf_counter()
-            await self.pause()
-            try:
-                (result,) = await self._control(
-                    self.llm.collective_rpc("parityrl_load_weights", args=(str(path),)))
-                await self.after_load(version, reset_prefix_cache)
-            finally:
-                await self.resume()
-            resumed = time.perf_counter()
-        report = self.report(sent, result, resumed - start, start - write_start)
-        if verify and not report.check.ok:
-            raise WeightSyncError(report.check.summary())
+        (report,) = await push([self], self.transport, WeightsPayload(state_dict, skip),
+                               version=version, verify=verify,
+                               reset_prefix_cache=reset_prefix_cache)
         return report
 
     async def update_adapter(
@@ -371,52 +281,31 @@ class RolloutEngine:
         skip: set[str] = frozenset(),
     ) -> UpdateReport:
         """Push a LoRA adapter (trainer/lora.py: PEFT-named tensors and their rank/alpha/targets)
-        into the running engine, under the same contract as `update_weights`: requests in flight
-        keep their KV cache and continue on the new adapter (it replaces the one slot in place),
-        the prefix cache is reset, the version increments, and the slot's bytes are digested in
-        the worker against what the trainer predicts. Each version gets a name of its own (vLLM
-        keys prefix-cache entries by adapter name and path, not weights). The adapter is loaded by
-        vLLM's own worker `add_lora` (with `load_inplace`), called together with the digests in
-        one RPC (engine/worker_extension.py). `keep_name=True` reuses
-        the current one, as a naive in-place reload would (the doctor's stale-cache rung);
-        `skip` leaves tensors out of the folder (tests: the digests must catch it)."""
+        into the running engine, under the same contract as `update_weights`, through the
+        adapter's transport (weights/lora_folder.py): it replaces the one slot in place, requests
+        in flight continue on it, the slot's bytes are digested in the worker against what the
+        trainer predicts. Each version gets a name of its own; `keep_name=True` reuses the
+        current one, as a naive in-place reload would (the doctor's stale-cache rung); `skip`
+        leaves tensors out of the folder (tests: the digests must catch it)."""
+        if self._adapters is None:
+            raise RuntimeError("this engine was started without LoRA (max_lora_rank unset)")
+        new_version = self.version + 1 if version is None else version
+        previous = self.adapter
+        name = previous.lora_name if keep_name and previous else f"v{new_version}"
+        (report,) = await push([self], self._adapters, AdapterPayload(tensors, lora, name, skip),
+                               version=version, verify=verify,
+                               reset_prefix_cache=reset_prefix_cache)
+        if (previous is not None and previous.lora_path != self.adapter.lora_path
+                and Path(previous.lora_path).parent == self._update_dir):
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        return report
+
+    def use_adapter(self, name: str, folder: Path) -> None:
+        """Requests carry this adapter from now on (without load_inplace: it would reload from
+        disk every step)."""
         from vllm.lora.request import LoRARequest
 
-        from parityrl.weights.lora_folder import engine_digests, write_peft_folder
-
-        if not self.settings.max_lora_rank:
-            raise RuntimeError("this engine was started without LoRA (max_lora_rank unset)")
-        async with self.update_lock:
-            write_start = time.perf_counter()
-            new_version = self.version + 1 if version is None else version
-            name = self.adapter.lora_name if keep_name and self.adapter else f"v{new_version}"
-            dtype = getattr(torch, self.settings.dtype)
-            folder = write_peft_folder(self._update_dir / f"adapter-{name}",
-                                       {n: t for n, t in tensors.items() if n not in skip}, lora,
-                                       base_model=self.settings.model, dtype=dtype)
-            sent = engine_digests(tensors, lora, dtype, self.settings.max_lora_rank)
-            start = time.perf_counter()
-            await self.pause()
-            try:
-                (result,) = await self._control(self.llm.collective_rpc(
-                    "parityrl_load_adapter", args=(name, 1, str(folder))))
-                await self.after_load(version, reset_prefix_cache)
-                # Requests must not carry load_inplace: it would reload from disk every step.
-                previous, self.adapter = self.adapter, LoRARequest(name, 1, str(folder))
-            finally:
-                await self.resume()
-            resumed = time.perf_counter()
-            if (previous is not None and previous.lora_path != str(folder)
-                    and Path(previous.lora_path).parent == self._update_dir):
-                shutil.rmtree(previous.lora_path, ignore_errors=True)
-        report = update_report(self.version, set(sent), sent, result, resumed - start,
-                               start - write_start)
-        # Names the engine holds beyond the trainer's adapter: a stale slot elsewhere.
-        report.check.unexpected = sorted(set(result["nonzero"]) - set(sent))
-        report.engines_verified = int(report.check.ok)
-        if verify and not report.check.ok:
-            raise WeightSyncError(report.check.summary())
-        return report
+        self.adapter = LoRARequest(name, 1, str(folder))
 
     def serve_adapter_folder(self, folder: str | Path, name: str = "served") -> None:
         """From now on generate with the PEFT adapter in `folder` (an exported one), loaded the
@@ -440,14 +329,14 @@ class RolloutEngine:
         await self.llm.collective_rpc("parityrl_pad_single_row_gemms", args=(on,))
         (self.worker_numerics,) = await self.llm.collective_rpc("parityrl_numerics")
 
-    # -- the steps of an update (push_over_gloo drives them on every engine of a group) ----------
+    # -- an update's steps (weights/update.py push drives them, on every engine of a group) -----
     async def pause(self) -> None:
         """Freeze requests in flight with their KV cache."""
         await self._control(self.llm.pause_generation(mode="keep", clear_cache=False))
 
-    async def finish_transfer(self) -> dict:
-        """After a gloo transfer: the worker's tied-module refresh, padding and digests."""
-        (result,) = await self._control(self.llm.collective_rpc("parityrl_finish_transfer"))
+    async def worker_call(self, method: str, *args):
+        """One call of the worker extension (engine/worker_extension.py) while paused."""
+        (result,) = await self._control(self.llm.collective_rpc(method, args=args))
         return result
 
     async def after_load(self, version: int | None, reset_prefix_cache: bool) -> None:
@@ -459,11 +348,6 @@ class RolloutEngine:
     async def resume(self) -> None:
         if not self.llm.errored:
             await self._control(self.llm.resume_generation())
-
-    def report(self, sent: dict, result: dict, pause_seconds: float,
-               write_seconds: float) -> UpdateReport:
-        return update_report(self.version, self._expected_names, sent, result, pause_seconds,
-                             write_seconds)
 
     # vLLM's weight-transfer calls (weights/gloo.py EngineGroupClient), answered by this engine.
     async def transfer_init(self, init_info: dict) -> None:
@@ -521,8 +405,8 @@ class RolloutEngine:
 
     def _release(self) -> None:
         self.llm = None
-        self._transfer = None
-        self._update_file.close()
+        self._shared_file.close()
+        self.transport = self._shared_file  # a gloo group ends with its engines
         gc.collect()  # AsyncLLM sits in reference cycles; collect it while its modules still exist
         for leftover in self._update_dir.glob("*"):
             if leftover.is_dir():  # a LoRA adapter folder

@@ -61,8 +61,13 @@ class EngineKnobs(BaseModel):
     max_model_len: int = Field(256, ge=16, description="Prompt + completion token limit.")
     max_num_seqs: int = Field(256, ge=1, description="Sequences decoded concurrently.")
     max_num_batched_tokens: int = Field(4096, ge=16, description="Tokens per engine step.")
-    kv_cache_gib: float = Field(0.5, gt=0, description="KV cache space (CPU: RAM, GPU: VRAM).")
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU only.")
+    kv_cache_gib: float = Field(0.5, gt=0, description="KV cache space in GiB, reserved at "
+                                                       "engine start (vLLM's "
+                                                       "kv_cache_memory_bytes; CPU: RAM, GPU: "
+                                                       "VRAM).")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM's "
+                                          "gpu_memory_utilization: share of GPU memory the "
+                                          "engine may use (GPU only).")
     weight_transport: Literal["shm_file", "gloo"] = Field(
         "shm_file", description="How updates reach the engine: a shared-memory file (same host) or "
                                 "a gloo broadcast through vLLM's weight-transfer API (any host).")

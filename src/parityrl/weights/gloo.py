@@ -13,8 +13,8 @@ need CUDA, so this module registers a CPU one under `BACKEND`:
   broadcasts the tensors an update carries (cast to the engine's dtype, digested as they go)
   while the engine's `update_weights` RPC runs.
 
-Pausing, prefix-cache reset, versions and the digest comparison stay in `RolloutEngine`, the same
-for every transport.
+`GlooTransport` is the trainer side as an update's transport: pausing, prefix-cache reset,
+versions and the digest comparison are weights/update.py's, the same for every transport.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterator, Protocol
 
 import torch
 from vllm.distributed.weight_transfer.base import (ParamMeta, TrainerInitInfo,
@@ -35,6 +35,7 @@ from vllm.distributed.weight_transfer.base import (ParamMeta, TrainerInitInfo,
 from parityrl.weights import GLOO_BACKEND as BACKEND
 from parityrl.weights.digest import tensor_digest
 from parityrl.weights.shm_file import unique_tensors
+from parityrl.weights.update import WeightsPayload, checked_against_checkpoint
 
 
 def register() -> None:
@@ -223,3 +224,64 @@ class EngineGroupClient:
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self._each(lambda i, engine: engine.transfer_finish(weight_version))
+
+
+class GroupMember(Protocol):
+    """An engine in a gloo group: vLLM's weight-transfer calls, answered by its engine (a
+    RolloutEngine here, or a Ray actor's through its stand-in)."""
+
+    async def transfer_init(self, init_info: dict) -> None: ...
+
+    async def transfer_start(self) -> None: ...
+
+    async def transfer_update(self, update_info: dict) -> None: ...
+
+    async def transfer_finish(self, weight_version: str | None = None) -> None: ...
+
+
+class GlooTransport:
+    """One broadcast reaches every engine of a group (weights/update.py drives it): rank 0 the
+    trainer, engine i's worker at rank 1 + i. The trainer's digests fill in as the tensors go
+    out; each engine's worker reports its own after vLLM's finish_weight_update."""
+
+    def __init__(self, transfer: GlooTrainerTransfer, dtype: str, timeout: float) -> None:
+        self.transfer = transfer
+        self.dtype = dtype
+        self.timeout = timeout  # seconds for one broadcast; more means a stuck engine
+        self._source: StateDictSource | None = None
+
+    @classmethod
+    async def join(cls, engines: list[GroupMember], address: str, dtype: str,
+                   timeout: float) -> "GlooTransport":
+        """The group, created through vLLM's trainer factory while the engines join it in their
+        own calls."""
+        from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
+
+        register()
+        info = GlooTrainerInitInfo(master_address=address, master_port=free_port(address),
+                                   world_size=1 + len(engines), rank_offset=1, rank=0)
+        client = EngineGroupClient(engines, asyncio.get_running_loop(), timeout)
+        transfer = await asyncio.to_thread(WeightTransferTrainerFactory.trainer_init, info,
+                                           client=client)
+        return cls(transfer, dtype, timeout)
+
+    def prepare(self, payload: WeightsPayload) -> dict[str, str]:
+        self._source = StateDictSource(payload.state_dict, getattr(torch, self.dtype),
+                                       payload.skip)
+        return self._source.digests
+
+    async def load(self, engines) -> list[dict]:
+        start = time.perf_counter()
+        self.transfer.source = self._source
+        await asyncio.wait_for(asyncio.to_thread(self.transfer.send_weights), self.timeout)
+        loaded = time.perf_counter() - start
+        results = await asyncio.gather(*(e.worker_call("parityrl_finish_transfer")
+                                         for e in engines))
+        return [result | {"load_seconds": loaded} for result in results]
+
+    writes_ahead = False
+    check = staticmethod(checked_against_checkpoint)
+
+    async def loaded(self, engines) -> None:
+        pass
+

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from parityrl.core.errors import UserError
-from parityrl.weights.digest import tensor_digest
+from parityrl.weights.digest import DigestCheck, compare_digests, tensor_digest
+from parityrl.weights.update import UpdateTarget
 
 PEFT_PREFIX = "base_model.model."
 # vLLM 0.32's LoRAConfig.max_lora_rank choices: an adapter's rank is padded up to one of them.
@@ -83,3 +86,59 @@ def engine_digests(tensors: dict[str, torch.Tensor], settings: dict, dtype: torc
     """`engine_slots`, digested: what the worker's digests of its slots must equal."""
     return {name: tensor_digest(slot)
             for name, slot in engine_slots(tensors, settings, dtype, max_rank).items()}
+
+
+@dataclass
+class AdapterPayload:
+    """A LoRA adapter: its PEFT-named tensors, rank/alpha/rslora/targets, and the name it is
+    loaded under (each version its own: vLLM keys prefix-cache entries by adapter name and path,
+    not by weights)."""
+
+    tensors: dict[str, torch.Tensor]
+    settings: dict
+    name: str
+    skip: frozenset[str] | set[str] = frozenset()  # left out of the folder (tests: digests catch it)
+
+
+class AdapterTarget(UpdateTarget, Protocol):
+    def use_adapter(self, name: str, folder: Path) -> None:
+        """Generate with the adapter loaded from `folder` from now on."""
+        ...
+
+
+class AdapterFolderTransport:
+    """The adapter's transport (weights/update.py drives it): a PEFT folder in `root`, loaded by
+    vLLM's own worker `add_lora` with `load_inplace` into the one slot, which the worker then
+    digests; requests in flight continue on the new adapter."""
+
+    def __init__(self, root: Path, base_model: str, dtype: str, max_rank: int) -> None:
+        self.root = Path(root)
+        self.base_model = base_model
+        self.dtype = getattr(torch, dtype)
+        self.max_rank = max_rank
+        self._name = ""
+        self._folder: Path | None = None
+
+    def prepare(self, payload: AdapterPayload) -> dict[str, str]:
+        self._name = payload.name
+        kept = {n: t for n, t in payload.tensors.items() if n not in payload.skip}
+        self._folder = write_peft_folder(self.root / f"adapter-{payload.name}", kept,
+                                         payload.settings, base_model=self.base_model,
+                                         dtype=self.dtype)
+        return engine_digests(payload.tensors, payload.settings, self.dtype, self.max_rank)
+
+    async def load(self, engines) -> list[dict]:
+        return [await e.worker_call("parityrl_load_adapter", self._name, 1, str(self._folder))
+                for e in engines]
+
+    writes_ahead = True
+
+    def check(self, engine, sent: dict[str, str], result: dict) -> DigestCheck:
+        check = compare_digests(sent, result["digests"], set(sent))
+        # Names the engine holds beyond the trainer's adapter: a stale slot elsewhere.
+        check.unexpected = sorted(set(result["nonzero"]) - set(sent))
+        return check
+
+    async def loaded(self, engines: list[AdapterTarget]) -> None:
+        for engine in engines:
+            engine.use_adapter(self._name, self._folder)

@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 
 from parityrl.weights.digest import tensor_digest
+from parityrl.weights.update import WeightsPayload, checked_against_checkpoint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -135,6 +136,35 @@ class SharedUpdateFile:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
             self.path = None
+
+
+class SharedFileTransport:
+    """The shared file as an update's transport (weights/update.py): one engine on this host.
+
+    Written while the engine still generates: after a reload the engine holds copies, never views
+    of the file (checked in the worker), so the file is free until the next reload reads it, and
+    generation pauses only for the reload itself."""
+
+    def __init__(self, folder: Path, dtype: str) -> None:
+        self.file = SharedUpdateFile(folder)
+        self.dtype = dtype
+
+    def prepare(self, payload: WeightsPayload) -> dict[str, str]:
+        _, sent = self.file.write(payload.state_dict, self.dtype, skip=payload.skip)
+        return sent
+
+    async def load(self, engines) -> list[dict]:
+        return [await e.worker_call("parityrl_load_weights", str(self.file.path))
+                for e in engines]
+
+    writes_ahead = True
+    check = staticmethod(checked_against_checkpoint)
+
+    async def loaded(self, engines) -> None:
+        pass
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class MappedUpdateFile:
