@@ -16,7 +16,13 @@ own update path (pause(keep) → in-place reload → digests → prefix-cache re
 caller meets an engine that holds exactly its folder's weights at version 0, as a fresh one would,
 and every hand-over is one more check of that path. Resource limits (context length, KV cache
 size, batch limits) and the engine seed are not part of the kind: an engine at least as large as
-asked serves, and the run's engine_settings.json says what it had.
+asked serves, and the run's engine_settings.json says what it had. The handle honours what the
+caller asked where it changes results: its `max_model_len` (a longer prompt is refused with
+vLLM's own error, a completion stops where that context ends, as vLLM caps it), and its seed (a
+request that brings none gets one drawn from the caller's seed, so a test's samples depend on its
+own seed and requests, never on what earlier tests asked of the engine). Batch limits and the KV
+cache size only change scheduling; a test that needs them exact (preemptions) starts a private
+engine and says so.
 
 The engines live on an event loop of their own, in a thread: tests and product code that run
 their own loops (asyncio.run in run_training, the doctor, the CLI) await them through the handle.
@@ -30,11 +36,14 @@ import asyncio
 import hashlib
 import json
 import os
+import random
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from parityrl.core.sampling import SamplingConfig
+from parityrl.engine.engine import generate_each
 from parityrl.engine.settings import EngineSettings
 
 # Not part of an engine's kind: a larger engine serves a smaller request.
@@ -249,6 +258,8 @@ class SharedEngine:
     def __init__(self, host: EngineHost, engine, settings: EngineSettings) -> None:
         self._host, self._engine = host, engine
         self.settings = engine.settings.model_copy(update={"model": settings.model})
+        self._asked = settings
+        self._seeds = random.Random(settings.seed)  # for requests that bring no seed
         self._closed = False
 
     @property
@@ -267,11 +278,31 @@ class SharedEngine:
             resolved["engine_started_from"] = started_from  # its weights replaced by a push
         return resolved
 
-    async def generate(self, *args, **kwargs):
-        return await self._host.on_host(self._engine.generate(*args, **kwargs))
+    async def generate(self, prompt_ids: list[int], sampling: SamplingConfig, *, n: int = 1,
+                       seed: int | None = None, group_id: int = 0):
+        sampling = self._within_asked_context(prompt_ids, sampling)
+        if seed is None:
+            seed = self._seeds.randrange(2**31)
+        return await self._host.on_host(self._engine.generate(prompt_ids, sampling, n=n, seed=seed,
+                                                              group_id=group_id))
 
-    async def generate_many(self, *args, **kwargs):
-        return await self._host.on_host(self._engine.generate_many(*args, **kwargs))
+    async def generate_many(self, prompts: list[list[int]], sampling: SamplingConfig, *,
+                            n: int = 1, seed: int | None = None):
+        return await generate_each(self.generate, prompts, sampling, n=n, seed=seed)
+
+    def _within_asked_context(self, prompt_ids: list[int], sampling: SamplingConfig):
+        """vLLM's own checks against the caller's max_model_len, not the engine's larger one."""
+        from vllm.exceptions import VLLMValidationError
+
+        limit = self._asked.max_model_len
+        if len(prompt_ids) >= limit:
+            raise VLLMValidationError(
+                f"The decoder prompt (length {len(prompt_ids)}) is longer than the maximum "
+                f"model length of {limit} (asked of a shared test engine).")
+        room = limit - len(prompt_ids)
+        if sampling.max_tokens > room:  # vLLM stops a request at max_model_len: "length"
+            return sampling.model_copy(update={"max_tokens": room})
+        return sampling
 
     async def update_weights(self, *args, **kwargs):
         self._host.mark_changed(self._engine)

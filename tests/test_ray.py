@@ -118,3 +118,25 @@ def test_a_moe_run_on_a_ray_engine_carries_routes_and_replays_them(model_factory
     assert all(r["mismatch/route_disagreement"] < 0.01 for r in rows), rows
     assert all(r["routing/recompute_max_abs_diff"] <= 1e-5 for r in rows), rows
     assert settings["routes_captured"] is True
+
+
+def test_a_ray_engine_answers_the_engine_interface_as_local_engines_do(tiny_model, ray_cluster):
+    """engine/interface.py: the driver's stand-in for an engine actor, alone in a gloo group of
+    its own, passes the check every local engine kind passes (tests/test_weight_sync.py)."""
+    import asyncio
+
+    from helpers import check_engine_interface
+
+    from parityrl.cluster.engine_role import RayEngine
+    from parityrl.config import RoleResources
+    from parityrl.engine.settings import EngineSettings
+
+    async def scenario():
+        engine = await RayEngine.start(EngineSettings(model=tiny_model, weight_transport="gloo"),
+                                       RoleResources(), join_transfer=True)
+        try:
+            await check_engine_interface(engine, tiny_model)
+        finally:
+            await engine.close()
+
+    asyncio.run(scenario())

@@ -164,23 +164,11 @@ def token_logprobs(
                                                completion_mask, sampling, logprobs_mode, sampled,
                                                routes)
     if exact is None or torch.is_grad_enabled():
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        with engine_routing(model, routes, attention_mask, replay_routes) as counted:
-            hidden = model.get_decoder()(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
-            ).last_hidden_state
+        picked, entropy, outside, counted = _model_logprobs(
+            model, input_ids, attention_mask, wanted, sampled, sampling, fp32_lm_head,
+            logprobs_mode, with_entropy, routes, replay_routes)
         if route_counts is None:  # bitwise: the kernel pass's routing is the one compared
-            route_counts = counted[0] if counted else None
-        # Only completion positions are projected: the [N, V] float32 logits are the memory peak.
-        logits = project_to_vocab(model, hidden[:, :-1][wanted], fp32_lm_head)
-        outside = torch.zeros_like(sampled, dtype=torch.bool)
-        if logprobs_mode == "raw_logprobs":
-            logprobs_all = _at_least_fp32(logits).log_softmax(-1)
-        else:
-            processed, outside = process_logits(logits, sampling, sampled)
-            logprobs_all = processed.log_softmax(-1)
-        picked = logprobs_all.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
-        entropy = _entropy(logprobs_all) if with_entropy else None
+            route_counts = counted
     if exact is not None:
         exact_picked, exact_all = exact
         exact_entropy = _entropy(exact_all) if with_entropy else None
@@ -192,13 +180,39 @@ def token_logprobs(
                 entropy = exact_entropy + (entropy - entropy.detach())
         else:
             picked, entropy = exact_picked, exact_entropy
+    return _aligned(targets, wanted, picked, entropy, outside, route_counts)
 
-    out_lp = torch.zeros(targets.shape, dtype=picked.dtype, device=input_ids.device)
+
+def _model_logprobs(model, input_ids, attention_mask, wanted, sampled, sampling, fp32_lm_head,
+                    logprobs_mode, with_entropy, routes, replay_routes):
+    """The model's own forward: each wanted position's logprob of its sampled token, the
+    entropy, which sampled tokens fall outside the kept set, and the routing counts (MoE)."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    with engine_routing(model, routes, attention_mask, replay_routes) as counted:
+        hidden = model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
+        ).last_hidden_state
+    # Only completion positions are projected: the [N, V] float32 logits are the memory peak.
+    logits = project_to_vocab(model, hidden[:, :-1][wanted], fp32_lm_head)
+    outside = torch.zeros_like(sampled, dtype=torch.bool)
+    if logprobs_mode == "raw_logprobs":
+        logprobs_all = _at_least_fp32(logits).log_softmax(-1)
+    else:
+        processed, outside = process_logits(logits, sampling, sampled)
+        logprobs_all = processed.log_softmax(-1)
+    picked = logprobs_all.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+    entropy = _entropy(logprobs_all) if with_entropy else None
+    return picked, entropy, outside, counted[0] if counted else None
+
+
+def _aligned(targets, wanted, picked, entropy, outside, route_counts) -> TokenLogprobs:
+    """The wanted positions' values placed in [B, T-1] tensors aligned with `targets`."""
+    out_lp = torch.zeros(targets.shape, dtype=picked.dtype, device=targets.device)
     out_lp[wanted] = picked
     out_ent = torch.zeros_like(out_lp)
-    if with_entropy:
+    if entropy is not None:
         out_ent[wanted] = entropy.to(out_ent.dtype)
-    out_outside = torch.zeros(targets.shape, dtype=torch.bool, device=input_ids.device)
+    out_outside = torch.zeros(targets.shape, dtype=torch.bool, device=targets.device)
     out_outside[wanted] = outside
     return TokenLogprobs(logprobs=out_lp, entropy=out_ent, mask=wanted, outside_nucleus=out_outside,
                          routes=route_counts)
