@@ -1,6 +1,6 @@
 """The run configuration: typed, from YAML, with dotted CLI overrides, written out resolved.
 
-    cfg = load_config("configs/reference.yaml", ["trainer.lr=1e-4", "max_steps=20"])
+    cfg = load_config("configs/reference.yaml", ["trainer.optim.lr=1e-4", "max_steps=20"])
 
 Defaults < YAML < overrides. Unknown keys and wrong types are a one-line UserError. Every process
 or actor of a run receives this one object (or its dump in the run directory).
@@ -43,21 +43,27 @@ class ActorConfig(_Strict):
                                  "engine: it is restarted. None = wait forever.")
     max_restarts: int = Field(3, ge=0, description="Engine restarts allowed within "
                                                    "restart_window_s before the run stops.")
-    restart_window_s: float = Field(600.0, gt=0)
+    restart_window_s: float = Field(600.0, gt=0, description="Seconds over which engine "
+                                    "restarts are counted against max_restarts (a sliding "
+                                    "window).")
 
 
 class RoleResources(_Strict):
     """What one Ray actor of a role asks the cluster for (Ray's logical resources)."""
 
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0, description="Ray logical CPUs each actor of the role "
+                                                   "reserves (a cluster started for the run "
+                                                   "gets at least their sum).")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs each actor of the role reserves.")
     custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources, "
                                                                       "e.g. {node_a: 1}.")
 
 
 class ClusterResources(_Strict):
-    engine: RoleResources = RoleResources()
-    trainer: RoleResources = RoleResources()
+    engine: RoleResources = Field(RoleResources(), description="What each engine actor asks "
+                                                               "Ray for.")
+    trainer: RoleResources = Field(RoleResources(), description="What each trainer rank's actor "
+                                                                "asks Ray for.")
 
 
 class ClusterConfig(_Strict):
@@ -81,7 +87,8 @@ class ClusterConfig(_Strict):
                           "which AdamW amplifies where a gradient is near zero).")
     object_store_mib: int = Field(512, ge=80, description="ray, cluster started for the run: "
                                                           "the object store's size (/dev/shm).")
-    resources: ClusterResources = ClusterResources()
+    resources: ClusterResources = Field(ClusterResources(), description="ray: the logical "
+                                        "resources each role's actors ask for (placement).")
 
 
 class CheckpointConfig(_Strict):
@@ -90,28 +97,43 @@ class CheckpointConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    name: str = "run"
-    seed: int = 0
-    max_steps: int = Field(100, ge=1)
+    name: str = Field("run", description="Names the run directory (`runs/<name>-<date>-<time>` "
+                                         "unless --out is given) and the progress bar.")
+    seed: int = Field(0, description="Seeds the trainer (torch, random; a LoRA adapter's "
+                                     "initialisation), the engine, and each group's sampling.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps to train; the run ends after "
+                                                  "the last one.")
     mode: Literal["async", "sync"] = Field(
         "async", description="async: pipeline RL with in-flight weight updates; sync: generate a "
                              "batch, train, update, repeat (the conventional baseline).")
     model: str = Field("builtin:arithmetic-warm",
                        description="Hugging Face model folder, or builtin:<name> (models/builtin.py).")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights and activations dtype of both the engine and the trainer "
+                               "(float16: trainer.optim.loss_scale.mode=auto becomes dynamic).")
     sync_every: int = Field(1, ge=1, description="Push weights every N optimizer steps.")
     engine: EngineKnobs = Field(EngineKnobs(), description="engine/settings.py: every "
                                 "numerics knob and resource limit of vLLM.")
-    sampling: SamplingConfig = SamplingConfig(temperature=1.0, max_tokens=16)
-    cluster: ClusterConfig = ClusterConfig()
-    task: TaskConfig = Field(default_factory=lambda: _default_task())
+    sampling: SamplingConfig = Field(
+        SamplingConfig(temperature=1.0, max_tokens=16), description="core/sampling.py: what "
+        "each rollout request samples with; the trainer applies the same processing.")
+    cluster: ClusterConfig = Field(ClusterConfig(), description="Where the engines and the "
+                                   "trainer run: this host, or Ray actors.")
+    task: TaskConfig = Field(default_factory=lambda: _default_task(), description="The problems "
+                             "and their reward, chosen by `type` (tasks/).")
     env: EnvConfig | None = Field(None, description="Multi-turn episodes on the task's problems "
                                                     "(tasks/environment.py); None = single turn.")
-    actor: ActorConfig = ActorConfig()
-    trainer: TrainerConfig = TrainerConfig()
-    parity: ParityConfig = ParityConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    tensorboard: bool = True
+    actor: ActorConfig = Field(ActorConfig(), description="The rollout actor: group sizes, "
+                               "how far generation may run ahead, failure limits.")
+    trainer: TrainerConfig = Field(TrainerConfig(), description="trainer/config.py: the policy "
+                                   "update (loss, corrections, advantages, optimizer, LoRA).")
+    parity: ParityConfig = Field(ParityConfig(), description="Engine/trainer logprob parity: "
+                                 "bitwise mode, the live mismatch measurement and its alarm.")
+    checkpoint: CheckpointConfig = Field(CheckpointConfig(), description="Checkpoints in the "
+                                         "run directory (resume with --resume).")
+    tensorboard: bool = Field(True, description="Also write the metrics as TensorBoard scalars "
+                                                "(`<run_dir>/tb`); metrics.jsonl is always "
+                                                "written.")
     eval_every: int = Field(0, ge=0, description="Greedy accuracy on held-out problems before "
                                                  "training, every N steps and at the end; 0 = off.")
     eval_size: int = Field(200, ge=1, description="Held-out problems per evaluation (at most).")

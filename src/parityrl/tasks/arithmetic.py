@@ -33,7 +33,9 @@ class ArithmeticConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: Literal["arithmetic"] = "arithmetic"
+    type: Literal["arithmetic"] = Field("arithmetic", description="Generated two-operand "
+                                        "integer problems; reward 1 when the completion's number "
+                                        "is the answer, else 0.")
     digits: int = Field(
         2, ge=1, le=6, description="Operands are drawn uniformly from 0..10**digits-1."
     )

@@ -42,7 +42,10 @@ class EnvConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["calculator", "python"] = "calculator"
+    type: Literal["calculator", "python"] = Field(
+        "calculator", description="calculator: the built-in tool environment (tasks/calculator.py: "
+                                  "CALC(expression) calls answered between turns); python: the "
+                                  "environment env.factory returns.")
     factory: str | None = Field(None, description='python: "package.module:function" called '
                                                   "with the task, returning an environment.")
     max_turns: int = Field(3, ge=1, description="Assistant turns per episode at most.")

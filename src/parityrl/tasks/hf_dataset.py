@@ -53,7 +53,8 @@ class HFDatasetConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: Literal["hf_dataset"] = "hf_dataset"
+    type: Literal["hf_dataset"] = Field("hf_dataset", description="Rows of a local Hugging "
+                                        "Face dataset, scored by TRL-signature reward functions.")
     path: str = Field(description="A data file (parquet, json, jsonl, csv, arrow), a folder of "
                                   "them, or a folder saved by datasets' save_to_disk.")
     split: str = Field("train", description="The split to train on when the path holds several.")

@@ -21,10 +21,11 @@ class Strict(BaseModel):
 
 
 class OptimConfig(Strict):
-    lr: float = Field(1e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (constant).")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW's (beta1, beta2).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this "
+                                                    "before each step.")
     tokens_per_microbatch: int = Field(8192, ge=1, description="Gradient accumulation budget.")
     master_weights: Literal["float32", "model"] = Field(
         "float32", description="bfloat16/float16 models: the optimizer steps float32 master "
@@ -49,7 +50,9 @@ class TrainerConfig(Strict):
     fp32_lm_head: bool = Field(True, description="lm_head projection in float32.")
     lora: LoRAConfig | None = Field(None, description="Train a LoRA adapter; None = every "
                                                       "weight (full fine-tuning).")
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="The trainer model's attention in transformers (and the KL "
+                            "reference model's): sdpa (torch's fused kernel) or eager.")
     moe_routing: Literal["recompute", "replay"] = Field(
         "recompute", description="Mixture-of-experts models: route by the trainer's own router "
                                  "(recompute), or send each position to the experts the engine "
@@ -57,19 +60,27 @@ class TrainerConfig(Strict):
     max_nonfinite_steps: int = Field(
         3, ge=1, description="Consecutive steps with a non-finite gradient (not applied) before "
                              "the run stops.")
-    loss: LossConfig = LossConfig()
-    correction: CorrectionConfig = CorrectionConfig()
-    advantage: AdvantageConfig = AdvantageConfig()
-    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = Field(LossConfig(), description="trainer/objectives.py: the policy "
+                             "loss.")
+    correction: CorrectionConfig = Field(CorrectionConfig(), description="trainer/objectives.py: "
+                                         "objective-side correction for the engine/trainer gap "
+                                         "(off by default: fix parity first).")
+    advantage: AdvantageConfig = Field(AdvantageConfig(), description="trainer/advantages.py: "
+                                       "group-relative advantages.")
+    optim: OptimConfig = Field(OptimConfig(), description="The AdamW optimizer, gradient "
+                               "accumulation and clipping.")
 
 
 class ParityConfig(Strict):
     mode: Literal["default", "bitwise"] = Field(
         "default", description="bitwise: the trainer scores tokens with the engine's own kernels "
-                               "(trainer/engine_kernels.py), equal bit for bit; float32, CPU "
-                               "engine, single turn. The engine knobs it needs are set for you.")
+                               "(trainer/engine_kernels.py), equal bit for bit, multi-turn "
+                               "episodes included; float32, CPU engine, cluster.backend=local. "
+                               "The engine knobs it needs are set for you.")
     alarm_kl_k3: float = Field(1e-3, gt=0, description="Alarm when mismatch/kl_k3 exceeds this.")
-    on_alarm: Literal["warn", "stop", "ignore"] = "warn"
+    on_alarm: Literal["warn", "stop", "ignore"] = Field(
+        "warn", description="When mismatch/kl_k3 exceeds alarm_kl_k3: warn (print the alarm and "
+                            "the doctor command, go on), stop (end the run), ignore (no check).")
     probe_rollouts: int = Field(64, ge=0, description="Queued rollouts sampled by the current "
                                                        "weights scored each step for parity.")
     probe_wait_s: float = Field(1.0, ge=0, description="How long a step waits for the first such "
