@@ -80,3 +80,31 @@ def test_no_function_over_80_lines_but_those_the_architecture_note_lists():
     long = _long_functions()
     assert set(long) <= listed, {k: v for k, v in long.items() if k not in listed}
     assert listed <= set(long), f"listed but no longer long: {sorted(listed - set(long))}"
+
+
+def _unexplained_local_imports() -> list[str]:
+    """Imports of parityrl's own modules inside a function body without a comment (on the line
+    or the line above) that says why it is not at the top of the module."""
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for inner in ast.walk(node):
+                own = (isinstance(inner, ast.ImportFrom) and (inner.module or "").startswith(
+                    "parityrl")) or (isinstance(inner, ast.Import) and any(
+                        a.name.startswith("parityrl") for a in inner.names))
+                if not own:
+                    continue
+                here = lines[inner.lineno - 1:inner.end_lineno]
+                above = lines[inner.lineno - 2].strip()
+                if not any("#" in line for line in here) and not above.startswith("#"):
+                    found.append(f"{path.relative_to(SRC.parent)}:{inner.lineno}")
+    return found
+
+
+def test_function_level_imports_of_our_own_modules_say_why():
+    """Imports belong at the top of a module; one inside a function keeps a module light (the
+    CLI's --help) or defers vLLM, Ray or TRL, and says so."""
+    assert _unexplained_local_imports() == []

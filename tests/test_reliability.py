@@ -3,6 +3,7 @@ a kill during a checkpoint write, impossible configurations."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -128,7 +129,7 @@ def test_a_run_through_every_process_fault_loses_and_repeats_no_step(
        cleanly, and leaves nothing in /dev/shm."""
     from safetensors.torch import load_file
 
-    from parityrl.pipeline import Pipeline
+    from parityrl.pipeline import set_up_run
 
     plain = config(tiny_model, prompts_file, max_steps=8)
     cfg_file = tmp_path / "run.yaml"
@@ -160,8 +161,8 @@ def test_a_run_through_every_process_fault_loses_and_repeats_no_step(
         ".tmp-step-000004", "step-000002"]
 
     # What --resume restores equals what was saved, tensor by tensor.
-    pipeline = Pipeline(build_config(plain), run_dir, resume=True, on_message=lambda m: None)
-    pipeline._build_trainer()
+    pipeline = asyncio.run(set_up_run(build_config(plain), run_dir, resume=True,
+                                      say=lambda m: None))
     trainer = pipeline.trainer
     for name, tensor in load_file(str(saved / "model.safetensors")).items():
         assert torch.equal(trainer.model.state_dict()[name], tensor), name

@@ -99,7 +99,7 @@ def test_kl_and_entropy_terms_change_the_gradient_and_are_reported(tiny_model):
     assert metrics["kl/ref_k3"] > 0
     name = "model.layers.0.mlp.down_proj.weight"
     # Against a reference that differs from the policy, the KL term has a gradient of its own.
-    from parityrl.doctor.ladder import perturb_in_place
+    from parityrl.doctor.session import perturb_in_place
 
     away = make_trainer(tiny_model, trainer={"loss": {"kl_coef": 0.5}})
     perturb_in_place(away.ref_model, 0.05, seed=1)
@@ -143,24 +143,22 @@ def test_compare_with_an_extra_reference_seed_widens_the_band(tmp_path):
 
 def test_samples_are_logged_and_a_reward_stuck_at_zero_is_announced_once(tmp_path, tiny_model):
     from parityrl.models.tokenizer import load_tokenizer
-    from parityrl.pipeline import Pipeline
+    from parityrl.pipeline import SampleLog
     from parityrl.runlog import JsonlLog, MetricsWriter, read_metrics
 
     cfg = build_config({"model": tiny_model, "samples_every": 2, "samples_per_log": 3})
     messages: list[str] = []
-    pipeline = Pipeline(cfg, tmp_path, on_message=messages.append)
-    pipeline.tokenizer = load_tokenizer(tiny_model)
-    pipeline.samples_log = JsonlLog(tmp_path / "samples.jsonl")
-    pipeline.writer = MetricsWriter(tmp_path, tensorboard=True)
-    pipeline.zero_reward_steps = 0
+    samples_log = JsonlLog(tmp_path / "samples.jsonl")
+    writer = MetricsWriter(tmp_path, tensorboard=True)
+    log_samples = SampleLog(cfg, load_tokenizer(tiny_model), samples_log, writer, messages.append)
     batch = groups()
     for r in (r for g in batch for r in g):
         r.meta.update(prompt="12+7=", answer="19")
         r.reward = 0.0
     for step in range(1, 6):
-        pipeline._log_samples(step, batch, {"rl/reward_mean": 0.0})
-    pipeline.samples_log.close()
-    pipeline.writer.close()
+        log_samples(step, batch, {"rl/reward_mean": 0.0})
+    samples_log.close()
+    writer.close()
     rows = read_metrics(tmp_path / "samples.jsonl")
     assert [r["step"] for r in rows] == [1, 1, 1, 2, 2, 2, 4, 4, 4]
     assert {"prompt", "completion", "reward", "answer", "versions"} <= set(rows[0])

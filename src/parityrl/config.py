@@ -14,12 +14,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from parityrl.engine.settings import BITWISE_KNOBS, EngineKnobs, EngineSettings
 from parityrl.core.errors import UserError
 from parityrl.core.sampling import SamplingConfig
+from parityrl.engine.settings import BITWISE_KNOBS, EngineKnobs, EngineSettings
+from parityrl.tasks.arithmetic import ArithmeticConfig
 from parityrl.tasks.environment import EnvConfig
 from parityrl.tasks.registry import TaskConfig
 from parityrl.trainer.config import ParityConfig, TrainerConfig
+from parityrl.weights.lora_folder import engine_max_rank
 
 
 class _Strict(BaseModel):
@@ -213,8 +215,6 @@ class RunConfig(_Strict):
         lora = self.trainer.lora
         if lora is None:
             return
-        from parityrl.weights.lora_folder import engine_max_rank
-
         if self.cluster.trainer_ranks > 1:
             raise ValueError("trainer.lora with cluster.trainer_ranks > 1 is not built yet: the "
                              "adapter trains on one rank (FSDP2 sharding of adapters is not wired)")
@@ -240,8 +240,6 @@ class RunConfig(_Strict):
 
 
 def _default_task():
-    from parityrl.tasks.arithmetic import ArithmeticConfig
-
     return ArithmeticConfig()
 
 

@@ -20,7 +20,14 @@ import time
 from pathlib import Path
 
 from parityrl.config import RunConfig, build_config, merge_trees, parse_overrides
-from parityrl.models.warm_start import ANSWER_TOKENS, DEMO_TASK, WARMUP, build_warm_started_model
+from parityrl.models.warm_start import (
+    ANSWER_TOKENS,
+    DEMO_TASK,
+    WARMUP,
+    build_warm_started_model,
+)
+from parityrl.pipeline import run_training
+from parityrl.progress import training_progress
 
 
 def demo_config(model_dir: Path, **overrides) -> RunConfig:
@@ -45,9 +52,6 @@ def demo_config(model_dir: Path, **overrides) -> RunConfig:
 
 
 def run_demo(out: Path, console_print=print, warmup: dict | None = None, **overrides) -> dict:
-    from parityrl.pipeline import run_training
-    from parityrl.progress import training_progress
-
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     warmup = {**WARMUP, **(warmup or {})}

@@ -19,15 +19,18 @@ import json
 import shutil
 from pathlib import Path
 
+from parityrl.config import load_config
 from parityrl.core.errors import UserError
+from parityrl.models.builtin import resolve_model
+from parityrl.models.load import check_model_folder
+from parityrl.trainer.checkpoint import latest_checkpoint
+from parityrl.weights.lora_folder import lora_scale, write_peft_folder
 
 # Files of the source model folder that describe weights, not the model: never copied.
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 def find_checkpoint(source: Path) -> Path:
-    from parityrl.trainer.checkpoint import latest_checkpoint
-
     if (source / "state.json").exists() and (source / "model.safetensors").exists():
         return source
     if (source / "config.yaml").exists():
@@ -42,8 +45,6 @@ def merged_weights(model_dir: Path, adapter: dict, lora: dict, dtype: str) -> di
     """The model folder's weights with the adapter merged in: W + s·B·A (float32, then `dtype`)."""
     import torch
     from safetensors.torch import load_file
-
-    from parityrl.weights.lora_folder import lora_scale
 
     weights = {}
     for file in sorted(model_dir.glob("*.safetensors")):
@@ -63,10 +64,6 @@ def export_checkpoint(source: str | Path, out: str | Path, overwrite: bool = Fal
                       merge: bool = False) -> Path:
     from safetensors.torch import load_file, save_file
 
-    from parityrl.config import load_config
-    from parityrl.models.builtin import resolve_model
-    from parityrl.models.load import check_model_folder
-
     checkpoint = find_checkpoint(Path(source))
     run_dir = checkpoint.parent.parent
     out = Path(out)
@@ -83,8 +80,6 @@ def export_checkpoint(source: str | Path, out: str | Path, overwrite: bool = Fal
     tmp.mkdir(parents=True)
     saved = load_file(str(checkpoint / "model.safetensors"))
     if lora is not None and not merge:
-        from parityrl.weights.lora_folder import write_peft_folder
-
         write_peft_folder(tmp, saved, lora, base_model=str(model_dir))
     else:
         for item in model_dir.iterdir():

@@ -7,25 +7,54 @@ trainer takes `prompts_per_step` finished groups, drops those staler than `max_l
 optimizer step (in a worker thread, so the event loop keeps feeding the engine), then pushes its
 weights into the running engine (pause → reload → resume; requests in flight are kept).
 sync mode: generate a batch, train, push, repeat — the conventional baseline, on the same code.
+
+A run: `set_up_run` builds its `RunContext` once (the model and its tokenizer, the trainer from
+`start_trainer`, local or Ray, restored with --resume, the ledger, the task and its environment).
+`Pipeline` starts the engine and the actor on it, opens the step logs (`RunLogs`), and steps.
+A step (`Pipeline._train_step`) learns (accumulate, parity probe, float64 scoring), applies the
+update and pushes the weights, keeps the ledger, and returns its metrics; `AfterStep` then runs,
+in this order: the held-out evaluation (its accuracy joins the step's metrics), the metrics row,
+the samples (and the zero-reward warning), the caller's `on_step`, the parity alarm, the
+checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-import torch
-
+from parityrl.cluster.engine_role import ray_engine_starter
+from parityrl.cluster.ray_cluster import RayCluster, write_cluster_json
+from parityrl.cluster.trainer_role import RayTrainerGroup
 from parityrl.config import RunConfig, engine_settings
 from parityrl.core.errors import UserError
-from parityrl.rollouts.actor import ActorLimits, RunStopped, is_engine_death
-from parityrl.rollouts.ledger import Ledger
 from parityrl.core.rollout import Group
+from parityrl.engine.pool import EnginePool
+from parityrl.hardware import bfloat16_warning
+from parityrl.models.builtin import resolve_model
+from parityrl.models.policy import build_trainer, seed_process
+from parityrl.models.tokenizer import load_tokenizer
+from parityrl.plots import plot_run
+from parityrl.rollouts.actor import Actor, ActorLimits, RunStopped, is_engine_death
+from parityrl.rollouts.episode import EpisodeLimits
+from parityrl.rollouts.evaluate import greedy_accuracy
+from parityrl.rollouts.ledger import Ledger
+from parityrl.rollouts.stream import InProcessStream
+from parityrl.runlog import ErrorLog, JsonlLog, MetricsWriter, write_run_files
+from parityrl.tasks.prompts import has_chat_template
+from parityrl.tasks.registry import build_environment, build_task
+from parityrl.trainer.checkpoint import latest_checkpoint
+from parityrl.weights.update import UpdateReport
+
+if TYPE_CHECKING:
+    from parityrl.core.sampling import SamplingConfig
+    from parityrl.tasks.base import Task
+    from parityrl.tasks.environment import Environment
+    from parityrl.trainer.trainer import Trainer
 
 
 def actor_limits(cfg: RunConfig) -> ActorLimits:
@@ -72,242 +101,271 @@ def parity_alarm(metrics: dict, cfg: RunConfig) -> str | None:
     return None
 
 
-class Pipeline:
-    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False,
-                 on_step: Callable[[int, dict], None] | None = None,
-                 on_message: Callable[[str], None] = print) -> None:
-        self.cfg = cfg
-        self.run_dir = run_dir
-        self.resume = resume
-        self.on_step = on_step or (lambda step, metrics: None)
-        self.on_message = on_message
+# -- set-up: the run's context, built once ---------------------------------------------------------
+@dataclass(frozen=True)
+class RunContext:
+    """What a run is set up with, built once by `set_up_run` before its engine starts."""
 
-    # -- set-up ---------------------------------------------------------------------------------
-    def _build_trainer(self):
-        """The tokenizer, and the trainer in this process (`cluster.backend: local`)."""
-        from parityrl.cluster.trainer_role import build_trainer
-        from parityrl.trainer.checkpoint import latest_checkpoint
+    cfg: RunConfig
+    run_dir: Path
+    say: Callable[[str], None]  # a line for the person running it (the console by default)
+    model_dir: Path
+    tokenizer: Any
+    pad_id: int
+    trainer: Trainer | RayTrainerGroup  # in this process, or the Ray ranks (cluster.backend)
+    ledger: Ledger  # which problems are done: the data position, restored with --resume
+    start_step: int  # the restored checkpoint's step; 0 for a new run
+    task: Task
+    env: Environment | None  # the multi-turn environment (cfg.env), or None
+    errors: ErrorLog  # errors.log: the first traceback of each kind of failure
 
-        self._load_tokenizer()
-        self.trainer = build_trainer(self.cfg, self.model_dir, self.pad_id)
-        self.start_step, self.ledger = 0, Ledger()
-        if self.resume:
-            self._restore(latest_checkpoint(self.run_dir))
-
-    async def _build_ray_trainer(self):
-        """The tokenizer here, the trainer ranks as Ray actors (`cluster.backend: ray`)."""
-        from parityrl.cluster.trainer_role import RayTrainerGroup
-        from parityrl.trainer.checkpoint import latest_checkpoint
-
-        self._load_tokenizer()
-        random.seed(self.cfg.seed)  # this process's share of what build_trainer seeds
-        torch.manual_seed(self.cfg.seed)
-        self.trainer = await RayTrainerGroup.start(self.cfg, self.model_dir, self.pad_id)
-        self.start_step, self.ledger = 0, Ledger()
-        if self.resume:
-            self._restore(latest_checkpoint(self.run_dir))
-
-    def _load_tokenizer(self) -> None:
-        from parityrl.models.builtin import resolve_model
-        from parityrl.models.tokenizer import load_tokenizer
-
-        self.model_dir = resolve_model(self.cfg.model, say=self.on_message)
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                       else 0)
-
-    def _restore(self, ckpt: Path | None) -> None:
-        if ckpt is None:
-            raise UserError(f"nothing to resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-        state = self.trainer.restore(ckpt)
-        self.start_step = state.step
-        self.ledger = Ledger(state.data_position, state.extra.get("done_above", []))
-        self.on_message(f"resuming {self.run_dir} from step {state.step}")
-
-    def _sampling(self):
+    def sampling(self) -> SamplingConfig:
+        """The run's sampling, the tokenizer's end-of-sequence token among its stop tokens."""
         eos = self.tokenizer.eos_token_id
         stops = set(self.cfg.sampling.stop_token_ids) | ({eos} if eos is not None else set())
         return self.cfg.sampling.model_copy(update={"stop_token_ids": tuple(sorted(stops))})
 
-    # -- the loop -------------------------------------------------------------------------------
-    async def run(self) -> TrainResult:
-        from parityrl.hardware import bfloat16_warning
+    def close(self) -> None:
+        close_trainer(self.cfg, self.trainer)
 
-        cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        warning = bfloat16_warning(cfg.dtype)
-        if warning:
-            self.on_message(warning)
-        if cfg.cluster.backend == "ray":
-            from parityrl.cluster.ray_cluster import RayCluster
 
-            with RayCluster(cfg.cluster):
-                try:
-                    await self._build_ray_trainer()
-                    return await self._run()
-                finally:
-                    if getattr(self, "trainer", None) is not None:
-                        self.trainer.close()
-        self._build_trainer()
-        return await self._run()
-
-    async def _run(self) -> TrainResult:
-        from parityrl.plots import plot_run
-        from parityrl.rollouts.actor import Actor
-        from parityrl.runlog import ErrorLog, JsonlLog, MetricsWriter, write_run_files
-        from parityrl.tasks.registry import build_task
-
-        cfg = self.cfg
+async def set_up_run(cfg: RunConfig, run_dir: Path, resume: bool = False,
+                     say: Callable[[str], None] = print) -> RunContext:
+    """The model resolved and its tokenizer loaded, the trainer started (and with `resume`
+    restored from the last checkpoint in `run_dir`), the task and its environment built."""
+    model_dir = resolve_model(cfg.model, say=say)
+    tokenizer = load_tokenizer(model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    trainer = await start_trainer(cfg, model_dir, pad_id)
+    try:
+        start_step, ledger = restore(trainer, run_dir, say) if resume else (0, Ledger())
         task = build_task(cfg.task)
-        self.env = self._build_env(task)
-        limits = actor_limits(cfg)
+        env = build_env(cfg, task, tokenizer)
+    except BaseException:
+        close_trainer(cfg, trainer)
+        raise
+    return RunContext(cfg, run_dir, say, model_dir, tokenizer, pad_id, trainer, ledger,
+                      start_step, task, env, ErrorLog(run_dir / "errors.log", say))
+
+
+async def start_trainer(cfg: RunConfig, model_dir: str | Path,
+                        pad_id: int) -> Trainer | RayTrainerGroup:
+    """The run's trainer: built in this process (`cluster.backend: local`), or its ranks started
+    as Ray actors (`ray`), each of which builds the same one (models/policy.py)."""
+    if cfg.cluster.backend != "ray":
+        return build_trainer(cfg, model_dir, pad_id)
+
+    seed_process(cfg.seed)  # this process's share of what build_trainer seeds
+    return await RayTrainerGroup.start(cfg, model_dir, pad_id)
+
+
+def close_trainer(cfg: RunConfig, trainer) -> None:
+    """The Ray trainer ranks stopped (a trainer in this process needs nothing)."""
+    if cfg.cluster.backend == "ray":
+        trainer.close()
+
+
+def restore(trainer, run_dir: Path, say: Callable[[str], None]) -> tuple[int, Ledger]:
+    """The last checkpoint of `run_dir` into `trainer`: its step, and its ledger."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise UserError(f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}")
+    state = trainer.restore(ckpt)
+    ledger = Ledger(state.data_position, state.extra.get("done_above", []))
+    say(f"resuming {run_dir} from step {state.step}")
+    return state.step, ledger
+
+
+def build_env(cfg: RunConfig, task: Task, tokenizer) -> Environment | None:
+    if cfg.env is None:
+        return None
+    if not has_chat_template(tokenizer):
+        raise UserError(f"env: multi-turn episodes render observations with the chat "
+                        f"template, and {cfg.model} has none")
+    return build_environment(cfg.env, task)
+
+
+@dataclass
+class RunLogs:
+    """The step logs, opened once the engine runs (a run whose engine never started has none)."""
+
+    writer: MetricsWriter  # metrics.jsonl, and TensorBoard
+    problems: JsonlLog  # problems.jsonl: the ledger's outcomes of each step
+    samples: JsonlLog  # samples.jsonl
+
+    @classmethod
+    def open(cls, run_dir: Path, tensorboard: bool, resume_step: int) -> RunLogs:
+        return cls(MetricsWriter(run_dir, tensorboard, resume_step=resume_step),
+                   JsonlLog(run_dir / "problems.jsonl", resume_step),
+                   JsonlLog(run_dir / "samples.jsonl", resume_step))
+
+    def close(self) -> None:
+        self.writer.close()
+        self.problems.close()
+        self.samples.close()
+
+
+# -- a step's data -------------------------------------------------------------------------------
+@dataclass
+class StepBatch:
+    """What one step learns from: the groups taken, the samples dropped as too stale, when the
+    round began (and the engine's busy seconds then), and in async mode the stream that holds the
+    next groups (the parity probe's rollouts)."""
+
+    groups: list[Group]
+    dropped: int
+    start: float
+    busy_before: float
+    stream: Any = None
+
+
+@dataclass
+class Pushed:
+    """A step's weight push: the engines' pause, how many verified the weights, or the death of
+    the engine of `generation` it met (the step's bookkeeping replaces that engine)."""
+
+    generation: int
+    seconds: float = 0.0
+    verified: int | None = None
+    died: BaseException | None = None
+
+
+@dataclass
+class StepResult:
+    step: int
+    groups: list[Group]
+    metrics: dict  # the after-step hooks may add to it (eval/accuracy) before it is written
+
+
+# -- the engines -----------------------------------------------------------------------------------
+async def start_engines(ctx: RunContext) -> EnginePool:
+    """The run's engines: one (engine/source.py), several in this process, or Ray actors; always
+    one pool, so a restart never asks what kind of engine the run has. They hold the trainer's
+    policy before the first request (resumed runs, LoRA: a LoRA engine generates only with an
+    adapter)."""
+    cfg, trainer = ctx.cfg, ctx.trainer
+    starter = (ray_engine_starter(cfg.cluster.resources.engine) if cfg.cluster.backend == "ray"
+               else None)
+    engine = await EnginePool.start(engine_settings(cfg, ctx.model_dir), cfg.cluster.engines,
+                                    starter)
+    try:
+        if cfg.parity.mode == "bitwise":
+            trainer.use_engine_kernels(engine.resolved_settings())
+        if ctx.start_step or trainer.lora is not None:
+            await push_policy(trainer, engine, trainer.weights(), trainer.version)
+    except BaseException:
+        await engine.close()
+        raise
+    return engine
+
+
+async def push_policy(trainer, engine: EnginePool, weights: dict, version: int) -> UpdateReport:
+    """The trainer's policy into `engine`: every weight, or with LoRA the adapter only."""
+    if trainer.lora is not None:
+        return await engine.update_adapter(weights, trainer.lora, version=version)
+    return await engine.update_weights(weights, version=version)
+
+
+# -- the run ---------------------------------------------------------------------------------------
+class Pipeline:
+    """One run on its context: the engine, the actor that feeds the trainer, the step loop."""
+
+    def __init__(self, ctx: RunContext, engine: EnginePool,
+                 on_step: Callable[[int, dict], None] | None = None) -> None:
+        cfg = ctx.cfg
+        self.ctx = ctx
+        self.on_step = on_step or (lambda step, metrics: None)
+        # The context's parts the engine methods below use by these names.
+        self.cfg, self.run_dir, self.model_dir = cfg, ctx.run_dir, ctx.model_dir
+        self.trainer, self.on_message = ctx.trainer, ctx.say
         self.weights_lock = asyncio.Lock()  # a restart reads weights no optimizer step is writing
-        self.errors = ErrorLog(self.run_dir / "errors.log", self.on_message)
-        engine = await self._start_engine(push=bool(self.start_step))
-        writer = None
-        actor = Actor(engine, task, self.tokenizer, self._sampling(), cfg.actor.group_size,
-                      cfg.seed, limits, ledger=self.ledger,
-                      restart_engine=self._restart_engine, on_error=self.errors.record,
-                      env=self.env, env_config=cfg.env)
-        self.actor = actor
+        self.engine = engine  # the run's pool: `_restart_engine` replaces its engines in place
+        self.actor = Actor(engine, ctx.task, ctx.tokenizer, ctx.sampling(), cfg.actor.group_size,
+                           cfg.seed, actor_limits(cfg), ledger=ctx.ledger,
+                           restart_engine=self._restart_engine, on_error=ctx.errors.record,
+                           env=ctx.env, env_config=cfg.env)
+
+    async def run(self) -> TrainResult:
+        ctx, actor = self.ctx, self.actor
+        logs = None
         try:
-            write_run_files(self.run_dir, cfg, engine.resolved_settings())
-            self._write_cluster_json(engine)
-            writer = MetricsWriter(self.run_dir, cfg.tensorboard, resume_step=self.start_step)
-            self.problems_log = JsonlLog(self.run_dir / "problems.jsonl", self.start_step)
-            self.samples_log = JsonlLog(self.run_dir / "samples.jsonl", self.start_step)
-            self.writer = writer
-            self.zero_reward_steps = 0
-            self._task = task
-            before = None
-            if cfg.eval_every and not self.start_step:
-                before = await self._evaluate()
-                writer.write(0, {"eval/accuracy": before})
-                self.on_message(f"held-out greedy accuracy before training: {before:.3f}")
-            if cfg.mode == "async":
-                last = await self._run_async(actor, writer)
+            write_run_files(ctx.run_dir, ctx.cfg, self.engine.resolved_settings())
+            self._write_cluster_json(self.engine)
+            logs = RunLogs.open(ctx.run_dir, ctx.cfg.tensorboard, ctx.start_step)
+            before = await self._evaluate_before(logs.writer)
+            after_step = AfterStep(ctx, logs, self._evaluate, self.on_step)
+            if ctx.cfg.mode == "async":
+                last = await self._run_async(logs, after_step)
             else:
-                last = await self._run_sync(actor, writer)
+                last = await self._run_sync(logs, after_step)
         finally:
-            if writer is not None:
-                writer.close()
-                self.problems_log.close()
-                self.samples_log.close()
-            await actor.engine.close()
-        plot_run(self.run_dir)
-        return TrainResult(self.run_dir, self.trainer.version, last, before,
+            if logs is not None:
+                logs.close()
+            await self.engine.close()
+        plot_run(ctx.run_dir)
+        return TrainResult(ctx.run_dir, self.trainer.version, last, before,
                            last.get("eval/accuracy"))
 
-    async def _start_engine(self, push: bool):
-        from parityrl.engine.pool import EnginePool
-        from parityrl.engine.source import start_engine
-
-        settings = engine_settings(self.cfg, self.model_dir)
-        cluster = self.cfg.cluster
-        if cluster.backend == "ray":
-            from parityrl.cluster.engine_role import ray_engine_starter
-
-            engine = await EnginePool.start(settings, cluster.engines,
-                                            ray_engine_starter(cluster.resources.engine))
-        elif cluster.engines > 1:
-            engine = await EnginePool.start(settings, cluster.engines)
-        else:
-            engine = await start_engine(settings)
-        if self.cfg.parity.mode == "bitwise":
-            try:
-                self.trainer.use_engine_kernels(engine.resolved_settings())
-            except BaseException:
-                await engine.close()
-                raise
-        # The trainer's weights, not the folder's (resume, restart); a LoRA engine always gets
-        # the trainer's adapter before its first request (it generates with an adapter only).
-        if push or self._lora is not None:
-            try:
-                await self._push(engine, self.trainer.weights(), self.trainer.version)
-            except BaseException:
-                await engine.close()
-                raise
-        return engine
-
-    @property
-    def _lora(self) -> dict | None:
-        return getattr(self.trainer, "lora", None)
-
-    async def _push(self, engine, weights: dict, version: int):
-        """The trainer's policy into `engine`: every weight, or with LoRA the adapter only."""
-        if self._lora is not None:
-            return await engine.update_adapter(weights, self._lora, version=version)
-        return await engine.update_weights(weights, version=version)
-
-    def _write_cluster_json(self, engine) -> None:
+    # -- the engine ------------------------------------------------------------------------------
+    def _write_cluster_json(self, engine: EnginePool) -> None:
         if self.cfg.cluster.backend != "ray":
             return
-        from parityrl.cluster.ray_cluster import write_cluster_json
-
         write_cluster_json(self.run_dir, self.cfg.cluster, {
             "engines": [e.where | {"cpu_threads_bind": e.settings.cpu_threads_bind}
                         for e in engine.engines],
             "trainer_ranks": self.trainer.where})
 
-    async def _restart_engine(self):
-        """The engine holding the trainer's current weights and version again (one died or got
-        stuck). In a pool only the dead engines are replaced; otherwise every engine is."""
-        old = self.actor.engine
-        if hasattr(old, "replace_dead"):
-            async with self.weights_lock:
-                weights = await asyncio.to_thread(self.trainer.weights)
-                replaced = await old.replace_dead(weights, self.trainer.version, self._lora)
-            if replaced:
-                self.on_message(f"engine {', '.join(map(str, replaced))} of the pool died; "
-                                f"replaced, all at version {self.trainer.version}")
-                self._write_cluster_json(old)
-                return old
-        self.on_message(f"the vLLM engine died; starting a new one at version "
-                        f"{self.trainer.version}")
-        try:
-            await old.close()
-        except Exception:  # noqa: BLE001 - it is dead; what matters is the new one
-            pass
+    async def _restart_engine(self) -> EnginePool:
+        """The engines holding the trainer's current weights and version again: in a pool of
+        several only the dead ones are replaced (the others keep their requests in flight);
+        a lone engine, or a pool none of whose engines died (one is stuck), is replaced whole."""
+        pool, version = self.engine, self.trainer.version
+        dead = await pool.dead()
+        partial = bool(dead) and pool.several
+        if not partial:
+            self.on_message(f"the vLLM engine died; starting a new one at version {version}")
         async with self.weights_lock:
-            engine = await self._start_engine(push=True)
-        self._write_cluster_json(engine)
-        return engine
+            weights = await asyncio.to_thread(self.trainer.weights)
+            await pool.replace(dead if partial else list(range(len(pool.engines))), weights,
+                               version, self.trainer.lora)
+            if self.cfg.parity.mode == "bitwise":
+                self.trainer.use_engine_kernels(pool.resolved_settings())
+        if partial:
+            self.on_message(f"engine {', '.join(map(str, dead))} of the pool died; "
+                            f"replaced, all at version {version}")
+        self._write_cluster_json(pool)
+        return pool
 
-    def _build_env(self, task):
-        from parityrl.tasks.registry import build_environment
-        from parityrl.tasks.prompts import has_chat_template
-
-        if self.cfg.env is None:
-            return None
-        if not has_chat_template(self.tokenizer):
-            raise UserError(f"env: multi-turn episodes render observations with the chat "
-                            f"template, and {self.cfg.model} has none")
-        return build_environment(self.cfg.env, task)
-
+    # -- evaluation ------------------------------------------------------------------------------
     async def _evaluate(self) -> float:
-        from parityrl.rollouts.episode import EpisodeLimits
-        from parityrl.rollouts.evaluate import greedy_accuracy
+        ctx, cfg = self.ctx, self.cfg
+        problems = ctx.task.eval_problems()[: cfg.eval_size]
+        limits = None if cfg.env is None else EpisodeLimits(
+            cfg.env.max_turns, cfg.engine.max_model_len, cfg.env.max_episode_tokens)
+        return await greedy_accuracy(self.engine, ctx.task, ctx.tokenizer, problems,
+                                     cfg.sampling.max_tokens, ctx.env, limits)
 
-        problems = self._task.eval_problems()[: self.cfg.eval_size]
-        limits = None if self.cfg.env is None else EpisodeLimits(
-            self.cfg.env.max_turns, self.cfg.engine.max_model_len, self.cfg.env.max_episode_tokens)
-        return await greedy_accuracy(self.actor.engine, self._task, self.tokenizer, problems,
-                                     self.cfg.sampling.max_tokens, self.env, limits)
+    async def _evaluate_before(self, writer: MetricsWriter) -> float | None:
+        """A new run's held-out accuracy before its first step (with `eval_every`)."""
+        if not self.cfg.eval_every or self.ctx.start_step:
+            return None
+        before = await self._evaluate()
+        writer.write(0, {"eval/accuracy": before})
+        self.on_message(f"held-out greedy accuracy before training: {before:.3f}")
+        return before
 
-    async def _run_sync(self, actor, writer) -> dict:
-        metrics: dict = {}
+    # -- the loops -------------------------------------------------------------------------------
+    async def _run_sync(self, logs: RunLogs, after_step: AfterStep) -> dict:
+        actor, metrics = self.actor, {}
         while self.trainer.version < self.cfg.max_steps:
-            start = time.perf_counter()
-            busy_before = actor.busy_seconds_now()
+            start, busy_before = time.perf_counter(), actor.busy_seconds_now()
             groups = await actor.generate_batch(self.cfg.actor.prompts_per_step)
-            metrics = await self._train_step(actor, writer, groups, 0, start, busy_before,
-                                             stream=None)
+            metrics = await self._step(StepBatch(groups, 0, start, busy_before), logs,
+                                       after_step)
         return metrics
 
-    async def _run_async(self, actor, writer) -> dict:
-        from parityrl.rollouts.stream import InProcessStream
-
-        a = self.cfg.actor
+    async def _run_async(self, logs: RunLogs, after_step: AfterStep) -> dict:
+        a, actor = self.cfg.actor, self.actor
         budget = asyncio.Semaphore(a.max_groups_in_flight or max(a.max_lag, 1) * a.prompts_per_step)
         stream = InProcessStream()
         producer = asyncio.create_task(actor.run(stream, budget))
@@ -315,15 +373,13 @@ class Pipeline:
         try:
             # Count optimizer steps, not rounds: a round whose groups were all too stale takes none.
             while self.trainer.version < self.cfg.max_steps:
-                start = time.perf_counter()
-                busy_before = actor.busy_seconds_now()
+                start, busy_before = time.perf_counter(), actor.busy_seconds_now()
                 groups = await self._next_groups(stream, budget, producer)
                 fresh, stale = split_stale(groups, self.trainer.version, a.max_lag)
                 for group in stale:
-                    self.ledger.mark(group[0].meta["problem_index"], "dropped")
-                metrics = await self._train_step(actor, writer, fresh,
-                                                 sum(len(g) for g in stale), start, busy_before,
-                                                 stream)
+                    self.ctx.ledger.mark_group(group, "dropped")
+                batch = StepBatch(fresh, sum(len(g) for g in stale), start, busy_before, stream)
+                metrics = await self._step(batch, logs, after_step)
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
@@ -340,24 +396,6 @@ class Pipeline:
             budget.release()
         return groups
 
-    def _log_samples(self, step: int, groups: list[Group], metrics: dict) -> None:
-        cfg = self.cfg
-        if cfg.samples_every and (step == 1 or step % cfg.samples_every == 0):
-            rows = sample_rows(groups, self.tokenizer, cfg.samples_per_log)
-            for row in rows:
-                self.samples_log.write(step, row)
-            self.writer.text(step, "samples", "\n\n".join(
-                f"**{r['prompt']}** → `{r['completion']}` (reward {r['reward']}, answer "
-                f"{r['answer']})" for r in rows))
-        self.zero_reward_steps = (self.zero_reward_steps + 1
-                                  if metrics.get("rl/reward_mean") == 0 else -10**9)
-        if self.zero_reward_steps == ZERO_REWARD_WARN_STEPS:
-            (row,) = sample_rows(groups, self.tokenizer, 1)
-            self.on_message(
-                f"the reward has been 0 for the first {ZERO_REWARD_WARN_STEPS} steps: does the "
-                f"model understand the prompt format? A sample: {row['prompt']!r} → "
-                f"{row['completion']!r} (answer {row['answer']!r}); more in samples.jsonl")
-
     async def _probe_rollouts(self, stream) -> list:
         """Queued rollouts sampled entirely by the trainer's current weights.
 
@@ -372,97 +410,201 @@ class Pipeline:
                 return pure[: self.cfg.parity.probe_rollouts]
             await asyncio.sleep(0.005)
 
-    async def _train_step(self, actor, writer, groups, dropped, start, busy_before,
-                          stream) -> dict:
-        cfg = self.cfg
-        if not groups:  # every group was too stale or rejected: nothing to learn from this round
-            self.on_message(f"all {dropped} samples exceeded max_lag; no step taken" if dropped
-                            else "every group of this round was rejected; no step taken")
+    # -- one step --------------------------------------------------------------------------------
+    async def _step(self, batch: StepBatch, logs: RunLogs, after_step: AfterStep) -> dict:
+        """One optimizer step on `batch`, then what follows a step: the step's metrics ({} when
+        there was nothing to learn from)."""
+        result = await self._train_step(batch, logs.problems)
+        if result is None:
             return {}
+        await after_step(result)
+        return result.metrics
+
+    async def _train_step(self, batch: StepBatch, problems: JsonlLog) -> StepResult | None:
+        """Learn, apply and push, keep the books: the step and its metrics; None when every group
+        was too stale or rejected."""
+        if not batch.groups:  # nothing to learn from this round
+            self.on_message(f"all {batch.dropped} samples exceeded max_lag; no step taken"
+                            if batch.dropped
+                            else "every group of this round was rejected; no step taken")
+            return None
+        state, train_seconds = await self._learn(batch)
+        async with self.weights_lock:
+            apply_start = time.perf_counter()
+            metrics = await asyncio.to_thread(self.trainer.apply, state)
+            train_seconds += time.perf_counter() - apply_start
+            step = self.trainer.version
+            pushed = await self._push_weights(step)
+        await self._keep_books(step, batch.groups, pushed, problems)
+        metrics |= self._step_metrics(batch, metrics, train_seconds, pushed)
+        return StepResult(step, batch.groups, metrics)
+
+    async def _learn(self, batch: StepBatch) -> tuple[Any, float]:
+        """Forward and backward over the groups, the parity probe on the queued rollouts (async
+        mode), the float64 scoring: the step's state, and the seconds the trainer worked."""
         trainer = self.trainer
         # Worker threads for the heavy phases: the event loop keeps feeding the engine meanwhile.
         train_start = time.perf_counter()
-        state = await asyncio.to_thread(trainer.accumulate, groups)
+        state = await asyncio.to_thread(trainer.accumulate, batch.groups)
         train_seconds = time.perf_counter() - train_start
-        if stream is not None:  # rollouts queued for the next step, sampled by these weights
-            probe = await self._probe_rollouts(stream)
+        if batch.stream is not None:  # rollouts queued for the next step, sampled by these weights
+            probe = await self._probe_rollouts(batch.stream)
             probe_start = time.perf_counter()
             await asyncio.to_thread(trainer.probe_parity, state, probe)
             train_seconds += time.perf_counter() - probe_start
         await asyncio.to_thread(trainer.score_exact, state)
-        died: BaseException | None = None
-        async with self.weights_lock:
-            apply_start = time.perf_counter()
-            metrics = await asyncio.to_thread(trainer.apply, state)
-            train_seconds += time.perf_counter() - apply_start
-            step = trainer.version
-            sync_seconds, verified = 0.0, None
-            generation = actor.engine_generation
-            if step % cfg.sync_every == 0:
-                try:
-                    weights = await asyncio.to_thread(trainer.weights)
-                    report = await self._push(actor.engine, weights, step)
-                    sync_seconds, verified = report.pause_seconds, report.engines_verified
-                except Exception as e:
-                    if not is_engine_death(e):
-                        raise
-                    died = e
+        return state, train_seconds
+
+    async def _push_weights(self, step: int) -> Pushed:
+        """Every `sync_every` steps the trainer's weights into the engine (under the weights lock,
+        right after the update); an engine that dies meanwhile is noted, not raised."""
+        actor = self.actor
+        pushed = Pushed(generation=actor.engine_generation)
+        if step % self.cfg.sync_every == 0:
+            try:
+                weights = await asyncio.to_thread(self.trainer.weights)
+                report = await push_policy(self.trainer, self.engine, weights, step)
+                pushed.seconds, pushed.verified = report.pause_seconds, report.engines_verified
+            except Exception as e:
+                if not is_engine_death(e):
+                    raise
+                pushed.died = e
+        return pushed
+
+    async def _keep_books(self, step: int, groups: list[Group], pushed: Pushed,
+                          problems: JsonlLog) -> None:
+        """The groups trained on in the ledger and problems.jsonl, an engine that died during the
+        push replaced, and the run stopped after too many non-finite steps in a row."""
+        ledger, trainer, cfg = self.ctx.ledger, self.trainer, self.cfg
         for group in groups:
-            self.ledger.mark(group[0].meta["problem_index"], "trained")
-        self.problems_log.write(step, self.ledger.flush())
-        if died is not None:  # the replacement starts with these weights and this version
-            await actor.replace_engine(generation, died)
+            ledger.mark_group(group, "trained")
+        problems.write(step, ledger.flush())
+        if pushed.died is not None:  # the replacement starts with these weights and this version
+            await self.actor.replace_engine(pushed.generation, pushed.died)
         if trainer.nonfinite_streak >= cfg.trainer.max_nonfinite_steps:
             raise RunStopped(f"{trainer.nonfinite_streak} optimizer steps in a row had a "
                              "non-finite gradient and were not applied; diagnose with `parityrl "
                              f"doctor --model {cfg.model} --dtype {cfg.dtype}`")
-        elapsed = time.perf_counter() - start
-        samples = sum(len(g) for g in groups)
-        busy = actor.busy_seconds_now() - busy_before
-        metrics |= {
-            "lag/dropped_samples": float(dropped),
-            "sync/seconds": sync_seconds,
+
+    def _step_metrics(self, batch: StepBatch, trained: dict, train_seconds: float,
+                      pushed: Pushed) -> dict:
+        """The step's metrics beside the trainer's (`trained`): lag, sync, throughput, time, data
+        position, the engine's and the actor's counters."""
+        actor = self.actor
+        elapsed = time.perf_counter() - batch.start
+        samples = sum(len(g) for g in batch.groups)
+        busy = actor.busy_seconds_now() - batch.busy_before
+        return {
+            "lag/dropped_samples": float(batch.dropped),
+            "sync/seconds": pushed.seconds,
             # Engines whose received weights matched the trainer's digests (steps that pushed).
-            **({"sync/engines_verified": float(verified)} if verified is not None else {}),
+            **({"sync/engines_verified": float(pushed.verified)}
+               if pushed.verified is not None else {}),
             "throughput/samples_per_s": samples / elapsed,
-            "throughput/tokens_per_s": metrics.get("rl/tokens", 0.0) / elapsed,
+            "throughput/tokens_per_s": trained.get("rl/tokens", 0.0) / elapsed,
             "throughput/engine_idle_frac": max(0.0, 1.0 - busy / elapsed),
             "time/step_seconds": elapsed,
             # The trainer's own work: forward/backward, parity probe scoring, optimizer step.
             "time/train_seconds": train_seconds,
-            "data/position": float(self.ledger.position),
-            # Requests the engine preempted (count_preemptions; since the engine started).
-            **({"engine/preemptions": float(actor.engine.preemption_counter.preemptions)}
-               if actor.engine.preemption_counter is not None else {}),
+            "data/position": float(self.ctx.ledger.position),
+            **self.engine.metrics(),
             **actor.metrics(),
-            # Several engines: the groups each one generated so far.
-            **{f"engine/groups_served_{i}": float(n)
-               for i, n in enumerate(getattr(actor.engine, "served", ()))},
         }
+
+
+# -- after each step -------------------------------------------------------------------------------
+class AfterStep:
+    """What follows each optimizer step, in this order: the held-out evaluation (its accuracy
+    joins the step's metrics before they are written), the metrics row, the samples, the caller's
+    `on_step`, the parity alarm, the checkpoint. A failed write stops the run (`_disk`)."""
+
+    def __init__(self, ctx: RunContext, logs: RunLogs, evaluate: Callable[[], Awaitable[float]],
+                 on_step: Callable[[int, dict], None]) -> None:
+        self.ctx = ctx
+        self.logs = logs
+        self.evaluate_now = evaluate  # the held-out greedy accuracy on the current engine
+        self.on_step = on_step
+        self.samples = SampleLog(ctx.cfg, ctx.tokenizer, logs.samples, logs.writer, ctx.say)
+        self.hooks: tuple[Callable[[StepResult], Awaitable[None]], ...] = (
+            self.evaluate, self.write_metrics, self.log_samples, self.report, self.alarm,
+            self.checkpoint)
+
+    async def __call__(self, result: StepResult) -> None:
+        for hook in self.hooks:
+            await hook(result)
+
+    async def evaluate(self, result: StepResult) -> None:
+        cfg, step = self.ctx.cfg, result.step
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            metrics["eval/accuracy"] = await self._evaluate()
+            result.metrics["eval/accuracy"] = await self.evaluate_now()
+
+    async def write_metrics(self, result: StepResult) -> None:
         with _disk("metrics.jsonl"):
-            writer.write(step, metrics)
-            self._log_samples(step, groups, metrics)
-        self.on_step(step, metrics)
-        alarm = parity_alarm(metrics, cfg)
+            self.logs.writer.write(result.step, result.metrics)
+
+    async def log_samples(self, result: StepResult) -> None:
+        with _disk("metrics.jsonl"):  # the wording of a failed metrics row
+            self.samples(result.step, result.groups, result.metrics)
+
+    async def report(self, result: StepResult) -> None:
+        self.on_step(result.step, result.metrics)
+
+    async def alarm(self, result: StepResult) -> None:
+        cfg = self.ctx.cfg
+        alarm = parity_alarm(result.metrics, cfg)
         if alarm:
-            self.on_message(alarm)
+            self.ctx.say(alarm)
             if cfg.parity.on_alarm == "stop":
                 raise ParityAlarm(alarm)
+
+    async def checkpoint(self, result: StepResult) -> None:
+        ctx, step = self.ctx, result.step
+        cfg, ledger = ctx.cfg, ctx.ledger
         if step % cfg.checkpoint.every == 0 or step == cfg.max_steps:
             with _disk(f"checkpoint step {step}"):
                 await asyncio.to_thread(
-                    self.trainer.save_checkpoint, self.run_dir, step, self.ledger.position,
-                    cfg.checkpoint.keep, {"done_above": self.ledger.state()["done_above"]})
-        return metrics
+                    ctx.trainer.save_checkpoint, ctx.run_dir, step, ledger.position,
+                    cfg.checkpoint.keep, {"done_above": ledger.state()["done_above"]})
+
+
+class SampleLog:
+    """Every `samples_every` steps (and the first) a few rollouts to samples.jsonl and TensorBoard's
+    text tab; once, a warning when the reward was exactly 0 for the first ZERO_REWARD_WARN_STEPS
+    steps."""
+
+    def __init__(self, cfg: RunConfig, tokenizer, samples: JsonlLog, writer: MetricsWriter,
+                 say: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.samples = samples
+        self.writer = writer
+        self.say = say
+        self.zero_reward_steps = 0  # the first steps in a row with a reward of exactly 0
+
+    def __call__(self, step: int, groups: list[Group], metrics: dict) -> None:
+        cfg = self.cfg
+        if cfg.samples_every and (step == 1 or step % cfg.samples_every == 0):
+            rows = sample_rows(groups, self.tokenizer, cfg.samples_per_log)
+            for row in rows:
+                self.samples.write(step, row)
+            self.writer.text(step, "samples", "\n\n".join(
+                f"**{r['prompt']}** → `{r['completion']}` (reward {r['reward']}, answer "
+                f"{r['answer']})" for r in rows))
+        self.zero_reward_steps = (self.zero_reward_steps + 1
+                                  if metrics.get("rl/reward_mean") == 0 else -10**9)
+        if self.zero_reward_steps == ZERO_REWARD_WARN_STEPS:
+            (row,) = sample_rows(groups, self.tokenizer, 1)
+            self.say(
+                f"the reward has been 0 for the first {ZERO_REWARD_WARN_STEPS} steps: does the "
+                f"model understand the prompt format? A sample: {row['prompt']!r} → "
+                f"{row['completion']!r} (answer {row['answer']!r}); more in samples.jsonl")
 
 
 def sample_rows(groups: list[Group], tokenizer, count: int) -> list[dict]:
     """A few rollouts as a person reads them: one per group first, so prompts differ."""
     picked = [g[0] for g in groups[:count]]
     picked += [r for g in groups for r in g[1:]][: count - len(picked)]
-    return [{"problem_index": r.meta.get("problem_index"), "prompt": r.meta.get("prompt"),
+    return [{"problem_index": r.group_id, "prompt": r.meta.get("prompt"),
              "completion": tokenizer.decode(r.completion_ids, skip_special_tokens=True),
              "answer": r.meta.get("answer"), "reward": r.reward,
              "versions": [r.min_version, r.max_version], "finish_reason": r.finish_reason,
@@ -481,6 +623,31 @@ def _disk(what: str):
                          "checkpoint is intact (resume from it with --resume)") from e
 
 
+# -- entry points ----------------------------------------------------------------------------------
+async def train(cfg: RunConfig, run_dir: Path, resume: bool = False,
+                on_step: Callable[[int, dict], None] | None = None,
+                say: Callable[[str], None] = print) -> TrainResult:
+    """A run from its set-up to its last step (`cluster.backend: ray`: in its Ray cluster)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    warning = bfloat16_warning(cfg.dtype)
+    if warning:
+        say(warning)
+    if cfg.cluster.backend != "ray":
+        return await _set_up_and_run(cfg, run_dir, resume, on_step, say)
+
+    with RayCluster(cfg.cluster):
+        return await _set_up_and_run(cfg, run_dir, resume, on_step, say)
+
+
+async def _set_up_and_run(cfg: RunConfig, run_dir: Path, resume: bool, on_step,
+                          say: Callable[[str], None]) -> TrainResult:
+    ctx = await set_up_run(cfg, run_dir, resume, say)
+    try:
+        return await Pipeline(ctx, await start_engines(ctx), on_step).run()
+    finally:
+        ctx.close()
+
+
 def run_training(cfg: RunConfig, run_dir: Path, resume: bool = False, on_step=None,
                  on_message=print) -> TrainResult:
-    return asyncio.run(Pipeline(cfg, run_dir, resume, on_step, on_message).run())
+    return asyncio.run(train(cfg, run_dir, resume, on_step, on_message))

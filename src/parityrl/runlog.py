@@ -22,8 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+import parityrl
 from parityrl.config import RunConfig, dump_config
-
+from parityrl.core.errors import UserError
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
 
@@ -37,8 +38,6 @@ def new_run_dir(cfg: RunConfig, out: Path | None, overwrite: bool = False) -> Pa
 
     An existing run is never written over silently: that takes `overwrite` (which removes it)."""
     import shutil
-
-    from parityrl.core.errors import UserError
 
     path = out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if path.exists() and not path.is_dir():
@@ -68,8 +67,6 @@ def library_versions() -> dict:
         vllm_version = vllm.__version__
     except ImportError:  # pragma: no cover - vllm is a hard requirement of training
         vllm_version = None
-    import parityrl
-
     return {"python": sys.version.split()[0], "platform": platform.platform(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "vllm": vllm_version, "parityrl": parityrl.__version__}

@@ -13,6 +13,9 @@ import time
 from dataclasses import dataclass
 
 from parityrl.bench.stats import Summary, ratios
+from parityrl.engine.engine import RolloutEngine
+from parityrl.engine.settings import EngineSettings
+from parityrl.models.builtin import resolve_model
 
 
 @dataclass
@@ -22,10 +25,6 @@ class EngineStartBench:
 
 
 def run(cfg: EngineStartBench, loop: asyncio.AbstractEventLoop, say=print) -> dict:
-    from parityrl.engine.engine import RolloutEngine
-    from parityrl.engine.settings import EngineSettings
-    from parityrl.models.builtin import resolve_model
-
     folder = str(resolve_model(cfg.model))
     seconds: dict[str, list[float]] = {"uni": [], "mp": []}
     threads: dict[str, set[int]] = {"uni": set(), "mp": set()}

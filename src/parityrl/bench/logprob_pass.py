@@ -17,6 +17,9 @@ import torch
 
 from parityrl.bench.stats import Summary, ratios
 from parityrl.core.sampling import SamplingConfig
+from parityrl.models.load import load_policy
+from parityrl.models.tiny import make_model
+from parityrl.trainer.logprobs import token_logprobs
 
 
 @dataclass
@@ -36,15 +39,10 @@ def _plain(model, ids, attn, completion):
 
 
 def _ours(model, ids, attn, completion, sampling):
-    from parityrl.trainer.logprobs import token_logprobs
-
     return token_logprobs(model, ids, attn, completion, sampling, fp32_lm_head=True).logprobs
 
 
 def run(cfg: LogprobBench, say=print) -> dict:
-    from parityrl.models.load import load_policy
-    from parityrl.models.tiny import make_model
-
     sampling = SamplingConfig(temperature=cfg.temperature, max_tokens=cfg.completion_len)
     with tempfile.TemporaryDirectory(prefix="parityrl-bench-") as tmp:
         model = load_policy(make_model(Path(tmp) / "m", **dict(cfg.model_shape)), "float32")

@@ -19,6 +19,20 @@ from dataclasses import dataclass
 import torch
 
 from parityrl.bench.stats import Summary
+from parityrl.core.sampling import SamplingConfig
+from parityrl.engine.engine import RolloutEngine
+from parityrl.engine.settings import EngineSettings
+from parityrl.models.builtin import resolve_model
+from parityrl.models.load import load_policy
+from parityrl.trainer.logprobs import token_logprobs
+from parityrl.trainer.lora import (
+    adapter_state_dict,
+    attach_lora,
+    is_adapter_name,
+    lora_settings,
+)
+from parityrl.weights.lora_folder import engine_max_rank
+from parityrl.weights.shm_file import unique_tensors
 
 
 @dataclass
@@ -32,9 +46,6 @@ class LoRASyncBench:
 
 def _step_seconds(model, params, ids: torch.Tensor, reps: int) -> list[float]:
     """Forward (the one logprob function), backward, AdamW over `params`: seconds per step."""
-    from parityrl.core.sampling import SamplingConfig
-    from parityrl.trainer.logprobs import token_logprobs
-
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     mask = torch.ones_like(ids)
     completion = mask.clone()
@@ -52,14 +63,6 @@ def _step_seconds(model, params, ids: torch.Tensor, reps: int) -> list[float]:
 
 
 def run(cfg: LoRASyncBench, loop: asyncio.AbstractEventLoop, say=print) -> dict:
-    from parityrl.engine.engine import RolloutEngine
-    from parityrl.engine.settings import EngineSettings
-    from parityrl.models.builtin import resolve_model
-    from parityrl.models.load import load_policy
-    from parityrl.trainer.lora import adapter_state_dict, attach_lora, is_adapter_name, lora_settings
-    from parityrl.weights.lora_folder import engine_max_rank
-    from parityrl.weights.shm_file import unique_tensors
-
     folder = str(resolve_model(cfg.model, say=say))
     model = load_policy(folder, "float32")
     say(f"lora sync [{cfg.model}, rank {cfg.rank}]: starting engine")

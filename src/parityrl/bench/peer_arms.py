@@ -30,6 +30,20 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
+from parityrl.config import build_config
+from parityrl.core.mismatch import mismatch_metrics
+from parityrl.core.rollout import Rollout
+from parityrl.core.sampling import SamplingConfig
+from parityrl.engine.settings import resolved_engine_settings
+from parityrl.models.builtin import resolve_model
+from parityrl.models.load import load_policy
+from parityrl.models.tokenizer import load_tokenizer
+from parityrl.models.warm_start import DEMO_TASK
+from parityrl.pipeline import run_training
+from parityrl.tasks.base import Problem
+from parityrl.tasks.registry import build_task
+from parityrl.trainer.batch import rollout_logprobs
+
 ARMS = ("trl-generate", "trl-vllm", "parityrl-sync", "parityrl-async")
 
 
@@ -47,10 +61,6 @@ class PeerSpec(BaseModel):
 
 
 def demo_task():
-    from parityrl.config import build_config
-    from parityrl.models.warm_start import DEMO_TASK
-    from parityrl.tasks.registry import build_task
-
     return build_task(build_config({"task": DEMO_TASK}).task)
 
 
@@ -112,10 +122,6 @@ def run_trl(spec: PeerSpec, out: Path, use_vllm: bool) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from parityrl.models.builtin import resolve_model
-    from parityrl.models.tokenizer import load_tokenizer
-    from parityrl.tasks.base import Problem
-
     folder = str(resolve_model(spec.model))
     task = demo_task()
     rows = []
@@ -164,8 +170,6 @@ def run_trl(spec: PeerSpec, out: Path, use_vllm: bool) -> dict:
     info: dict = {"arm": "trl-vllm" if use_vllm else "trl-generate"}
     _time_generation(trainer, clock)
     if use_vllm:
-        from parityrl.engine.settings import resolved_engine_settings
-
         generation = trainer.vllm_generation
         info["engine_settings"] = resolved_engine_settings(generation.llm.llm_engine.vllm_config)
         info["adapter"] = ("sync_weights through vLLM's in-place reloader "
@@ -224,12 +228,6 @@ def _score_samples(rollouts: list, folder: str) -> dict | None:
     weights that sampled them: parityrl's mismatch measure applied to TRL's rollouts."""
     if not rollouts:
         return None
-    from parityrl.core.mismatch import mismatch_metrics
-    from parityrl.models.load import load_policy
-    from parityrl.core.rollout import Rollout
-    from parityrl.core.sampling import SamplingConfig
-    from parityrl.trainer.batch import rollout_logprobs
-
     model = load_policy(folder, "float32")
     items = [Rollout(p, c, lp, [0] * len(c), "length") for p, c, lp in rollouts if c]
     scored = rollout_logprobs(model, items, SamplingConfig(temperature=1.0), pad_id=0)
@@ -247,10 +245,6 @@ def _mean(values) -> float | None:
 # -- parityrl -------------------------------------------------------------------------------------
 
 def run_parityrl(spec: PeerSpec, out: Path, mode: str) -> dict:
-    from parityrl.config import build_config
-    from parityrl.models.warm_start import DEMO_TASK
-    from parityrl.pipeline import run_training
-
     timeline = Timeline(out, spec)
     run_dir = out / "run"
     cfg = build_config({

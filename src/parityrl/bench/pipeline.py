@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from parityrl.bench.stats import Summary, ratios
+from parityrl.config import build_config, merge_trees
+from parityrl.pipeline import run_training
 
 # The bench's run: the built-in tiny random model (no warm start to build) on the arithmetic task;
 # completions run to max_tokens, so every step does comparable work.
@@ -46,9 +48,6 @@ def _blocks(metrics: list[dict], size: int, count: int) -> list[dict]:
 
 
 def run(cfg: PipelineBench, say=print) -> dict:
-    from parityrl.config import build_config, merge_trees
-    from parityrl.pipeline import run_training
-
     max_steps = 1 + cfg.steps_per_block * cfg.blocks
     per_mode = {}
     with tempfile.TemporaryDirectory(prefix="parityrl-bench-") as tmp:

@@ -15,6 +15,11 @@ from dataclasses import dataclass
 
 from parityrl.bench.stats import Summary, ratios
 from parityrl.core.sampling import SamplingConfig
+from parityrl.engine.engine import RolloutEngine
+from parityrl.engine.settings import EngineSettings
+from parityrl.models.builtin import resolve_model
+from parityrl.models.tokenizer import load_tokenizer
+from parityrl.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
 
 
 @dataclass
@@ -30,12 +35,6 @@ class RolloutBench:
 def run(cfg: RolloutBench, loop: asyncio.AbstractEventLoop, say=print) -> dict:
     from vllm import LLM
     from vllm.inputs import TokensPrompt
-
-    from parityrl.engine.engine import RolloutEngine
-    from parityrl.engine.settings import EngineSettings
-    from parityrl.models.builtin import resolve_model
-    from parityrl.models.tokenizer import load_tokenizer
-    from parityrl.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
 
     folder = str(resolve_model(cfg.model))
     tokenizer = load_tokenizer(folder)
@@ -79,7 +78,7 @@ def run(cfg: RolloutBench, loop: asyncio.AbstractEventLoop, say=print) -> dict:
     finally:
         loop.run_until_complete(ours.close())
         raw.llm_engine.engine_core.shutdown()
-        del raw
+        raw = None  # dropped before gc.collect(); not `del`: run_raw still names it
         gc.collect()  # the next stage should not share the machine with this engine's leftovers
     ratio = ratios(ours_tps, raw_tps)
     return {

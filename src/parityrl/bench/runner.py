@@ -7,7 +7,18 @@ import json
 import time
 from pathlib import Path
 
-from parityrl.bench import report
+from parityrl.bench import (
+    bitwise,
+    doctor,
+    engine_start,
+    logprob_pass,
+    lora_sync,
+    peer,
+    pipeline,
+    report,
+    rollout,
+    weight_sync,
+)
 from parityrl.core.errors import UserError
 
 STAGES = ("engine_start", "rollout", "weight_sync", "logprob_pass", "pipeline", "doctor", "bitwise",
@@ -18,9 +29,6 @@ OPT_IN = ("peer",)
 
 def run_bench(out: Path, only: list[str] | None = None, reps: int = 5, say=print,
               command: str = "parityrl bench") -> dict:
-    from parityrl.bench import (bitwise, doctor, engine_start, logprob_pass, lora_sync, pipeline,
-                                rollout, weight_sync)
-
     chosen = only or [s for s in STAGES if s not in OPT_IN]
     unknown = [s for s in chosen if s not in STAGES]
     if unknown:
@@ -60,8 +68,6 @@ def run_bench(out: Path, only: list[str] | None = None, reps: int = 5, say=print
             elif stage == "bitwise":
                 data = bitwise.run(bitwise.BitwiseBench(reps=reps), say)
             elif stage == "peer":
-                from parityrl.bench import peer
-
                 data = peer.run(out=out.parent / "peer", say=say)
             else:
                 data = lora_sync.run(lora_sync.LoRASyncBench(reps=reps), loop, say)

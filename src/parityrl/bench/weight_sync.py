@@ -18,6 +18,11 @@ from pathlib import Path
 import torch
 
 from parityrl.bench.stats import Summary
+from parityrl.engine.engine import RolloutEngine
+from parityrl.engine.settings import EngineSettings
+from parityrl.models.load import load_policy
+from parityrl.models.tiny import make_model
+from parityrl.weights.shm_file import unique_tensors
 
 # (name, make_model keywords); fp32 sizes ≈ 2 MB, 70 MB, 500 MB.
 SIZES = [
@@ -59,12 +64,6 @@ def _breakdown(reports) -> dict:
 
 
 def run(cfg: WeightSyncBench, loop: asyncio.AbstractEventLoop, say=print) -> dict:
-    from parityrl.engine.engine import RolloutEngine
-    from parityrl.engine.settings import EngineSettings
-    from parityrl.models.load import load_policy
-    from parityrl.models.tiny import make_model
-    from parityrl.weights.shm_file import unique_tensors
-
     results = {}
     with tempfile.TemporaryDirectory(prefix="parityrl-bench-") as tmp:
         for name, shape in cfg.sizes:

@@ -5,42 +5,23 @@
     metrics = group.apply(state)         # every rank: the optimizer step; rank 0's metrics
     weights = group.weights()            # the full state dict (rank 0), for the engines
 
-Each rank builds the same `Trainer` from the one RunConfig (`build_trainer`, which the local
-backend calls in-process) and receives the whole batch: FSDP2 shards the parameters, gradients
-and optimizer state over the ranks, and with `cluster.split_batch` each rank computes its share
-of the batch (trainer/distributed.py).
+Each rank builds the same `Trainer` from the one RunConfig (models/policy.py `build_trainer`,
+which the local backend calls in-process) and receives the whole batch: FSDP2 shards the
+parameters, gradients and optimizer state over the ranks, and with `cluster.split_batch` each
+rank computes its share of the batch (trainer/distributed.py).
 The group answers the calls the pipeline makes on a local `Trainer`, so the step loop is one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 from pathlib import Path
 
 import torch
 
 from parityrl.config import RunConfig
 from parityrl.core.rollout import Rollout
-
-
-def build_trainer(cfg: RunConfig, model_dir: str | Path, pad_id: int, dist=None):
-    """The trainer of a run: the policy (and the KL reference when kl_coef > 0) loaded from
-    `model_dir` in the run's dtype, the seeds set first so every rank and backend starts alike."""
-    from parityrl.models.load import load_policy
-    from parityrl.trainer.trainer import Trainer
-
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    attn = cfg.trainer.attn_implementation
-    model = load_policy(model_dir, cfg.dtype, attn)
-    if cfg.trainer.lora is not None:
-        from parityrl.trainer.lora import attach_lora
-
-        lora = cfg.trainer.lora
-        attach_lora(model, lora.rank, lora.alpha, lora.targets, lora.rslora, seed=cfg.seed)
-    ref = load_policy(model_dir, cfg.dtype, attn) if cfg.trainer.loss.kl_coef > 0 else None
-    return Trainer(cfg, model, pad_id, ref, dist=dist)
+from parityrl.models.policy import build_trainer
 
 
 class TrainerRank:

@@ -20,9 +20,17 @@ class Rollout:
     logprobs: list[float]  # engine (behaviour) logprob of each completion token; 0: observation
     versions: list[int]  # policy version under which each completion token was sampled
     finish_reason: str | None
-    group_id: int = 0  # rollouts sampled from the same prompt share it
+    # Rollouts sampled from the same prompt share it; in a run, the training problem's index
+    # (the ledger's, rollouts/ledger.py; samples.jsonl's "problem_index").
+    group_id: int = 0
     reward: float | None = None
-    meta: dict = field(default_factory=dict)  # task-specific (answer, prompt text, timings …)
+    advantage: float | None = None  # set by the trainer at the start of the step that uses it
+    # Multi-turn episodes: the chat-template check's finding, a sentence naming the first turn
+    # whose rendering differs from the ids the engine saw (rollouts/episode.py); None = faithful,
+    # or a single turn (not checked).
+    template_mismatch: str | None = None
+    # Task-specific data, never control data: answer, prompt text, messages, timings …
+    meta: dict = field(default_factory=dict)
     # Per completion token: sampled by the engine (True) or an observation the environment added
     # (False); None = all sampled (single turn).
     sampled: list[bool] | None = None

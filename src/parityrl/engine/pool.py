@@ -30,6 +30,7 @@ from parityrl.engine.engine import (PreemptionCounter, RolloutEngine, UpdateRepo
                                     join_gloo_group)
 from parityrl.engine.interface import Engine
 from parityrl.engine.settings import EngineSettings
+from parityrl.engine.source import start_engine
 from parityrl.weights.update import WeightsPayload, push
 
 StartEngine = Callable[[EngineSettings], Awaitable[Engine]]
@@ -43,6 +44,12 @@ class EnginePool:
         self._in_flight = [0] * len(engines)
         self.served = [0] * len(engines)  # groups each engine was given
         self._several = several  # report per-engine counts and how many engines
+
+    @property
+    def several(self) -> bool:
+        """A pool proper: several engines, or engine actors (even one): it reports each engine's
+        share and replaces only the engines that died."""
+        return self._several
 
     @property
     def settings(self) -> EngineSettings:
@@ -192,8 +199,6 @@ async def _start_in_group(settings: EngineSettings) -> RolloutEngine:
 
 
 async def _start_from_source(settings: EngineSettings):
-    from parityrl.engine.source import start_engine
-
     return await start_engine(settings)
 
 

@@ -103,7 +103,8 @@ def decode_routes(taken: list) -> dict[int, np.ndarray]:
 def start_recording(worker) -> dict:
     """Bind a RouteRecorder to the worker's model; returns what it records (or why not)."""
     from vllm.model_executor.layers.fused_moe.routed_experts_capturer import (
-        bind_routed_experts_capturer)
+        bind_routed_experts_capturer,
+    )
 
     runner = worker.model_runner
     config = runner.vllm_config.model_config

@@ -12,6 +12,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator, Protocol
 
+from parityrl.engine.engine import RolloutEngine
 from parityrl.engine.settings import EngineSettings
 
 
@@ -26,8 +27,6 @@ async def start_engine(settings: EngineSettings):
     """A running engine with `settings`: a new one, or one from the installed source."""
     if _source is not None:
         return await _source.start(settings)
-    from parityrl.engine.engine import RolloutEngine
-
     return await RolloutEngine.start(settings)
 
 

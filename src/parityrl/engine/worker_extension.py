@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import time
 
+from parityrl.engine.routes import start_recording
 from parityrl.kernels import pad_single_row_gemms
 from parityrl.weights import gloo
+from parityrl.weights.digest import tensor_digest
+from parityrl.weights.shm_file import MappedUpdateFile
 
 gloo.register()
 
@@ -20,9 +23,6 @@ gloo.register()
 class WeightSyncExtension:
     def parityrl_load_weights(self, path: str) -> dict:
         """Reload every tensor in `path` in place; return digests of what was handed to vLLM."""
-        from parityrl.weights.digest import tensor_digest
-        from parityrl.weights.shm_file import MappedUpdateFile
-
         start = time.perf_counter()
         if getattr(self, "_parityrl_update_file", None) is None:
             self._parityrl_update_file = MappedUpdateFile()  # kept mapped between updates
@@ -83,8 +83,6 @@ class WeightSyncExtension:
         the trainer's tensor it came from (a packed layer's slices named after their modules, by
         the model's `packed_modules_mapping`); `nonzero`: the names whose slot is not all zero.
         vLLM's own weight checksums do not cover adapter slots."""
-        from parityrl.weights.digest import tensor_digest
-
         manager = self.model_runner.lora_manager._adapter_manager
         if lora_id not in manager.lora_index_to_id:
             return {"digests": {}, "nonzero": [], "active": False}
@@ -113,8 +111,6 @@ class WeightSyncExtension:
 
     def parityrl_record_routes(self) -> dict:
         """Record the experts every token is routed to from now on (engine/routes.py)."""
-        from parityrl.engine.routes import start_recording
-
         return start_recording(self)
 
     def parityrl_take_routes(self, request_id: str) -> list:

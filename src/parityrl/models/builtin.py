@@ -19,7 +19,10 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import parityrl
 from parityrl.core.errors import UserError
+from parityrl.models.gguf import SMOLLM2_FILE, convert_gguf, packaged_smollm2
+from parityrl.models.tiny import make_model
 
 PREFIX = "builtin:"
 BUILTINS = {
@@ -51,15 +54,16 @@ def resolve_model(spec: str, say: Callable[[str], None] | None = None) -> Path:
     tmp = folder.with_name(folder.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)  # a build that died half-way
     if name == "tiny":
-        from parityrl.models.tiny import make_model
-
         make_model(tmp)
     elif name in _SMOLLM2_LAYERS:
-        from parityrl.models.gguf import convert_gguf, packaged_smollm2
-
         convert_gguf(packaged_smollm2(), tmp, layers=_SMOLLM2_LAYERS[name])
     else:
-        from parityrl.models.warm_start import WARM_ARCHITECTURES, build_warm_started_model
+        # Light at import: `parityrl --help` imports this module (doctor/config.py); warm_start
+        # brings in torch.
+        from parityrl.models.warm_start import (
+            WARM_ARCHITECTURES,
+            build_warm_started_model,
+        )
 
         build_warm_started_model(tmp, architecture=WARM_ARCHITECTURES[name])
     tmp.rename(folder)  # only a finished folder ever carries the name
@@ -71,15 +75,12 @@ def _recipe_hash(name: str) -> str:
     import hashlib
     import json
 
-    import parityrl
-
     recipe: list = [name, parityrl.__version__]
+    # warm_start imports torch; this module stays light (`parityrl --help` imports it).
     from parityrl.models.warm_start import DEMO_TASK, WARM_ARCHITECTURES, WARMUP
 
     if name in WARM_ARCHITECTURES:
         recipe += [WARM_ARCHITECTURES[name], WARMUP, DEMO_TASK]
     if name in _SMOLLM2_LAYERS:
-        from parityrl.models.gguf import SMOLLM2_FILE
-
         recipe += [SMOLLM2_FILE, _SMOLLM2_LAYERS[name]]
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]

@@ -12,6 +12,12 @@ import shutil
 from pathlib import Path
 
 from parityrl.config import build_config
+from parityrl.models.load import load_policy
+from parityrl.models.tiny import make_model
+from parityrl.models.tokenizer import load_tokenizer
+from parityrl.rollouts.evaluate import model_greedy_accuracy
+from parityrl.tasks.registry import build_task
+from parityrl.trainer.sft import supervised_warmup
 
 DEMO_MODEL = dict(arch="qwen2", layers=2, hidden=128, heads=4, kv_heads=2, init_std=0.02)
 DEMO_MOE_MODEL = DEMO_MODEL | dict(arch="qwen3_moe", experts=8, experts_per_token=2)
@@ -37,13 +43,6 @@ def build_warm_started_model(out: Path, warmup: dict | None = None, on_step=None
     Deterministic for a given recipe. Also what `model: builtin:arithmetic-warm` (and, with
     `architecture=DEMO_MOE_MODEL`, `builtin:arithmetic-warm-moe`) builds.
     """
-    from parityrl.models.load import load_policy
-    from parityrl.models.tiny import make_model
-    from parityrl.models.tokenizer import load_tokenizer
-    from parityrl.rollouts.evaluate import model_greedy_accuracy
-    from parityrl.tasks.registry import build_task
-    from parityrl.trainer.sft import supervised_warmup
-
     warmup = {**WARMUP, **(warmup or {})}
     init_dir = make_model(out.with_name(out.name + "-init"), seed=0, **architecture)
     console_print(f"1/3 built a tiny {architecture['arch']} model in {init_dir}")

@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from parityrl.engine.engine import RolloutEngine
+from parityrl.engine.interface import Engine
 from parityrl.rollouts.episode import EnvProtocolError, EpisodeLimits, run_episode
 from parityrl.rollouts.ledger import Ledger
 from parityrl.rollouts.stream import RolloutStream
@@ -101,9 +101,9 @@ async def call_with_timeout(fn, *args, timeout: float | None):
 
 
 class Actor:
-    def __init__(self, engine: RolloutEngine, task: Task, tokenizer, sampling: SamplingConfig,
+    def __init__(self, engine: Engine, task: Task, tokenizer, sampling: SamplingConfig,
                  group_size: int, seed: int, limits: ActorLimits, ledger: Ledger | None = None,
-                 restart_engine: Callable[[], Awaitable[RolloutEngine]] | None = None,
+                 restart_engine: Callable[[], Awaitable[Engine]] | None = None,
                  on_error: Callable[[str, BaseException], None] = lambda kind, e: None,
                  env: Environment | None = None, env_config: EnvConfig | None = None) -> None:
         self.engine = engine
@@ -165,8 +165,8 @@ class Actor:
             for rollout, reward in zip(group, rewards):
                 rollout.reward = reward
         for rollout in group:
-            rollout.group_id = index
-            rollout.meta.update(problem_index=index, prompt=problem.prompt, answer=problem.answer,
+            rollout.group_id = index  # the ledger's problem index
+            rollout.meta.update(prompt=problem.prompt, answer=problem.answer,
                                 generate_seconds=seconds)
         return group
 
@@ -205,7 +205,7 @@ class Actor:
                 raise GroupRejected("env_error", f"problem {index}: {e}", e) from e
             raise
         for rollout in group:
-            finding = rollout.meta["template_mismatch"]
+            finding = rollout.template_mismatch
             if finding is None:
                 continue
             self.template_mismatches += 1

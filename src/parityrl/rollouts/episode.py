@@ -120,8 +120,8 @@ def merge_turn_routes(episode, turn, prompt_len: int):
 
 async def run_episode(generate: Generate, respond: Respond, tokenizer, messages: list[Message],
                       sampling: SamplingConfig, limits: EpisodeLimits, seed: int) -> Rollout:
-    """One episode from `messages`; the rollout's reward is the environment's, and its meta holds
-    the conversation and the template check's finding (`template_mismatch`, None = faithful)."""
+    """One episode from `messages`; the rollout's reward is the environment's, its meta holds the
+    conversation, and its `template_mismatch` the template check's finding (None = faithful)."""
     messages = [dict(m) for m in messages]
     prompt_ids = encode_prompt(tokenizer, messages, chat_template=True)
     ids, completion, logprobs, versions, sampled, turns = list(prompt_ids), [], [], [], [], []
@@ -175,5 +175,5 @@ async def run_episode(generate: Generate, respond: Respond, tokenizer, messages:
     if routes is not None:
         rollout.routes = full_length_routes(routes, rollout)
     rollout.meta["messages"] = messages
-    rollout.meta["template_mismatch"] = template_mismatch(tokenizer, messages, rollout)
+    rollout.template_mismatch = template_mismatch(tokenizer, messages, rollout)
     return rollout

@@ -9,6 +9,8 @@ ones. The per-step outcomes go to problems.jsonl in the run directory.
 
 from __future__ import annotations
 
+from parityrl.core.rollout import Group
+
 OUTCOMES = ("trained", "rejected", "dropped")
 
 
@@ -40,6 +42,10 @@ class Ledger:
             self.done_above.remove(self.position)
             self.position += 1
         self._events[outcome].append(index)
+
+    def mark_group(self, group: Group, outcome: str) -> None:
+        """The problem `group` was sampled from (its rollouts' `group_id`)."""
+        self.mark(group[0].group_id, outcome)
 
     def flush(self) -> dict[str, list[int]]:
         """The outcomes since the last flush (for problems.jsonl)."""

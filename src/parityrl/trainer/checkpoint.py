@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from parityrl.trainer.layout import checkpoint_state_dict, to_model_layout
+from parityrl.core.errors import UserError
 from parityrl.trainer.distributed import full_tensor, is_sharded, shard_like
+from parityrl.trainer.layout import checkpoint_state_dict, to_model_layout
+from parityrl.trainer.lora import adapter_state_dict, lora_rank
 from parityrl.weights.shm_file import unique_tensors
 
 
@@ -87,8 +89,6 @@ def _load_whole(model, path: str) -> None:
     missing, unexpected = model.load_state_dict(saved, strict=False)
     tied = {n for n in missing if n.endswith("lm_head.weight")}
     if unexpected or set(missing) - tied:
-        from parityrl.core.errors import UserError
-
         raise UserError(f"{path} does not hold this model's weights (missing "
                         f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
 
@@ -193,9 +193,6 @@ def restore_trainer(trainer, folder: Path) -> TrainingState:
 
 def _load_adapter(model, path: str) -> None:
     """An adapter-only checkpoint into `model`'s adapter: every adapter tensor, nothing else."""
-    from parityrl.core.errors import UserError
-    from parityrl.trainer.lora import adapter_state_dict, lora_rank
-
     saved, mine = load_file(path), adapter_state_dict(model)
     if set(saved) != set(mine) or any(saved[n].shape != t.shape for n, t in mine.items()):
         raise UserError(f"{path}: not this run's LoRA adapter ({len(saved)} tensors, this run "

@@ -30,9 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
-from parityrl.kernels import pad_single_row
 from parityrl.core.errors import UserError
 from parityrl.core.sampling import SamplingConfig
+from parityrl.kernels import pad_single_row
+from parityrl.trainer.lora import lora_settings
+from parityrl.weights.lora_folder import engine_slots
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3MoeForCausalLM")
 VOCAB_PADDING = 64  # vllm/model_executor/layers/vocab_parallel_embedding.py DEFAULT_VOCAB_PADDING_SIZE
@@ -149,7 +151,9 @@ class _EngineExperts:
     def __init__(self, block, isa: str) -> None:
         from vllm import _custom_ops as ops
         from vllm.model_executor.layers.fused_moe.experts.cpu_moe import (
-            CPUUnquantizedExperts, X86CPUUnquantizedExperts)
+            CPUUnquantizedExperts,
+            X86CPUUnquantizedExperts,
+        )
 
         experts_class = {"vec": CPUUnquantizedExperts, "amx": X86CPUUnquantizedExperts}.get(isa)
         if experts_class is None:
@@ -207,8 +211,6 @@ class EngineKernels:
 
     def __init__(self, model, block_size: int = 128, max_lora_rank: int | None = None,
                  moe_isa: str | None = None) -> None:
-        from parityrl.trainer.lora import lora_settings
-
         check_bitwise_supported(model)
         self.model = model
         self.block_size = block_size
@@ -292,8 +294,6 @@ class EngineKernels:
         """The engine's adapter slots for the fused linear made of `linears` (trainer/lora.py
         `engine_slots`); a linear without an adapter has zero slots, as vLLM gives every LoRA
         layer. None when the model has no adapter."""
-        from parityrl.weights.lora_folder import engine_slots
-
         if self.lora is None:
             return None
         slices, offset = [], 0

@@ -16,6 +16,7 @@ import torch
 from parityrl.core.rollout import Rollout
 from parityrl.core.sampling import SamplingConfig
 from parityrl.trainer.batch import rollout_logprobs
+from parityrl.trainer.layout import to_model_layout
 
 
 def _loop_over_experts(model):
@@ -42,8 +43,6 @@ class Float64Reference:
         self = cls.__new__(cls)
         self.model = _loop_over_experts(
             AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval())
-        from parityrl.trainer.layout import to_model_layout
-
         # `weights` in the checkpoint's layout (Trainer.weights): MoE experts fused again.
         self.model.load_state_dict(to_model_layout(self.model, weights))
         return self

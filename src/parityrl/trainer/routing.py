@@ -25,7 +25,6 @@ import torch
 
 from parityrl.core.errors import UserError
 
-
 # The mismatch metrics also reported with the trainer's own routing (routing/recompute_*) where
 # the engine's routes are replayed: the doctor's routing rung and parity.compare_routing.
 ROUTING_COMPARED = ("mismatch/mean_abs_diff", "mismatch/max_abs_diff", "mismatch/kl_k3")

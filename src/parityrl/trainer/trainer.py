@@ -134,7 +134,7 @@ class Trainer:
         for group in groups:
             rewards = torch.tensor([r.reward for r in group], dtype=torch.float64)
             for r, a in zip(group, group_advantages(rewards, self.cfg.trainer.advantage)):
-                r.meta["advantage"] = float(a)
+                r.advantage = float(a)
                 rollouts.append(r)
         return rollouts
 
@@ -166,7 +166,7 @@ class Trainer:
         lp_b = batch.engine_logprobs[mask][keep]
         outside = out.outside_nucleus[mask][keep]
         rows = rows[keep]
-        adv = torch.tensor([r.meta["advantage"] for r in chunk], device=device)[rows]
+        adv = torch.tensor([r.advantage for r in chunk], device=device)[rows]
         terms = policy_loss(lp, lp_b, adv, rows, len(chunk), tcfg.loss, tcfg.correction)
         loss = terms.loss
         entropy = out.entropy[mask][keep]

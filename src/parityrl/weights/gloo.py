@@ -27,10 +27,15 @@ from dataclasses import dataclass
 from typing import ClassVar, Iterator, Protocol
 
 import torch
-from vllm.distributed.weight_transfer.base import (ParamMeta, TrainerInitInfo,
-                                                   TrainerWeightTransferEngine, WeightSource,
-                                                   WeightTransferEngine, WeightTransferInitInfo,
-                                                   WeightTransferUpdateInfo)
+from vllm.distributed.weight_transfer.base import (
+    ParamMeta,
+    TrainerInitInfo,
+    TrainerWeightTransferEngine,
+    WeightSource,
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
 
 from parityrl.weights import GLOO_BACKEND as BACKEND
 from parityrl.weights.digest import tensor_digest
@@ -40,8 +45,10 @@ from parityrl.weights.update import WeightsPayload, checked_against_checkpoint
 
 def register() -> None:
     """Make `BACKEND` known to vLLM's factories in this process (idempotent)."""
-    from vllm.distributed.weight_transfer.factory import (WeightTransferEngineFactory,
-                                                          WeightTransferTrainerFactory)
+    from vllm.distributed.weight_transfer.factory import (
+        WeightTransferEngineFactory,
+        WeightTransferTrainerFactory,
+    )
 
     for factory, cls in ((WeightTransferEngineFactory, "GlooWeightTransferEngine"),
                          (WeightTransferTrainerFactory, "GlooTrainerTransfer")):
