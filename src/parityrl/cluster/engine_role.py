@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import asyncio
 
+from parityrl.cluster.ray_cluster import actor_options, where
 from parityrl.config import RoleResources
-from parityrl.engine.engine import PreemptionCounter, generate_each, join_gloo_group
+from parityrl.core.rollout import Rollout
+from parityrl.core.sampling import SamplingConfig
+from parityrl.engine.engine import (
+    PreemptionCounter,
+    RolloutEngine,
+    generate_each,
+    join_gloo_group,
+)
 from parityrl.engine.settings import EngineSettings
 from parityrl.weights.shm_file import checkpoint_tensor_names
 from parityrl.weights.update import UpdateReport, WeightsPayload, push
-from parityrl.core.rollout import Rollout
-from parityrl.core.sampling import SamplingConfig
 
 # The RolloutEngine calls a driver may make on the actor's engine (one update's steps).
 UPDATE_CALLS = frozenset({"pause", "worker_call", "after_load", "resume", "transfer_init",
@@ -31,9 +37,6 @@ class EngineRole:
     """Inside the Ray actor (an async actor: calls run concurrently on its event loop)."""
 
     async def start(self, settings: EngineSettings) -> dict:
-        from parityrl.cluster.ray_cluster import where
-        from parityrl.engine.engine import RolloutEngine
-
         self.engine = await RolloutEngine.start(settings, join_transfer=False)
         return {"resolved": self.engine.resolved_settings(), "where": where()}
 
@@ -81,8 +84,6 @@ class RayEngine:
         """An engine actor; with `join_transfer`, in a gloo group of its own (alone, not in an
         EnginePool, which makes one group for all its engines)."""
         import ray
-
-        from parityrl.cluster.ray_cluster import actor_options
 
         # max_restarts=0: a dead engine is replaced by the run (a new actor, current weights).
         actor = ray.remote(EngineRole).options(max_concurrency=10_000, max_restarts=0,

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
+from parityrl.cluster.ray_cluster import actor_options, where
 from parityrl.config import RunConfig
 from parityrl.core.rollout import Rollout
 from parityrl.models.policy import build_trainer
+from parityrl.trainer.distributed import init_trainer_group
 
 
 class TrainerRank:
@@ -29,9 +31,6 @@ class TrainerRank:
 
     def setup(self, cfg: RunConfig, model_dir: str, pad_id: int, rank: int, world_size: int,
               address: str, port: int) -> dict:
-        from parityrl.cluster.ray_cluster import where
-        from parityrl.trainer.distributed import init_trainer_group
-
         self.rank = rank
         dist = init_trainer_group(rank, world_size, address, port) if world_size > 1 else None
         self.trainer = build_trainer(cfg, model_dir, pad_id, dist)
@@ -82,8 +81,7 @@ class RayTrainerGroup:
     async def start(cls, cfg: RunConfig, model_dir: str | Path, pad_id: int) -> "RayTrainerGroup":
         import ray
 
-        from parityrl.cluster.ray_cluster import actor_options
-        from parityrl.weights.gloo import free_port
+        from parityrl.weights.gloo import free_port  # weights/gloo.py imports vLLM
 
         world = cfg.cluster.trainer_ranks
         actor = ray.remote(TrainerRank).options(max_restarts=0,

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from parityrl.core.errors import UserError
 from parityrl.core.sampling import SamplingConfig
-from parityrl.trainer.routing import RouteCounts, engine_routing
+from parityrl.trainer.engine_kernels import Sequence, processed_logprobs
+from parityrl.trainer.routing import RouteCounts, compare_routes, engine_routing
 
 LogprobsMode = Literal["processed_logprobs", "raw_logprobs"]
 
@@ -242,8 +243,6 @@ def _engine_logprobs(kernels, input_ids, attention_mask, completion_mask, sampli
     """Bitwise mode: ((sampled-token logprobs [N], all logprobs [N, V]) from the engine's kernels,
     in the order of `hidden[:, :-1][wanted]` (row by row, completion tokens in order); the kernel
     pass's routes compared with the engine's `routes` (MoE; else None))."""
-    from parityrl.trainer.engine_kernels import Sequence, processed_logprobs
-
     sequences, owners = [], []
     for row, (ids, attn, comp) in enumerate(zip(input_ids.tolist(), attention_mask.tolist(),
                                                 completion_mask.tolist())):
@@ -267,8 +266,6 @@ def _kernel_route_counts(kernel_routes: torch.Tensor, sequences, owners: list[in
                          routes: torch.Tensor) -> RouteCounts:
     """The kernel pass's expert picks (rows in `_Layout` order: each sequence's prompt, then its
     completion but the last token) against the engine's, per batch row and layer."""
-    from parityrl.trainer.routing import compare_routes
-
     B, layers = routes.shape[0], routes.shape[2]
     compared = torch.zeros(B, layers, dtype=torch.long)
     differ = torch.zeros(B, layers, dtype=torch.long)

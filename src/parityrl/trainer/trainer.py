@@ -14,21 +14,35 @@ import torch
 
 from parityrl.core.errors import UserError
 from parityrl.core.mismatch import mismatch_metrics, per_turn_mismatch
-from parityrl.trainer.layout import checkpoint_state_dict
-from parityrl.core.rollout import Group
-from parityrl.core.rollout import Rollout
+from parityrl.core.rollout import Group, Rollout
 from parityrl.trainer.advantages import group_advantages
-from parityrl.trainer.config import RunSections
 from parityrl.trainer.batch import collate, rollout_logprobs
+from parityrl.trainer.checkpoint import restore_trainer, save_trainer
+from parityrl.trainer.config import RunSections
+from parityrl.trainer.distributed import (
+    DistContext,
+    average_replicated_grads,
+    clip_grad_norm,
+    data_parallel_shares,
+    full_state_dict,
+    full_tensor,
+    gather_objects,
+    is_sharded,
+    shard_like,
+    shard_model,
+)
+from parityrl.trainer.engine_kernels import (
+    EngineKernels,
+    check_bitwise_supported,
+    check_engine_for_bitwise,
+)
+from parityrl.trainer.float64 import Float64Reference, exact_logprobs, precision_metrics
+from parityrl.trainer.layout import checkpoint_state_dict
 from parityrl.trainer.logprobs import token_logprobs
 from parityrl.trainer.lora import adapter_state_dict, lora_settings
 from parityrl.trainer.loss_scale import DynamicLossScale
-from parityrl.trainer.distributed import (DistContext, average_replicated_grads, clip_grad_norm,
-                                          data_parallel_shares, full_state_dict, full_tensor,
-                                          gather_objects, is_sharded, shard_like, shard_model)
-from parityrl.trainer.routing import ROUTING_COMPARED, RouteCounts
-from parityrl.trainer.float64 import Float64Reference, exact_logprobs, precision_metrics
 from parityrl.trainer.objectives import kl_k3, policy_loss
+from parityrl.trainer.routing import ROUTING_COMPARED, RouteCounts
 
 
 @dataclass
@@ -116,15 +130,11 @@ class Trainer:
         self.kernels = None  # bitwise mode: the engine's kernels (use_engine_kernels)
         self.replay_routes = cfg.trainer.moe_routing == "replay"
         if cfg.parity.mode == "bitwise":
-            from parityrl.trainer.engine_kernels import check_bitwise_supported
-
             check_bitwise_supported(model)  # refuse before an engine starts
 
     def use_engine_kernels(self, resolved: dict) -> None:
         """Bitwise mode: score with the engine's own kernels, laid out as the engine `resolved`
         (RolloutEngine.resolved_settings) runs; refuses an engine bitwise parity cannot hold on."""
-        from parityrl.trainer.engine_kernels import EngineKernels, check_engine_for_bitwise
-
         check_engine_for_bitwise(resolved)
         self.kernels = EngineKernels.for_engine(self.model, resolved, self.kernels)
 
@@ -232,16 +242,12 @@ class Trainer:
 
     def save_checkpoint(self, run_dir, step: int, data_position: int, keep: int,
                         extra: dict | None = None) -> None:
-        from parityrl.trainer.checkpoint import save_trainer
-
         if self.loss_scale is not None:
             extra = {**(extra or {}), "loss_scale": self.loss_scale.state()}
         save_trainer(self, run_dir, step, data_position, keep, extra)
 
     def restore(self, folder):
         """This trainer as checkpoint `folder` left it; returns the checkpoint's TrainingState."""
-        from parityrl.trainer.checkpoint import restore_trainer
-
         state = restore_trainer(self, folder)
         if self.loss_scale is not None:
             self.loss_scale.load(state.extra.get("loss_scale"))
