@@ -83,8 +83,9 @@ def test_no_function_over_80_lines_but_those_the_architecture_note_lists():
 
 
 def _unexplained_local_imports() -> list[str]:
-    """Imports of parityrl's own modules inside a function body without a comment (on the line
-    or the line above) that says why it is not at the top of the module."""
+    """Imports of parityrl's own modules inside a function body without a comment (on the line,
+    or above the block of imports it belongs to) that says why it is not at the top of the
+    module."""
     found = []
     for path in sorted(SRC.rglob("*.py")):
         lines = path.read_text().splitlines()
@@ -97,9 +98,12 @@ def _unexplained_local_imports() -> list[str]:
                         a.name.startswith("parityrl") for a in inner.names))
                 if not own:
                     continue
-                here = lines[inner.lineno - 1:inner.end_lineno]
-                above = lines[inner.lineno - 2].strip()
-                if not any("#" in line for line in here) and not above.startswith("#"):
+                first = inner.lineno - 1
+                while first > 0 and lines[first - 1].strip().startswith(("from ", "import ")):
+                    first -= 1  # the imports just above belong to the same block
+                block = lines[first:inner.end_lineno]
+                above = lines[first - 1].strip()
+                if not any("#" in line for line in block) and not above.startswith("#"):
                     found.append(f"{path.relative_to(SRC.parent)}:{inner.lineno}")
     return found
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from parityrl.config import load_config
-from parityrl.doctor.ladder import DoctorConfig, build_ladder, run_ladder_sync
+from parityrl.doctor.ladder import run_ladder_sync
+from parityrl.doctor.rungs import LadderConfig, build_ladder
 from parityrl.doctor.verdict import judge
 from parityrl.core.errors import UserError
 from parityrl.core.sampling import SamplingConfig
@@ -45,7 +46,7 @@ def _check_equal(results) -> None:
 @pytest.mark.slow
 def test_doctor_bitwise_rung_is_exact_on_tiny_qwen2(tiny_model):
     # One sampling (top-p); T 1.0 runs on the tied Llama below.
-    cfg = DoctorConfig(model=tiny_model, samplings=SAMPLINGS[:1], num_samples=3, prompts=PROMPTS)
+    cfg = LadderConfig(model=tiny_model, samplings=SAMPLINGS[:1], num_samples=3, prompts=PROMPTS)
     results, _ = run_ladder_sync(cfg, rungs=[_bitwise_rung()])
     _check_equal(results)
 
@@ -183,7 +184,7 @@ def test_an_engine_without_the_bitwise_settings_is_refused_in_one_line():
 
 
 def test_the_bitwise_verdict_names_differing_tokens_and_preemptions():
-    from parityrl.doctor.ladder import RungResult
+    from parityrl.doctor.rungs import RungResult
 
     rung = _bitwise_rung()
     settings = {"device": "cpu", "dtype": "float32", "enforce_eager": True,

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from parityrl.doctor.ladder import DoctorConfig, build_ladder, run_ladder_sync
+from parityrl.doctor.ladder import run_ladder_sync
+from parityrl.doctor.rungs import LadderConfig, build_ladder
 from parityrl.doctor.verdict import consistency, judge
 from parityrl.core.sampling import SamplingConfig
 
@@ -36,7 +37,7 @@ def _rungs():
 
 @pytest.fixture(scope="module")
 def ladder(tiny_model):
-    cfg = DoctorConfig(model=tiny_model, samplings=list(SAMPLINGS.values()), num_samples=3,
+    cfg = LadderConfig(model=tiny_model, samplings=list(SAMPLINGS.values()), num_samples=3,
                        prompts=PROMPTS)
     results, floor = run_ladder_sync(cfg, rungs=_rungs())
     return {label: [r for r in results if r.sampling == s] for label, s in SAMPLINGS.items()}, floor
@@ -71,7 +72,7 @@ def test_first_rung_runs_vllm_defaults_and_reports_what_vllm_resolved(tiny_model
     folder's generation config, and the notes say so; raw logprobs fail the consistency rule."""
     from parityrl.doctor.report import baseline_notes
 
-    cfg = DoctorConfig(model=tiny_model, samplings=[SAMPLINGS["temperature 0.7"]],
+    cfg = LadderConfig(model=tiny_model, samplings=[SAMPLINGS["temperature 0.7"]],
                        num_samples=2, prompts=PROMPTS)
     (first,), floor = run_ladder_sync(cfg, rungs=build_ladder()[:1])
     assert first.name == "vllm-defaults"

@@ -130,8 +130,8 @@ def test_doctor_sampler_draws_reports_the_check_and_its_exit_code(tiny_model, tm
 def test_the_precision_tables_ratio_share_counts_tokens_beyond_ln_1_25_either_way():
     import math
 
-    from parityrl.doctor.ladder import RungResult
     from parityrl.doctor.dtypes import PrecisionRow, table_lines
+    from parityrl.doctor.rungs import RungResult
 
     edge = math.log(1.25)
     diffs = [0.0, 0.1, edge * 0.999, edge * 1.001, 2.0, math.nan]  # 3 of 6 outside [0.8, 1.25]

@@ -155,7 +155,7 @@ def _max_abs_diff(model, rollouts, sampling) -> float:
 
 
 def _move(model, seed: int) -> None:
-    from parityrl.doctor.ladder import perturb_in_place
+    from parityrl.doctor.session import perturb_in_place
 
     perturb_in_place(model, 0.5, seed)
 

@@ -63,14 +63,15 @@ def test_the_doctor_passes_a_tiny_moe_after_a_push_and_names_a_withheld_router_w
     same push without one router weight fails at the weight-synchronisation layer. Qwen3-MoE
     renormalises its picked experts' weights; Qwen2-MoE does not, and adds a gated shared
     expert."""
-    from parityrl.doctor.ladder import DoctorConfig, build_ladder, run_ladder_sync
+    from parityrl.doctor.ladder import run_ladder_sync
+    from parityrl.doctor.rungs import LadderConfig, build_ladder
     from parityrl.doctor.verdict import judge
 
     moe_model = model_factory(variant)
 
     rungs = build_ladder(moe=True)[-1:]
     assert rungs[0].name == "routing-replay" and rungs[0].trainer_replays_routes
-    cfg = DoctorConfig(model=moe_model, num_samples=3, prompts=["12+7=", "abc", "x = [1, 2"],
+    cfg = LadderConfig(model=moe_model, num_samples=3, prompts=["12+7=", "abc", "x = [1, 2"],
                        samplings=[SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=24)])
     results, floor = run_ladder_sync(cfg, rungs=rungs)
     (last,) = results
@@ -96,7 +97,7 @@ def test_the_verdict_names_routing_when_routes_differ_and_the_trainer_recomputes
     """An inconsistent MoE rung where the trainer routed by its own router and routes differed
     is a routing failure, with the config key that replays them; replaying, the advice would be
     wrong and is not given (the ladder rule then names the first inconsistent rung)."""
-    from parityrl.doctor.ladder import RungResult
+    from parityrl.doctor.rungs import RungResult
     from parityrl.doctor.verdict import judge
 
     def rung(routing):

@@ -198,7 +198,8 @@ def test_the_shipped_multi_turn_recipe_in_bitwise_mode_is_exact_in_all_three_tur
     from pathlib import Path
 
     from parityrl.config import load_config
-    from parityrl.doctor.ladder import DoctorConfig, build_ladder, run_ladder_sync
+    from parityrl.doctor.ladder import run_ladder_sync
+    from parityrl.doctor.rungs import LadderConfig, build_ladder
     from parityrl.pipeline import run_training
     from parityrl.runlog import read_metrics
 
@@ -227,7 +228,7 @@ def test_the_shipped_multi_turn_recipe_in_bitwise_mode_is_exact_in_all_three_tur
     assert turns[2]["content"].startswith("CALC result: ")
 
     checks = []
-    doctor = DoctorConfig(model=real_model_4l, samplings=[SamplingConfig(
+    doctor = LadderConfig(model=real_model_4l, samplings=[SamplingConfig(
         temperature=0.7, top_p=0.9, max_tokens=8)], num_samples=2,
         prompts=["What is 3 + 4?", "Name a colour."])
     run_ladder_sync(doctor, rungs=build_ladder(bitwise=True)[-1:], on_multi_turn=checks.append)
@@ -241,7 +242,7 @@ def test_the_shipped_multi_turn_recipe_in_bitwise_mode_is_exact_in_all_three_tur
 @pytest.mark.slow
 def test_an_update_between_turns_gives_two_versions_and_parity_only_on_same_version_tokens(
         engine, loop, real_model_4l):
-    from parityrl.doctor.ladder import perturb_in_place
+    from parityrl.doctor.session import perturb_in_place
 
     tok = tokenizer_of(real_model_4l)
     trainer = chat_trainer(real_model_4l)

@@ -2,7 +2,7 @@
 
 import torch
 
-from parityrl.doctor.ladder import RungResult
+from parityrl.doctor.rungs import RungResult
 from parityrl.models.load import load_policy
 from parityrl.core.rollout import Rollout
 from parityrl.core.sampling import SamplingConfig

@@ -17,8 +17,9 @@ import pytest
 
 from helpers import cli_in_process
 
-from parityrl.doctor.ladder import DoctorConfig, build_ladder, run_ladder_sync
+from parityrl.doctor.ladder import run_ladder_sync
 from parityrl.doctor.report import judge_all
+from parityrl.doctor.rungs import LadderConfig, build_ladder
 from parityrl.doctor.verdict import consistency
 from parityrl.core.sampling import SamplingConfig
 
@@ -44,7 +45,7 @@ SHORT_PROMPTS = [row["messages"] for row in map(json.loads, (EXAMPLES / "chat_pr
 def test_full_depth_float32_with_top_p_passes(real_model):
     # Only the last rung: the false FAIL of a per-token bound was at full depth in float32, with
     # these chat prompts (short ones: the float64 evaluation of 30 layers is the cost here).
-    cfg = DoctorConfig(model=real_model, samplings=[TOP_P], prompts=SHORT_PROMPTS[:3],
+    cfg = LadderConfig(model=real_model, samplings=[TOP_P], prompts=SHORT_PROMPTS[:3],
                        num_samples=3)
     results, floor = run_ladder_sync(cfg, rungs=build_ladder()[-1:])
     passed, (verdict,) = judge_all(results, floor, "float32")
@@ -70,7 +71,7 @@ WITHHELD = {
 def _with_engine(rung, **settings):
     import dataclasses
 
-    from parityrl.doctor.ladder import Fix
+    from parityrl.doctor.rungs import Fix
 
     extra = Fix("test-engine-settings", rung.layer, "test", dict(settings))
     return dataclasses.replace(rung, fixes=(*rung.fixes, extra))
@@ -81,7 +82,7 @@ def test_each_withheld_fix_fails_and_names_its_layer(real_model_4l, case):
     withhold, dtype, rung_name, layer, measured = WITHHELD[case]
     # Long prompts (each fills a KV block) where prefix caching is the point, short ones else.
     prompts = PROMPTS if "prefix-cache-reset" in withhold else SHORT_PROMPTS[:3]
-    cfg = DoctorConfig(model=real_model_4l, dtype=dtype, samplings=[TOP_P], prompts=prompts,
+    cfg = LadderConfig(model=real_model_4l, dtype=dtype, samplings=[TOP_P], prompts=prompts,
                        num_samples=2, withhold=frozenset(withhold))
     (rung,) = [r for r in build_ladder(cfg.withhold) if r.name == rung_name]
     if "prefix-cache-reset" in withhold:

@@ -11,7 +11,9 @@ import torch
 
 from helpers import engine_running
 
-from parityrl.doctor.ladder import DoctorConfig, build_ladder, perturb_in_place, run_ladder
+from parityrl.doctor.ladder import run_ladder
+from parityrl.doctor.rungs import LadderConfig, build_ladder
+from parityrl.doctor.session import perturb_in_place
 from parityrl.doctor.verdict import judge
 from parityrl.engine.engine import WeightSyncError
 from parityrl.engine.settings import EngineSettings
@@ -102,7 +104,7 @@ def test_the_last_rung_flags_a_broken_update(tiny_model):
     # missing part of a partly loaded fused parameter with uninitialised memory, and the
     # logprobs are then garbage, sometimes NaN (README, Known limits); an unfused tensor keeps
     # its old value, so the stale weights show as a finite mismatch.
-    cfg = DoctorConfig(model=tiny_model, num_samples=2, prompts=["12+7=", "abc"],
+    cfg = LadderConfig(model=tiny_model, num_samples=2, prompts=["12+7=", "abc"],
                        sabotage_skip=frozenset({"model.layers.0.self_attn.o_proj.weight"}))
     results, floor = asyncio.run(run_ladder(cfg, rungs=[rung]))
     (result,) = results

@@ -221,10 +221,15 @@ def _variants(key: str, info: FieldInfo, models: list[type[BaseModel]], default:
 # ---------------------------------------------------------------- Markdown
 
 
+# A module named from its package in a description (trainer/lora.py): named from src/ in the docs.
+_PACKAGE_PATH = re.compile(r"(?<![\w/.])((?:bench|cluster|core|doctor|engine|models|rollouts|tasks|"
+                           r"trainer|weights)/\w+\.py)")
+
+
 def _escape(text: str) -> str:
     """Table-cell text: one line, `|` escaped; outside `code`, what Markdown would read as an
     HTML tag (<name>) or emphasis (*) escaped too."""
-    text = " ".join(text.split())
+    text = _PACKAGE_PATH.sub(r"parityrl/\1", " ".join(text.split()))
     parts = text.split("`")
     for i in range(0, len(parts), 2):  # even parts are outside code spans
         parts[i] = re.sub(r"<(?=[A-Za-z/!?])", "&lt;", parts[i]).replace("*", r"\*")

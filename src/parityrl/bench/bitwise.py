@@ -16,6 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from parityrl.bench.stats import Summary, ratios
+from parityrl.config import load_config
+from parityrl.core.rollout import Rollout
+from parityrl.doctor.ladder import run_ladder_sync
+from parityrl.doctor.rungs import LadderConfig, build_ladder
+from parityrl.models.load import load_policy
+from parityrl.models.tiny import make_model
+from parityrl.models.tokenizer import load_tokenizer
+from parityrl.models.warm_start import DEMO_MODEL
+from parityrl.trainer.engine_kernels import EngineKernels
+from parityrl.trainer.trainer import Trainer
 
 
 @dataclass
@@ -28,8 +38,6 @@ class BitwiseBench:
 
 
 def _groups(cfg: BitwiseBench, tokenizer, seed: int):
-    from parityrl.core.rollout import Rollout
-
     rng = random.Random(seed)
     groups = []
     for g in range(cfg.prompts):
@@ -45,14 +53,6 @@ def _groups(cfg: BitwiseBench, tokenizer, seed: int):
 
 
 def run(cfg: BitwiseBench, say=print) -> dict:
-    from parityrl.config import load_config
-    from parityrl.models.load import load_policy
-    from parityrl.models.tiny import make_model
-    from parityrl.models.tokenizer import load_tokenizer
-    from parityrl.models.warm_start import DEMO_MODEL
-    from parityrl.trainer.engine_kernels import EngineKernels
-    from parityrl.trainer.trainer import Trainer
-
     with tempfile.TemporaryDirectory(prefix="parityrl-bench-") as tmp:
         folder = make_model(Path(tmp) / "m", **DEMO_MODEL)
         tokenizer = load_tokenizer(folder)
@@ -90,10 +90,8 @@ def run(cfg: BitwiseBench, say=print) -> dict:
 
 
 def _doctor_rung_seconds(model: str, say) -> float:
-    from parityrl.doctor.ladder import DoctorConfig, build_ladder, run_ladder_sync
-
     start = time.perf_counter()
-    results, _ = run_ladder_sync(DoctorConfig(model=model),
+    results, _ = run_ladder_sync(LadderConfig(model=model),
                                  rungs=build_ladder(bitwise=True)[-1:])
     seconds = time.perf_counter() - start
     equal = all(d == 0 for r in results for d in r.abs_diffs)

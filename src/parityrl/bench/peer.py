@@ -20,6 +20,14 @@ from pathlib import Path
 
 from parityrl.bench.peer_arms import ARMS, PeerSpec, demo_task
 from parityrl.core.errors import UserError
+from parityrl.core.sampling import SamplingConfig
+from parityrl.doctor.ladder import RungResult
+from parityrl.doctor.verdict import settings_faults
+from parityrl.models.builtin import resolve_model
+from parityrl.models.load import load_policy
+from parityrl.models.tokenizer import load_tokenizer
+from parityrl.rollouts.evaluate import model_greedy_accuracy
+from parityrl.trainer.layout import to_model_layout
 
 
 def check_installed() -> None:
@@ -64,10 +72,6 @@ class Evaluator:
     """Greedy held-out accuracy of a weights file: the same for every arm."""
 
     def __init__(self, spec: PeerSpec) -> None:
-        from parityrl.models.builtin import resolve_model
-        from parityrl.models.load import load_policy
-        from parityrl.models.tokenizer import load_tokenizer
-
         folder = str(resolve_model(spec.model))
         self.model = load_policy(folder, "float32").eval()
         self.tokenizer = load_tokenizer(folder)
@@ -77,9 +81,6 @@ class Evaluator:
 
     def accuracy(self, weights: Path) -> float:
         from safetensors.torch import load_file
-
-        from parityrl.trainer.layout import to_model_layout
-        from parityrl.rollouts.evaluate import model_greedy_accuracy
 
         self.model.load_state_dict(to_model_layout(self.model, load_file(str(weights))),
                                    strict=False)
@@ -158,10 +159,6 @@ def settings_verdict(resolved: dict, trainer_dtype: str = "float32") -> str:
     """The doctor's settings check (doctor/verdict.py `settings_faults`) on an engine another
     framework set up, against a trainer that scores in `trainer_dtype` with a model-dtype
     lm_head (as TRL's does): PASS, or the faults by layer."""
-    from parityrl.doctor.ladder import RungResult
-    from parityrl.doctor.verdict import settings_faults
-    from parityrl.core.sampling import SamplingConfig
-
     settings = resolved | {"trainer_dtype": trainer_dtype, "trainer_fp32_lm_head": False}
     faults = settings_faults(RungResult("peer", "peer", SamplingConfig(), settings, {}, [], []))
     if not faults:
@@ -208,8 +205,6 @@ def run(spec: PeerSpec | None = None, out: Path | None = None, say=print,
         infos[arm] = run_arm(arm, spec, outs[arm], say)
     say("peer: held-out accuracy of every snapshot (one evaluator)")
     evaluator = Evaluator(spec)
-    from parityrl.models.builtin import resolve_model
-
     start = evaluator.accuracy(next(resolve_model(spec.model).glob("*.safetensors")))
     curves = {arm: evaluate_arm(evaluator, outs[arm], start) if "error" not in infos[arm] else []
               for arm in arms}

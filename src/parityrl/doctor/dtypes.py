@@ -22,7 +22,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from parityrl.doctor.ladder import DoctorConfig, RungResult, build_ladder, run_ladder
+from parityrl.doctor.ladder import run_ladder
+from parityrl.doctor.rungs import LadderConfig, RungResult, build_ladder
 from parityrl.doctor.verdict import judge
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -54,7 +55,7 @@ class PrecisionRow:
         }
 
 
-async def compare_dtypes(cfg: DoctorConfig, dtypes: tuple[str, ...] = DTYPES,
+async def compare_dtypes(cfg: LadderConfig, dtypes: tuple[str, ...] = DTYPES,
                          on_row: Callable[[PrecisionRow], None] | None = None
                          ) -> list[PrecisionRow]:
     """The last rung once per dtype (one engine start each); `cfg.dtype` is ignored."""

@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from parityrl.doctor.ladder import LadderSession, Preemptions, Rung, RungResult
-from parityrl.doctor.verdict import Consistency, bitwise_consistency, consistency
 from parityrl.core.errors import UserError
-from parityrl.rollouts.episode import EpisodeLimits, engine_turns, run_episode
 from parityrl.core.sampling import SamplingConfig
+from parityrl.doctor.rungs import Rung, RungResult
+from parityrl.doctor.session import LadderSession, Preemptions
+from parityrl.doctor.verdict import Consistency, bitwise_consistency, consistency
+from parityrl.models.tokenizer import load_tokenizer
+from parityrl.rollouts.episode import EpisodeLimits, engine_turns, run_episode
 from parityrl.tasks.environment import EnvReply
 from parityrl.tasks.prompts import as_messages
 
@@ -69,8 +71,6 @@ async def check_multi_turn(session: LadderSession, rung: Rung,
     """One MultiTurnResult per sampling, on the engine `session` holds after `rung` (the ladder's
     last: its settings, the trainer's weights pushed); `turns` assistant turns an episode, the
     observation after each but the last."""
-    from parityrl.models.tokenizer import load_tokenizer
-
     cfg = session.cfg
     tokenizer = load_tokenizer(cfg.model)
     if not session.chat_template:
@@ -101,7 +101,7 @@ async def check_multi_turn(session: LadderSession, rung: Rung,
                             positions, (), None, None, e_err, t_err)
         judged = bitwise_consistency(result) if rung.trainer_kernels else consistency(result)
         out.append(MultiTurnResult(result, judged, len(episodes),
-                                   [e.meta["template_mismatch"] for e in episodes
-                                    if e.meta["template_mismatch"] is not None],
+                                   [e.template_mismatch for e in episodes
+                                    if e.template_mismatch is not None],
                                    bitwise=rung.trainer_kernels))
     return out

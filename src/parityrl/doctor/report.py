@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from parityrl.doctor.ladder import BASELINE, RungResult
+from parityrl.doctor.rungs import BASELINE, RungResult
 from parityrl.doctor.verdict import Verdict, consistency, judge
 from parityrl.core.mismatch import METRIC_NAMES
 from parityrl.core.sampling import SamplingConfig

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from parityrl.core.sampling import SamplingConfig
+from parityrl.trainer.logprobs import next_token_logits, next_token_logprobs
 
 NAME = "sampler"
 MIN_EXPECTED = 5.0  # the usual validity floor of the chi-square approximation to G
@@ -137,8 +138,6 @@ async def check_sampler(engine, model, prompt_ids: list[list[int]], sampling: Sa
     logprob mismatch already measured and accepted for this setup (the doctor passes its rung's
     max |Δ|): each drawn token's trainer probability may move toward the engine's reported one
     by that much before the trainer's test (`_within_band`)."""
-    from parityrl.trainer.logprobs import next_token_logits, next_token_logprobs
-
     per_test = alpha / (2 * len(prompt_ids))
     results = []
     for i, ids in enumerate(prompt_ids):

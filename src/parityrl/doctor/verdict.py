@@ -29,7 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from parityrl.doctor.ladder import FIXES, ROUTING, RungResult
+from parityrl.doctor.rungs import FIXES, ROUTING, RungResult
+from parityrl.trainer.engine_kernels import bitwise_setting_faults
 
 # Measured on SmolLM2-135M-Instruct (README, "The doctor on a real model"): correctly configured,
 # the CPU engine's mean and p99 error against float64 are 1.4–1.8× the trainer's in float32 at 30
@@ -106,8 +107,6 @@ def settings_faults(r: RungResult) -> list[tuple[str, str]]:
                        "prefix caching is on and the cache was not reset after the weight "
                        "update: prompts cached under the old weights are reused"))
     if r.name == "bitwise":
-        from parityrl.trainer.engine_kernels import bitwise_setting_faults
-
         faults += [("kernels", f"the engine runs {fault}, which the trainer's kernel pass "
                                "does not reproduce") for fault in bitwise_setting_faults(s)]
     engine_dtype, trainer_dtype = s.get("dtype"), s.get("trainer_dtype")

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from parityrl.core.errors import UserError
 from parityrl.tasks.base import Problem
+from parityrl.tasks.prompt_file import is_messages
 
 RewardFn = Callable[[str, str, str], float]
 
@@ -47,7 +48,8 @@ class JsonlConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: Literal["jsonl"] = "jsonl"
+    type: Literal["jsonl"] = Field("jsonl", description="Problems read from a JSONL file, "
+                                                       "scored by `reward`.")
     path: str = Field(description="JSONL file of training rows.")
     eval_path: str | None = Field(
         None, description="JSONL file of held-out rows; if unset, the last rows of `path` are."
@@ -150,7 +152,7 @@ def _problem(where: str, line: str, config: JsonlConfig, index: int, line_no: in
     answer = _answer(where, row, config)
     messages = row.get("messages")
     if messages is not None:
-        if not _is_messages(messages):
+        if not is_messages(messages):
             raise UserError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')
         if not config.chat_template:
             raise UserError(f'{where}: a row with "messages" needs task.chat_template: true')
@@ -170,12 +172,6 @@ def _problem(where: str, line: str, config: JsonlConfig, index: int, line_no: in
         chat.insert(0, {"role": "system", "content": config.system})
     return Problem(index, prompt, answer, meta={"line": line_no},
                    messages=None if chat is None else tuple(chat))
-
-
-def _is_messages(value) -> bool:
-    return (isinstance(value, list) and bool(value) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in value))
 
 
 def _prompt(where: str, row: dict, config: JsonlConfig) -> str:
