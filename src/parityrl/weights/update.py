@@ -108,7 +108,7 @@ async def push(engines: Sequence[UpdateTarget], transport: Transport, payload, *
         for engine in engines:
             await locks.enter_async_context(engine.update_lock)
         write_start = time.perf_counter()
-        sent = await asyncio.to_thread(transport.prepare, payload)
+        sent = transport.prepare(payload)
         start = time.perf_counter()
         try:
             await asyncio.gather(*(e.pause() for e in engines))
