@@ -275,9 +275,7 @@ class Pipeline:
         cfg = ctx.cfg
         self.ctx = ctx
         self.on_step = on_step or (lambda step, metrics: None)
-        # The context's parts the engine methods below use by these names.
-        self.cfg, self.run_dir, self.model_dir = cfg, ctx.run_dir, ctx.model_dir
-        self.trainer, self.on_message = ctx.trainer, ctx.say
+        self.cfg, self.trainer = cfg, ctx.trainer  # short names for the context's two busiest
         self.weights_lock = asyncio.Lock()  # a restart reads weights no optimizer step is writing
         self.engine = engine  # the run's pool: `_restart_engine` replaces its engines in place
         self.actor = Actor(engine, ctx.task, ctx.tokenizer, ctx.sampling(), cfg.actor.group_size,
@@ -310,7 +308,7 @@ class Pipeline:
     def _write_cluster_json(self, engine: EnginePool) -> None:
         if self.cfg.cluster.backend != "ray":
             return
-        write_cluster_json(self.run_dir, self.cfg.cluster, {
+        write_cluster_json(self.ctx.run_dir, self.cfg.cluster, {
             "engines": [e.where | {"cpu_threads_bind": e.settings.cpu_threads_bind}
                         for e in engine.engines],
             "trainer_ranks": self.trainer.where})
@@ -323,7 +321,7 @@ class Pipeline:
         dead = await pool.dead()
         partial = bool(dead) and pool.several
         if not partial:
-            self.on_message(f"the vLLM engine died; starting a new one at version {version}")
+            self.ctx.say(f"the vLLM engine died; starting a new one at version {version}")
         async with self.weights_lock:
             weights = await asyncio.to_thread(self.trainer.weights)
             await pool.replace(dead if partial else list(range(len(pool.engines))), weights,
@@ -331,7 +329,7 @@ class Pipeline:
             if self.cfg.parity.mode == "bitwise":
                 self.trainer.use_engine_kernels(pool.resolved_settings())
         if partial:
-            self.on_message(f"engine {', '.join(map(str, dead))} of the pool died; "
+            self.ctx.say(f"engine {', '.join(map(str, dead))} of the pool died; "
                             f"replaced, all at version {version}")
         self._write_cluster_json(pool)
         return pool
@@ -351,7 +349,7 @@ class Pipeline:
             return None
         before = await self._evaluate()
         writer.write(0, {"eval/accuracy": before})
-        self.on_message(f"held-out greedy accuracy before training: {before:.3f}")
+        self.ctx.say(f"held-out greedy accuracy before training: {before:.3f}")
         return before
 
     # -- the loops -------------------------------------------------------------------------------
@@ -424,7 +422,7 @@ class Pipeline:
         """Learn, apply and push, keep the books: the step and its metrics; None when every group
         was too stale or rejected."""
         if not batch.groups:  # nothing to learn from this round
-            self.on_message(f"all {batch.dropped} samples exceeded max_lag; no step taken"
+            self.ctx.say(f"all {batch.dropped} samples exceeded max_lag; no step taken"
                             if batch.dropped
                             else "every group of this round was rejected; no step taken")
             return None

@@ -251,6 +251,8 @@ class GlooTransport:
     trainer, engine i's worker at rank 1 + i. The trainer's digests fill in as the tensors go
     out; each engine's worker reports its own after vLLM's finish_weight_update."""
 
+    writes_ahead = False  # weights/update.py Transport
+
     def __init__(self, transfer: GlooTrainerTransfer, dtype: str, timeout: float) -> None:
         self.transfer = transfer
         self.dtype = dtype
@@ -286,7 +288,6 @@ class GlooTransport:
                                          for e in engines))
         return [result | {"load_seconds": loaded} for result in results]
 
-    writes_ahead = False
     check = staticmethod(checked_against_checkpoint)
 
     async def loaded(self, engines) -> None:

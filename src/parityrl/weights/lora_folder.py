@@ -97,7 +97,8 @@ class AdapterPayload:
     tensors: dict[str, torch.Tensor]
     settings: dict
     name: str
-    skip: frozenset[str] | set[str] = frozenset()  # left out of the folder (tests: digests catch it)
+    # Left out of the folder on purpose (tests: the digests catch it).
+    skip: frozenset[str] | set[str] = frozenset()
 
 
 class AdapterTarget(UpdateTarget, Protocol):
@@ -110,6 +111,8 @@ class AdapterFolderTransport:
     """The adapter's transport (weights/update.py drives it): a PEFT folder in `root`, loaded by
     vLLM's own worker `add_lora` with `load_inplace` into the one slot, which the worker then
     digests; requests in flight continue on the new adapter."""
+
+    writes_ahead = True  # weights/update.py Transport
 
     def __init__(self, root: Path, base_model: str, dtype: str, max_rank: int) -> None:
         self.root = Path(root)
@@ -130,8 +133,6 @@ class AdapterFolderTransport:
     async def load(self, engines) -> list[dict]:
         return [await e.worker_call("parityrl_load_adapter", self._name, 1, str(self._folder))
                 for e in engines]
-
-    writes_ahead = True
 
     def check(self, engine, sent: dict[str, str], result: dict) -> DigestCheck:
         check = compare_digests(sent, result["digests"], set(sent))

@@ -145,6 +145,8 @@ class SharedFileTransport:
     of the file (checked in the worker), so the file is free until the next reload reads it, and
     generation pauses only for the reload itself."""
 
+    writes_ahead = True  # weights/update.py Transport
+
     def __init__(self, folder: Path, dtype: str) -> None:
         self.file = SharedUpdateFile(folder)
         self.dtype = dtype
@@ -157,7 +159,6 @@ class SharedFileTransport:
         return [await e.worker_call("parityrl_load_weights", str(self.file.path))
                 for e in engines]
 
-    writes_ahead = True
     check = staticmethod(checked_against_checkpoint)
 
     async def loaded(self, engines) -> None:
