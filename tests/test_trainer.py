@@ -88,6 +88,30 @@ def test_the_gradient_does_not_depend_on_the_microbatch_split(tiny_model):
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-7)
 
 
+def test_groups_with_zero_advantage_skip_the_backward_and_leave_the_gradient_as_it_was(
+        tiny_model):
+    batch = groups()
+    for r in batch[1] + batch[3]:  # all equal: advantage exactly 0
+        r.reward = 1.0
+    every = make_trainer(tiny_model, trainer={"skip_zero_advantage": False,
+                                              "sort_by_length": False})
+    whole = grads(every, batch)
+    lean = make_trainer(tiny_model)
+    skipped = grads(lean, batch)
+    assert whole.keys() == skipped.keys()
+    for name in whole:
+        torch.testing.assert_close(skipped[name], whole[name], rtol=1e-4, atol=1e-7)
+    metrics = lean.apply(lean.accumulate(batch))
+    sampled = sum(r.num_tokens for g in batch for r in g)
+    mixed = sum(r.num_tokens for g in (batch[0], batch[2]) for r in g)
+    assert metrics["rl/tokens_sampled"] == sampled and metrics["rl/tokens"] == mixed
+    assert metrics["rl/zero_advantage_frac"] == 0.5
+    assert metrics["mismatch/coverage"] == pytest.approx(mixed / sampled)
+    # A KL term has a gradient of its own at advantage 0: nothing is skipped then.
+    kl = make_trainer(tiny_model, trainer={"loss": {"kl_coef": 0.1}})
+    assert kl.apply(kl.accumulate(batch))["rl/tokens"] == sampled
+
+
 def test_kl_and_entropy_terms_change_the_gradient_and_are_reported(tiny_model):
     batch = groups()
     plain = grads(make_trainer(tiny_model), batch)

@@ -499,7 +499,7 @@ class Pipeline:
             **({"sync/engines_verified": float(pushed.verified)}
                if pushed.verified is not None else {}),
             "throughput/samples_per_s": samples / elapsed,
-            "throughput/tokens_per_s": trained.get("rl/tokens", 0.0) / elapsed,
+            "throughput/tokens_per_s": trained.get("rl/tokens_sampled", 0.0) / elapsed,
             "throughput/engine_idle_frac": max(0.0, 1.0 - busy / elapsed),
             "time/step_seconds": elapsed,
             # The trainer's own work: forward/backward, parity probe scoring, optimizer step.

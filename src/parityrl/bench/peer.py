@@ -1,33 +1,43 @@
 """The side-by-side with TRL: `parityrl bench --only peer` (needs the optional extra `peer`).
 
-Four arms, one after the other, each in a process of its own (bench/peer_arms.py): TRL's
-GRPOTrainer with HF `generate`, TRL colocated with vLLM, parityrl sync and parityrl async, on the
-same model, prompts, reward and hyper-parameters. Afterwards one evaluator, the same for every
-arm, scores each arm's weight snapshots on the task's held-out problems (greedy, float32,
-transformers `generate`): its time is in no arm's clock. Reported per arm: completions/s,
-tokens/s, start-up time, wall time to each accuracy threshold and to the accuracy the best TRL
-arm ends at, accuracy at equal wall time, and the logprob mismatch (TRL's own metric, and
-parityrl's measure on TRL's vLLM samples). Plot: accuracy and reward against wall seconds.
+Two workloads (bench/peer_arms.py `WORKLOADS`): the demo's tiny model with completions of at
+most 6 tokens, and a realistic one, SmolLM2-135M-Instruct on chat prompts with completions of
+about a hundred tokens. Each runs four arms, one after the other, each in a process of its own:
+TRL's GRPOTrainer with HF `generate`, TRL colocated with vLLM, parityrl sync and parityrl async,
+on the same model, prompts, reward and hyper-parameters. Afterwards one evaluator, the same for
+every arm, scores each arm's weight snapshots on the task's held-out problems (greedy, float32,
+one vLLM engine): its time is in no arm's clock. Reported per arm: completions/s, tokens/s,
+start-up time, seconds a step by stage, the model FLOPs each phase reached as a fraction of this
+machine's measured matmul peak, wall time to each accuracy threshold and to the accuracy the
+best TRL arm ends at, accuracy at equal wall time, and the logprob mismatch (TRL's own metric,
+and parityrl's measure on TRL's vLLM samples) with its coverage. Plot: accuracy and reward
+against wall seconds, one figure a workload.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from parityrl.bench.peer_arms import ARMS, PeerSpec, demo_task
+from parityrl.bench.matmul_peak import matmul_peak, model_flops_per_token, phase_fractions
+from parityrl.bench.peer_arms import ARMS, WORKLOADS, PeerSpec, all_cores, spec_task
 from parityrl.core.errors import UserError
 from parityrl.core.sampling import SamplingConfig
 from parityrl.doctor.ladder import RungResult
 from parityrl.doctor.verdict import settings_faults
+from parityrl.engine.engine import RolloutEngine
+from parityrl.engine.settings import EngineSettings
 from parityrl.models.builtin import resolve_model
 from parityrl.models.load import load_policy
 from parityrl.models.tokenizer import load_tokenizer
-from parityrl.rollouts.evaluate import model_greedy_accuracy
-from parityrl.trainer.layout import to_model_layout
+from parityrl.rollouts.evaluate import greedy_accuracy
+from parityrl.tasks.prompts import encode_problem
+from parityrl.trainer.layout import checkpoint_state_dict, to_model_layout
 
 
 def check_installed() -> None:
@@ -69,23 +79,38 @@ def timeline(out: Path) -> list[dict]:
 
 
 class Evaluator:
-    """Greedy held-out accuracy of a weights file: the same for every arm."""
+    """Greedy held-out accuracy of weight snapshots, the same for every arm of a workload: one
+    vLLM engine (float32, the parity settings, every core) loads each snapshot in turn."""
 
     def __init__(self, spec: PeerSpec) -> None:
         folder = str(resolve_model(spec.model))
         self.model = load_policy(folder, "float32").eval()
         self.tokenizer = load_tokenizer(folder)
-        self.task = demo_task()
+        self.task = spec_task(spec)
         self.problems = self.task.eval_problems()[: spec.eval_size]
         self.max_tokens = spec.max_tokens
+        self.loop = asyncio.new_event_loop()
+        settings = EngineSettings(model=folder, dtype="float32", max_model_len=spec.max_model_len,
+                                  cpu_threads_bind=all_cores())
+        self.engine = self.loop.run_until_complete(RolloutEngine.start(settings))
+        self.version = 0
 
-    def accuracy(self, weights: Path) -> float:
+    def accuracy(self, weights: Path | None = None) -> float:
+        """Of `weights` (a safetensors file), or of the model folder's own weights (None)."""
         from safetensors.torch import load_file
 
-        self.model.load_state_dict(to_model_layout(self.model, load_file(str(weights))),
-                                   strict=False)
-        return model_greedy_accuracy(self.model, self.tokenizer, self.task, self.problems,
-                                     self.max_tokens)
+        if weights is not None:
+            self.model.load_state_dict(to_model_layout(self.model, load_file(str(weights))),
+                                       strict=False)
+            self.version += 1
+            self.loop.run_until_complete(self.engine.update_weights(
+                checkpoint_state_dict(self.model), version=self.version))
+        return self.loop.run_until_complete(greedy_accuracy(
+            self.engine, self.task, self.tokenizer, self.problems, self.max_tokens))
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.engine.close())
+        self.loop.close()
 
 
 def evaluate_arm(evaluator: Evaluator, out: Path, start_accuracy: float) -> list[dict]:
@@ -108,47 +133,69 @@ def accuracy_at(points: list[dict], seconds: float) -> float:
     return max((p["accuracy"] for p in points if p["wall_s"] <= seconds), default=0.0)
 
 
+# The stage holding an arm's generation seconds (TRL: sampling and scoring, weight sync
+# included in trl-vllm; parityrl sync: waiting for the batch; async: the engine's busy time).
+ENGINE_STAGE = {"trl-generate": "generate_and_score", "trl-vllm": "generate_and_score",
+                "parityrl-sync": "wait_for_rollouts", "parityrl-async": "engine_busy"}
+
+
+def arm_summary(spec: PeerSpec, arm: str, info: dict, rows: list[dict], curve: list[dict],
+                physics: dict) -> dict:
+    """One arm's numbers: rates, seconds a step by stage, phases against the matmul peak."""
+    wall = rows[-1]["wall_s"]
+    row = {
+        "steps": len(rows), "wall_s": wall, "startup_s": info.get("startup_s"),
+        "command": info.get("command"),
+        "completions_per_s": sum(r["completions"] for r in rows) / wall,
+        "tokens_per_s": sum(r["tokens"] for r in rows) / wall,
+        "completion_len_mean": sum(r["tokens"] for r in rows) / sum(r["completions"]
+                                                                  for r in rows),
+        "final_accuracy": curve[-1]["accuracy"],
+        # Per stage, mean seconds a step after the first (the first fills the pipeline).
+        "stage_seconds": {k: sum(r["stages"][k] for r in rows[1:]) / max(len(rows) - 1, 1)
+                          for k in rows[0]["stages"]},
+        "first_step_s": rows[0]["wall_s"],
+        "time_to_threshold_s": {str(t): time_to(curve, t) for t in spec.thresholds},
+        "parity_mismatch": info.get("parity_mismatch"),
+        "trl_mismatch": info.get("trl_mismatch"),
+        "adapter": info.get("adapter"),
+        "settings": info.get("settings"),
+        "engine_dtype": (info.get("engine_settings") or {}).get("dtype"),
+        "phases": phase_fractions(rows, ENGINE_STAGE[arm], info.get("cores") or {
+            "engine": physics["cores"], "trainer": physics["cores"]}, physics["peak_gflops"],
+            physics["flops_per_token"], physics["prompt_len_mean"]),
+    }
+    if arm == "trl-vllm" and info.get("engine_settings"):
+        row["doctor_settings_verdict"] = settings_verdict(info["engine_settings"])
+    return row
+
+
 def summarize(spec: PeerSpec, arms: dict[str, dict], curves: dict[str, list[dict]],
-              outs: dict[str, Path]) -> dict:
-    """Per-arm numbers and the two ratios (parityrl async against the best TRL arm)."""
+              outs: dict[str, Path], physics: dict) -> dict:
+    """Per-arm numbers and the two ratios (parityrl's faster arm against TRL's)."""
     table = {}
     for arm, info in arms.items():
         rows = timeline(outs[arm])
-        if "error" in info or not rows:
-            table[arm] = {"error": info.get("error", "no steps")}
-            continue
-        wall = rows[-1]["wall_s"]
-        table[arm] = {
-            "steps": len(rows), "wall_s": wall, "startup_s": info.get("startup_s"),
-            "completions_per_s": sum(r["completions"] for r in rows) / wall,
-            "tokens_per_s": sum(r["tokens"] for r in rows) / wall,
-            "final_accuracy": curves[arm][-1]["accuracy"],
-            # Per stage, mean seconds a step after the first (the first fills the pipeline).
-            "stage_seconds": {k: sum(r["stages"][k] for r in rows[1:]) / max(len(rows) - 1, 1)
-                              for k in rows[0]["stages"]},
-            "first_step_s": rows[0]["wall_s"],
-            "time_to_threshold_s": {str(t): time_to(curves[arm], t) for t in spec.thresholds},
-            "parity_mismatch": info.get("parity_mismatch"),
-            "trl_mismatch": info.get("trl_mismatch"),
-            "adapter": info.get("adapter"),
-            "engine_dtype": (info.get("engine_settings") or {}).get("dtype"),
-        }
-        if arm == "trl-vllm" and info.get("engine_settings"):
-            table[arm]["doctor_settings_verdict"] = settings_verdict(info["engine_settings"])
+        table[arm] = ({"error": info.get("error", "no steps")} if "error" in info or not rows
+                      else arm_summary(spec, arm, info, rows, curves[arm], physics))
     done = [a for a in table if "error" not in table[a]]
     trl = [a for a in done if a.startswith("trl")]
-    results: dict = {"spec": spec.model_dump(), "arms": table, "curves": curves}
-    if trl and "parityrl-async" in done:
-        best_rate = max(trl, key=lambda a: table[a]["completions_per_s"])
-        results["peer_samples_ratio"] = (table["parityrl-async"]["completions_per_s"]
-                                         / table[best_rate]["completions_per_s"])
+    ours = [a for a in done if a.startswith("parityrl")]
+    results: dict = {"spec": spec.model_dump(), "arms": table, "curves": curves,
+                     "physics": physics}
+    if trl and ours:
+        def rate(a: str) -> float:
+            return table[a]["completions_per_s"]
+
+        fast_trl, fast_ours = max(trl, key=rate), max(ours, key=rate)
+        results["peer_samples_ratio"] = rate(fast_ours) / rate(fast_trl)
         best_acc = max(trl, key=lambda a: table[a]["final_accuracy"])
         target = table[best_acc]["final_accuracy"]
-        ours = time_to(curves["parityrl-async"], target)
-        theirs = time_to(curves[best_acc], target)
-        results["peer_target_accuracy"] = target
-        results["peer_time_to_accuracy_ratio"] = (None if ours is None or not theirs
-                                                  else ours / theirs)
+        mine, theirs = time_to(curves[fast_ours], target), time_to(curves[best_acc], target)
+        results |= {"peer_arms_compared": [fast_ours, fast_trl, best_acc],
+                    "peer_target_accuracy": target,
+                    "peer_time_to_accuracy_ratio": (None if mine is None or not theirs
+                                                    else mine / theirs)}
         equal = min(table[a]["wall_s"] for a in done)
         results["accuracy_at_equal_wall_s"] = {
             "seconds": equal, **{a: accuracy_at(curves[a], equal) for a in done}}
@@ -180,8 +227,10 @@ def plot(results: dict, path: Path) -> Path:
                     label=arm)
     for arm, rows in results.get("timelines", {}).items():
         reward_ax.plot([r["wall_s"] for r in rows], [r["reward_mean"] for r in rows], label=arm)
+    spec = results["spec"]
     acc_ax.set(xlabel="wall seconds (training; evaluation excluded)",
-               ylabel="held-out greedy accuracy", title="accuracy")
+               ylabel="held-out greedy accuracy",
+               title=f"{spec['workload']}: {spec['model']}, ≤ {spec['max_tokens']} tokens")
     reward_ax.set(xlabel="wall seconds", ylabel="mean reward of the step's samples",
                   title="reward")
     for ax in (acc_ax, reward_ax):
@@ -193,28 +242,55 @@ def plot(results: dict, path: Path) -> Path:
     return path
 
 
-def run(spec: PeerSpec | None = None, out: Path | None = None, say=print,
-        arms: tuple[str, ...] = ARMS) -> dict:
-    check_installed()
-    spec = spec or PeerSpec()
-    out = out or Path("bench") / "peer"
+def physics_of(spec: PeerSpec, evaluator: Evaluator, peaks: dict) -> dict:
+    """What the matmul-peak fractions need: model FLOPs a token, prompt length, the peaks."""
+    problems = [spec_task(spec).train_problem(i) for i in range(32)]
+    prompt_len = sum(len(encode_problem(evaluator.tokenizer, p)) for p in problems) / 32
+    return {"flops_per_token": model_flops_per_token(evaluator.model),
+            "prompt_len_mean": prompt_len, "peak_gflops": peaks, "cores": os.cpu_count()}
+
+
+def run_workload(spec: PeerSpec, out: Path, peaks: dict, say=print,
+                 arms: tuple[str, ...] = ARMS) -> dict:
+    """The arms of one workload one after the other, then the shared evaluator."""
     outs = {arm: out / arm for arm in arms}
     infos = {}
     for arm in arms:
-        say(f"peer: {arm} ({spec.steps} steps of {spec.prompts_per_step}×{spec.group_size})")
+        say(f"peer [{spec.workload}]: {arm} ({spec.steps} steps of "
+            f"{spec.prompts_per_step}×{spec.group_size}, ≤ {spec.max_tokens} tokens)")
         infos[arm] = run_arm(arm, spec, outs[arm], say)
-    say("peer: held-out accuracy of every snapshot (one evaluator)")
+    say(f"peer [{spec.workload}]: held-out accuracy of every snapshot (one evaluator)")
     evaluator = Evaluator(spec)
-    start = evaluator.accuracy(next(resolve_model(spec.model).glob("*.safetensors")))
-    curves = {arm: evaluate_arm(evaluator, outs[arm], start) if "error" not in infos[arm] else []
-              for arm in arms}
-    results = summarize(spec, infos, curves, outs)
+    try:
+        start = evaluator.accuracy()
+        curves = {arm: evaluate_arm(evaluator, outs[arm], start)
+                  if "error" not in infos[arm] else [] for arm in arms}
+        physics = physics_of(spec, evaluator, peaks)
+    finally:
+        evaluator.close()
+    results = summarize(spec, infos, curves, outs, physics)
     results["timelines"] = {arm: timeline(outs[arm]) for arm in arms}
     results["plot"] = str(plot(results, out / "peer.png"))
     (out / "peer.json").write_text(json.dumps(results, indent=2, default=str))
-    # The bench's headline format (one measurement: median = min = max).
-    for key in ("peer_samples_ratio", "peer_time_to_accuracy_ratio"):
-        value = results.get(key)
-        results[key] = None if value is None else {"median": value, "min": value, "max": value,
-                                                   "n": 1}
     return {k: v for k, v in results.items() if k != "timelines"}
+
+
+def run(out: Path | None = None, say=print, workloads: tuple[str, ...] = ("tiny", "realistic"),
+        arms: tuple[str, ...] = ARMS) -> dict:
+    """Every workload; the realistic one's ratios are the stage's headline figures, the tiny
+    one's carry the suffix `_tiny`."""
+    check_installed()
+    out = out or Path("bench") / "peer"
+    say("peer: float32 matmul peak on 1.."f"{os.cpu_count()} cores")
+    peaks = {str(n): matmul_peak(n) for n in range(1, (os.cpu_count() or 1) + 1)}
+    results: dict = {"matmul_peak_gflops": peaks, "workloads": {}}
+    for name in workloads:
+        data = run_workload(WORKLOADS[name], out / name, peaks, say, arms)
+        results["workloads"][name] = data
+        suffix = "" if name == "realistic" else f"_{name}"
+        for key in ("peer_samples_ratio", "peer_time_to_accuracy_ratio"):
+            value = data.get(key)
+            # The bench's headline format (one measurement: median = min = max).
+            results[key + suffix] = None if value is None else {
+                "median": value, "min": value, "max": value, "n": 1}
+    return results

@@ -23,6 +23,7 @@ never leak from one arm into the next, and arms never run at once.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,20 +49,71 @@ ARMS = ("trl-generate", "trl-vllm", "parityrl-sync", "parityrl-async")
 
 
 class PeerSpec(BaseModel):
+    """One workload of the side-by-side: what every arm trains, on what, for how long."""
+
+    workload: str = "tiny"
     model: str = "builtin:arithmetic-warm"
+    task: dict = DEMO_TASK  # a run config's `task:` section
     steps: int = 60
     prompts_per_step: int = 64
     group_size: int = 8
     max_tokens: int = 6
+    max_model_len: int = 128  # prompt + completion, every engine
     lr: float = 1e-3
     seed: int = 0
     eval_every: int = 10
     eval_size: int = 500
     thresholds: list[float] = [0.45, 0.50, 0.55]
+    # Completions in one TRL forward/backward (TRL's per_device_train_batch_size; the rest of a
+    # step's completions are gradient accumulation). None: all of them at once.
+    trl_microbatch: int | None = None
+    # Config overrides of the parityrl arms, by arm ("parityrl-sync", "parityrl-async").
+    parityrl: dict[str, dict] = {}
 
 
-def demo_task():
-    return build_task(build_config({"task": DEMO_TASK}).task)
+def all_cores() -> str:
+    """This process's cores in VLLM_CPU_OMP_THREADS_BIND's form ("0-1" or "0,2,5")."""
+    cores = sorted(os.sched_getaffinity(0))
+    if cores == list(range(cores[0], cores[-1] + 1)):
+        return f"{cores[0]}-{cores[-1]}"
+    return ",".join(map(str, cores))
+
+
+# The realistic workload: a pretrained instruct model, chat prompts asking for the steps of a
+# one-digit sum, difference or product, completions of about a hundred tokens (T = 1, at most
+# 128), and the task's verifiable reward (the completion's last number is the answer).
+REALISTIC_TASK = {"type": "arithmetic", "digits": 1, "ops": ["+", "-", "*"],
+                  "eval_fraction": 0.3, "eval_size": 64, "chat_template": True,
+                  "chat_prompt": "What is {a} {op} {b}? Explain your steps, then give the final "
+                                 "answer."}
+
+# The trainer's lean step, in both workloads' parityrl arms (trainer/config.py): groups whose
+# advantages are all exactly 0 skip forward and backward, micro-batches cut from rollouts
+# sorted by length.
+LEAN_STEP = {"skip_zero_advantage": True, "sort_by_length": True}
+
+WORKLOADS = {
+    "tiny": PeerSpec(eval_every=15, parityrl={
+        "parityrl-sync": {"trainer": LEAN_STEP}, "parityrl-async": {"trainer": LEAN_STEP}}),
+    "realistic": PeerSpec(
+        workload="realistic", model="builtin:smollm2-135m-instruct", task=REALISTIC_TASK,
+        steps=10, prompts_per_step=4, max_tokens=128, max_model_len=256, lr=3e-5,
+        eval_every=5, eval_size=64, thresholds=[0.55, 0.6, 0.65], trl_microbatch=8,
+        parityrl={
+            # Micro-batches small enough for 135M parameters × a 49k vocabulary in 24 GiB.
+            # Sync: the engine generates on every core while the trainer waits (vLLM's own
+            # binding leaves one idle), and the trainer uses them all while the engine waits.
+            "parityrl-sync": {"trainer": LEAN_STEP | {"optim": {"tokens_per_microbatch": 2048}},
+                              "engine": {"cpu_threads_bind": all_cores()}},
+            # Async: the parity probe scores one group of the next step's rollouts.
+            "parityrl-async": {"trainer": LEAN_STEP | {"optim": {"tokens_per_microbatch": 2048}},
+                               "parity": {"probe_rollouts": 8}},
+        }),
+}
+
+
+def spec_task(spec: PeerSpec):
+    return build_task(build_config({"task": spec.task}).task)
 
 
 class Timeline:
@@ -117,31 +169,54 @@ def _sync_through_inplace_reload(generation) -> None:
     generation.llm.reset_prefix_cache()
 
 
+# How the TRL arms differ from a plain TRL user's GRPOConfig, and why.
+TRL_SETTINGS = [
+    "use_cpu=True, bf16=False: float32 on CPU, as every arm",
+    "per_device_train_batch_size × gradient_accumulation_steps = a step's completions: one "
+    "generation batch and one optimizer step a step, as every arm",
+    "shuffle_dataset=False: the same prompts in the same order as every arm",
+    "beta=0.0, loss_type='dapo', epsilon=0.2, constant lr, num_iterations=1: the common recipe",
+    "disable_dropout=True, save_strategy='no', report_to=[]: nothing beside the work",
+]
+TRL_VLLM_SETTINGS = [
+    "vllm_mode='colocate': no second machine or server process",
+    "vllm_max_model_length = the workload's prompt + completion limit",
+    "vllm_gpu_memory_utilization=0.1: ignored on CPU (KV space from VLLM_CPU_KVCACHE_SPACE)",
+    "sync_weights through vLLM's in-place reloader: TRL's own call fails on the CPU backend",
+]
+
+
 def run_trl(spec: PeerSpec, out: Path, use_vllm: bool) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     folder = str(resolve_model(spec.model))
-    task = demo_task()
+    task = spec_task(spec)
     rows = []
     for i in range(spec.prompts_per_step * spec.steps):
         problem = task.train_problem(i)
-        rows.append({"prompt": problem.prompt, "answer": problem.answer})
+        # Chat problems go to TRL as conversations: it renders them with the same template.
+        prompt = list(problem.messages) if problem.messages else problem.prompt
+        rows.append({"prompt": prompt, "answer": problem.answer})
 
     def accuracy(prompts, completions, answer, **kwargs):  # the task's reward, TRL's signature
-        return [task.reward(Problem(0, p, a), c) for p, c, a in zip(prompts, completions, answer)]
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        return [task.reward(Problem(0, "", a), t) for t, a in zip(texts, answer)]
+
+    completions = spec.prompts_per_step * spec.group_size
+    micro = spec.trl_microbatch or completions
 
     args = GRPOConfig(
         output_dir=str(out / "trl"), use_cpu=True, bf16=False, seed=spec.seed,
         num_generations=spec.group_size,
-        per_device_train_batch_size=spec.prompts_per_step * spec.group_size,  # completions
+        per_device_train_batch_size=micro, gradient_accumulation_steps=completions // micro,
         max_completion_length=spec.max_tokens, temperature=1.0, top_p=1.0,
         learning_rate=spec.lr, lr_scheduler_type="constant", loss_type="dapo", beta=0.0,
         num_iterations=1, epsilon=0.2, shuffle_dataset=False, gradient_checkpointing=False,
         logging_steps=1, max_steps=spec.steps, report_to=[], save_strategy="no",
         disable_dropout=True, use_vllm=use_vllm, vllm_mode="colocate",
-        vllm_gpu_memory_utilization=0.1, vllm_max_model_length=128)
+        vllm_gpu_memory_utilization=0.1, vllm_max_model_length=spec.max_model_len)
     timeline = Timeline(out, spec)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     rollouts: list = []  # (prompt ids, completion ids, engine logprobs) of TRL's vLLM samples
@@ -167,7 +242,10 @@ def run_trl(spec: PeerSpec, out: Path, use_vllm: bool) -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=accuracy, args=args,
                           train_dataset=Dataset.from_list(rows),
                           processing_class=load_tokenizer(folder), callbacks=[Record()])
-    info: dict = {"arm": "trl-vllm" if use_vllm else "trl-generate"}
+    info: dict = {"arm": "trl-vllm" if use_vllm else "trl-generate",
+                  "cores": {"engine": torch.get_num_threads(),
+                            "trainer": torch.get_num_threads()},
+                  "settings": TRL_SETTINGS + (TRL_VLLM_SETTINGS if use_vllm else [])}
     _time_generation(trainer, clock)
     if use_vllm:
         generation = trainer.vllm_generation
@@ -247,16 +325,18 @@ def _mean(values) -> float | None:
 def run_parityrl(spec: PeerSpec, out: Path, mode: str) -> dict:
     timeline = Timeline(out, spec)
     run_dir = out / "run"
-    cfg = build_config({
+    cfg = build_config(_merged({
         "name": f"peer-{mode}", "seed": spec.seed, "max_steps": spec.steps, "mode": mode,
         "model": spec.model, "dtype": "float32",
         "sampling": {"temperature": 1.0, "max_tokens": spec.max_tokens},
-        "task": DEMO_TASK,
+        "task": spec.task,
         "actor": {"group_size": spec.group_size, "prompts_per_step": spec.prompts_per_step,
                   "max_lag": 1},
+        "engine": {"max_model_len": spec.max_model_len},
         "trainer": {"optim": {"lr": spec.lr}, "loss": {"type": "ppo"}},
         "checkpoint": {"every": spec.eval_every, "keep": spec.steps},
-        "parity": {"probe_wait_s": 0.0}, "eval_every": 0, "tensorboard": False})
+        "parity": {"probe_wait_s": 0.0}, "eval_every": 0, "tensorboard": False},
+        spec.parityrl.get(f"parityrl-{mode}", {})))
 
     def on_step(step: int, metrics: dict) -> None:
         if timeline.started is None:  # the first step's own time counts from its start
@@ -264,7 +344,7 @@ def run_parityrl(spec: PeerSpec, out: Path, mode: str) -> dict:
         completions = int(metrics["rl/samples"])
         step_s, train_s = metrics["time/step_seconds"], metrics["time/train_seconds"]
         push_s = metrics.get("sync/seconds", 0.0)
-        timeline.step(step, completions, int(metrics["rl/tokens"]), metrics["rl/reward_mean"],
+        timeline.step(step, completions, int(metrics["rl/tokens_sampled"]), metrics["rl/reward_mean"],
                       whole_step=step_s, train=train_s, push=push_s,
                       wait_for_rollouts=max(step_s - train_s - push_s, 0.0),
                       engine_busy=step_s * (1 - metrics["throughput/engine_idle_frac"]))
@@ -277,13 +357,40 @@ def run_parityrl(spec: PeerSpec, out: Path, mode: str) -> dict:
             (folder / "model.safetensors").resolve())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     parity = [r for r in rows if "mismatch/mean_abs_diff" in r]
+    bind = cfg.engine.cpu_threads_bind
     return {"arm": f"parityrl-{mode}", "first_step_at": timeline.first_step_at,
+            "settings": spec.parityrl.get(f"parityrl-{mode}", {}),
+            # vLLM's own binding leaves one core to the rest when none is named.
+            "cores": {"engine": _core_count(bind) if bind else max((os.cpu_count() or 2) - 1, 1),
+                      "trainer": torch.get_num_threads()},
             "engine_settings": json.loads((run_dir / "engine_settings.json").read_text()),
             "parity_mismatch": {
                 "mean_abs_diff": _mean(r["mismatch/mean_abs_diff"] for r in parity),
                 "max_abs_diff": max((r["mismatch/max_abs_diff"] for r in parity), default=None),
                 "kl_k3": _mean(r.get("mismatch/kl_k3") for r in parity),
-                "tokens": sum(r.get("mismatch/tokens", 0) for r in parity)}}
+                "tokens": sum(r.get("mismatch/tokens", 0) for r in parity),
+            "steps_probed": len(parity), "steps": len(rows),
+            # Tokens scored for parity ÷ tokens sampled, over the run.
+            "coverage": (sum(r.get("mismatch/tokens", 0) for r in parity)
+                         / max(sum(r.get("rl/tokens_sampled", 0) for r in rows), 1))}}
+
+
+def _core_count(bind: str) -> int:
+    """Cores named by a VLLM_CPU_OMP_THREADS_BIND value ("0-1", "0,2")."""
+    count = 0
+    for part in bind.split(","):
+        low, _, high = part.partition("-")
+        count += int(high or low) - int(low) + 1
+    return count
+
+
+def _merged(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` applied, nested sections merged key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = (_merged(out[key], value) if isinstance(value, dict)
+                    and isinstance(out.get(key), dict) else value)
+    return out
 
 
 def main(argv: list[str]) -> int:

@@ -11,6 +11,8 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from parityrl.models.load import load_policy
 from parityrl.trainer.lora import attach_lora
 from parityrl.trainer.trainer import Trainer
@@ -21,8 +23,6 @@ if TYPE_CHECKING:
 
 def seed_process(seed: int) -> None:
     """Python's and torch's generators of this process, as every trainer's start sets them."""
-    import torch
-
     random.seed(seed)
     torch.manual_seed(seed)
 

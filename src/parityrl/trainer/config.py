@@ -69,6 +69,17 @@ class TrainerConfig(Strict):
                                        "group-relative advantages.")
     optim: OptimConfig = Field(OptimConfig(), description="The AdamW optimizer, gradient "
                                "accumulation and clipping.")
+    skip_zero_advantage: bool = Field(
+        False, description="Rollouts whose advantage is exactly 0 skip the forward and backward "
+                           "when the loss gives them no gradient (no KL, no entropy bonus): the "
+                           "same update for less compute. Their tokens still count in the token "
+                           "mean, but they are not scored for parity: mismatch/coverage says how "
+                           "much was, and a step whose groups all have advantage 0 has no token "
+                           "metrics. Off: every token is scored.")
+    sort_by_length: bool = Field(
+        True, description="Cut micro-batches from the rollouts sorted by length, so that rows "
+                          "of a micro-batch pad little. Changes only the order gradients are "
+                          "summed in.")
 
 
 class ParityConfig(Strict):

@@ -282,10 +282,12 @@ class Trainer:
         The per-token statistics are gathered back in batch order, so every rank's metrics are
         the whole batch's."""
         rollouts = self._assign_advantages(groups)
+        # The token mean's denominator counts every sampled token, learned from or not.
         total_tokens = max(sum(r.num_tokens for r in rollouts), 1)
         state = StepState(rollouts, StepTokens(), self.version)
         budget = self.cfg.trainer.optim.tokens_per_microbatch
-        shares = data_parallel_shares(rollouts, self.dist) if self.split_batch else [rollouts]
+        learned = self._rollouts_to_learn(rollouts)
+        shares = data_parallel_shares(learned, self.dist) if self.split_batch else [learned]
         per_rank = [[c for c in microbatches(share, budget) if sum(r.num_tokens for r in c)]
                     for share in shares]
         mine = per_rank[self.dist.rank if self.split_batch else 0]
@@ -299,6 +301,17 @@ class Trainer:
                 state.idle_passes += 1
             state.tokens = gather_step_tokens(state.tokens)
         return state
+
+    def _rollouts_to_learn(self, rollouts: list[Rollout]) -> list[Rollout]:
+        """The rollouts that go through forward and backward, in micro-batch order. A rollout
+        with advantage exactly 0 adds exactly 0 to the gradient of every policy loss here
+        (each term is a multiple of the advantage) unless a KL or entropy term is on."""
+        tcfg = self.cfg.trainer
+        if tcfg.skip_zero_advantage and tcfg.loss.kl_coef == 0 and tcfg.loss.entropy_coef == 0:
+            rollouts = [r for r in rollouts if r.advantage != 0.0]
+        if tcfg.sort_by_length:
+            rollouts = sorted(rollouts, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))
+        return rollouts
 
     def _idle_backward(self) -> None:
         """A forward and backward through the decoder that adds nothing to any gradient: what a
@@ -370,7 +383,9 @@ class Trainer:
 
     def apply(self, state: "StepState") -> dict[str, float]:
         """Clip, take the optimizer step; returns the step's metrics (before the version bump)."""
-        metrics = self._metrics(state) if "lp" in state.tokens else {}
+        metrics = self._batch_metrics(state.rollouts)
+        if "lp" in state.tokens:
+            metrics |= self._metrics(state)
         grad_norm, applied = self._optimizer_step()
         if applied:
             metrics["rl/grad_norm"] = grad_norm
@@ -385,15 +400,27 @@ class Trainer:
         self.nonfinite_streak = 0 if not fault else self.nonfinite_streak + 1
         return metrics
 
+    @staticmethod
+    def _batch_metrics(rollouts: list[Rollout]) -> dict[str, float]:
+        """What the step's rollouts were, whether or not they went through the loss."""
+        rewards = torch.tensor([r.reward for r in rollouts])
+        return {
+            "rl/reward_mean": rewards.mean().item(),
+            "rl/completion_len_mean": float(sum(r.num_tokens for r in rollouts) / len(rollouts)),
+            "rl/samples": float(len(rollouts)),
+            "rl/tokens_sampled": float(sum(r.num_tokens for r in rollouts)),
+            "rl/zero_advantage_frac": sum(r.advantage == 0.0 for r in rollouts) / len(rollouts),
+            "lag/mixed_version_frac": sum(r.min_version != r.max_version for r in rollouts)
+            / len(rollouts),
+        }
+
     def _metrics(self, state: "StepState") -> dict[str, float]:
         s, rollouts, version = state.tokens, state.rollouts, state.version
         lp, lp_b, ratio = s["lp"], s["lp_b"], s["ratio"]
         d = lp - lp_b
         lag = version - s["versions"]
         on_policy = lag == 0
-        rewards = torch.tensor([r.reward for r in rollouts])
         m = {
-            "rl/reward_mean": rewards.mean().item(),
             "rl/advantage_mean": s["adv"].mean().item(),
             "rl/ratio_mean": ratio.mean().item(),
             "rl/ratio_min": ratio.min().item(),
@@ -405,13 +432,9 @@ class Trainer:
             "rl/entropy": s["entropy"].mean().item(),
             "rl/logprob_mean": lp.mean().item(),
             "rl/loss": s["loss"].sum().item() / max(len(lp), 1),
-            "rl/completion_len_mean": float(sum(r.num_tokens for r in rollouts) / len(rollouts)),
-            "rl/tokens": float(len(lp)),
-            "rl/samples": float(len(rollouts)),
+            "rl/tokens": float(len(lp)),  # through forward and backward
             "lag/mean": lag.mean().item(),
             "lag/max": lag.max().item(),
-            "lag/mixed_version_frac": sum(r.min_version != r.max_version for r in rollouts)
-            / len(rollouts),
             "lag/on_policy_token_frac": on_policy.float().mean().item(),
         }
         if s["pure"].any():
@@ -438,6 +461,8 @@ class Trainer:
             m |= per_turn_mismatch(lp_parity, lp_engine, turns)
             m["rollouts/turns_mean"] = sum(r.num_turns for r in rollouts) / len(rollouts)
         m["mismatch/probe_tokens"] = float(sum(len(t) for t in state.probe_train))
+        # Tokens scored for parity ÷ tokens sampled for this step.
+        m["mismatch/coverage"] = len(lp_parity) / max(sum(r.num_tokens for r in rollouts), 1)
         routes = RouteCounts.total(
             ([RouteCounts(s["route_compared"], s["route_differ"])] if "route_compared" in s
              else []) + state.probe_routes)
