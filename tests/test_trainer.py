@@ -96,7 +96,7 @@ def test_groups_with_zero_advantage_skip_the_backward_and_leave_the_gradient_as_
     every = make_trainer(tiny_model, trainer={"skip_zero_advantage": False,
                                               "sort_by_length": False})
     whole = grads(every, batch)
-    lean = make_trainer(tiny_model)
+    lean = make_trainer(tiny_model, trainer={"skip_zero_advantage": True})
     skipped = grads(lean, batch)
     assert whole.keys() == skipped.keys()
     for name in whole:
@@ -108,7 +108,8 @@ def test_groups_with_zero_advantage_skip_the_backward_and_leave_the_gradient_as_
     assert metrics["rl/zero_advantage_frac"] == 0.5
     assert metrics["mismatch/coverage"] == pytest.approx(mixed / sampled)
     # A KL term has a gradient of its own at advantage 0: nothing is skipped then.
-    kl = make_trainer(tiny_model, trainer={"loss": {"kl_coef": 0.1}})
+    kl = make_trainer(tiny_model, trainer={"skip_zero_advantage": True,
+                                           "loss": {"kl_coef": 0.1}})
     assert kl.apply(kl.accumulate(batch))["rl/tokens"] == sampled
 
 

@@ -286,7 +286,7 @@ class Trainer:
         total_tokens = max(sum(r.num_tokens for r in rollouts), 1)
         state = StepState(rollouts, StepTokens(), self.version)
         budget = self.cfg.trainer.optim.tokens_per_microbatch
-        learned = self._rollouts_to_learn(rollouts)
+        learned = state.learned = self._rollouts_to_learn(rollouts)
         shares = data_parallel_shares(learned, self.dist) if self.split_batch else [learned]
         per_rank = [[c for c in microbatches(share, budget) if sum(r.num_tokens for r in c)]
                     for share in shares]
@@ -351,8 +351,9 @@ class Trainer:
         """Before `apply`, the parity tokens scored again: in float64 (parity.fp64_reference),
         and with the trainer's own routing while it replays the engine's (MoE,
         parity.compare_routing)."""
-        # The same rollouts, in the same order, as the tokens of the mismatch metrics.
-        parity = [r for r in state.rollouts if self.has_parity_tokens(r)] + state.probe_rollouts
+        # The same rollouts, in the same order, as the tokens of the mismatch metrics: those that
+        # went through forward and backward, in micro-batch order.
+        parity = [r for r in state.learned if self.has_parity_tokens(r)] + state.probe_rollouts
         if self.replay_routes and self.cfg.parity.compare_routing and parity:
             own = rollout_logprobs(self.model, parity, self.cfg.sampling, pad_id=self.pad_id,
                                    fp32_lm_head=self.cfg.trainer.fp32_lm_head)
@@ -481,6 +482,8 @@ class StepState:
     rollouts: list[Rollout]
     tokens: StepTokens
     version: int
+    # The rollouts through forward and backward, in the order of `tokens` (trainer.accumulate).
+    learned: list[Rollout] = field(default_factory=list)
     probe_train: list[torch.Tensor] = field(default_factory=list)
     probe_rollouts: list[Rollout] = field(default_factory=list)
     probe_engine: list[torch.Tensor] = field(default_factory=list)
