@@ -24,8 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-from parityrl.bench.matmul_peak import matmul_peak, model_flops_per_token, phase_fractions
+from parityrl.bench.matmul_peak import (
+    matmul_peak,
+    model_flops_per_token,
+    phase_fractions,
+)
 from parityrl.bench.peer_arms import ARMS, WORKLOADS, PeerSpec, all_cores, spec_task
+from parityrl.bench.report import ENGINE_STAGE
 from parityrl.core.errors import UserError
 from parityrl.core.sampling import SamplingConfig
 from parityrl.doctor.ladder import RungResult
@@ -133,12 +138,6 @@ def accuracy_at(points: list[dict], seconds: float) -> float:
     return max((p["accuracy"] for p in points if p["wall_s"] <= seconds), default=0.0)
 
 
-# The stage holding an arm's generation seconds (TRL: sampling and scoring, weight sync
-# included in trl-vllm; parityrl sync: waiting for the batch; async: the engine's busy time).
-ENGINE_STAGE = {"trl-generate": "generate_and_score", "trl-vllm": "generate_and_score",
-                "parityrl-sync": "wait_for_rollouts", "parityrl-async": "engine_busy"}
-
-
 def arm_summary(spec: PeerSpec, arm: str, info: dict, rows: list[dict], curve: list[dict],
                 physics: dict) -> dict:
     """One arm's numbers: rates, seconds a step by stage, phases against the matmul peak."""
@@ -244,7 +243,7 @@ def plot(results: dict, path: Path) -> Path:
 
 def physics_of(spec: PeerSpec, evaluator: Evaluator, peaks: dict) -> dict:
     """What the matmul-peak fractions need: model FLOPs a token, prompt length, the peaks."""
-    problems = [spec_task(spec).train_problem(i) for i in range(32)]
+    problems = [evaluator.task.train_problem(i) for i in range(32)]
     prompt_len = sum(len(encode_problem(evaluator.tokenizer, p)) for p in problems) / 32
     return {"flops_per_token": model_flops_per_token(evaluator.model),
             "prompt_len_mean": prompt_len, "peak_gflops": peaks, "cores": os.cpu_count()}

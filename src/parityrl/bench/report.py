@@ -38,6 +38,11 @@ HEADLINES = {
                                          "(stage peer)", None),
 }
 
+# The stage holding a side-by-side arm's generation seconds (TRL: sampling and scoring, weight
+# sync included in trl-vllm; parityrl sync: waiting for the batch; async: the engine's busy time).
+ENGINE_STAGE = {"trl-generate": "generate_and_score", "trl-vllm": "generate_and_score",
+                "parityrl-sync": "wait_for_rollouts", "parityrl-async": "engine_busy"}
+
 
 def machine() -> dict:
     import torch
@@ -172,14 +177,12 @@ def _stage_table(peer: dict) -> list[str]:
     scoring, and in trl-vllm the weight sync; parityrl's engine stage is sync's wait for the
     batch, async's engine busy time, beside the trainer)."""
     lines = ["| arm | generate | train | weight push | whole step |", "|---|---|---|---|---|"]
-    engine = {"trl-generate": "generate_and_score", "trl-vllm": "generate_and_score",
-              "parityrl-sync": "wait_for_rollouts", "parityrl-async": "engine_busy"}
     for arm, r in peer["arms"].items():
         if "error" in r:
             continue
         st = r["stage_seconds"]
         push = f"{st['push']:.2f}" if "push" in st else "—"
-        lines.append(f"| {arm} | {st.get(engine.get(arm, ''), 0.0):.2f} | {st['train']:.2f} | "
+        lines.append(f"| {arm} | {st.get(ENGINE_STAGE.get(arm, ''), 0.0):.2f} | {st['train']:.2f} | "
                      f"{push} | {st['whole_step']:.2f} |")
     return lines
 
