@@ -149,6 +149,19 @@ def wait_for(condition, seconds: float, what: str):
     return value
 
 
+def wait_for_processes_gone(pids: list[int], seconds: float) -> list[int]:
+    """Of `pids`, those still alive (zombies count as gone) after up to `seconds`."""
+    from parityrl.shm_guard import _start_time
+
+    starts = {pid: _start_time(pid) for pid in pids}
+    deadline = time.monotonic() + seconds
+    while True:
+        left = [p for p, start in starts.items() if start is not None and _start_time(p) == start]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
 def wait_gone(paths: set[str], seconds: float = 30.0) -> set[str]:
     """Of `paths`, those still there after up to `seconds` (a guardian reclaims within a few
     seconds of a run's end; a loaded machine's within more)."""

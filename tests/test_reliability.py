@@ -16,7 +16,8 @@ import torch
 import yaml
 
 from helpers import (digit_share_config, engine_core_pids, kill_group, metric_rows, shm_of,
-                     start_train, train_cmd, wait_gone, wait_while_running, write_addition_rows)
+                     start_train, train_cmd, tree_of, wait_for_processes_gone, wait_gone,
+                     wait_while_running, write_addition_rows)
 from parityrl.config import build_config
 from parityrl.runlog import read_metrics
 
@@ -120,9 +121,10 @@ def test_a_run_through_every_process_fault_loses_and_repeats_no_step(
     slow) meets the faults in turn:
     1. after step 2 its engine core is SIGKILLed: it starts a new engine at the trainer's version
        and goes on;
-    2. during step 4's checkpoint write the whole process group is SIGKILLed: its guardian
-       reclaims what it held in /dev/shm, step 2's checkpoint is intact, and what --resume
-       restores from it equals what was saved, tensor by tensor;
+    2. during step 4's checkpoint write its main process alone is SIGKILLed (as the OOM killer
+       does): within 15 s its guardian has ended every process the run started and reclaimed
+       what it held in /dev/shm and the temp dir; step 2's checkpoint is intact, and what
+       --resume restores from it equals what was saved, tensor by tensor;
     3. `--resume` (no engine restart allowed now) goes on from step 2, in parity, each step
        once, the steps after the checkpoint done again;
     4. after step 5 its engine core dies: with no restart left it exits 1 with one error line,
@@ -142,17 +144,24 @@ def test_a_run_through_every_process_fault_loses_and_repeats_no_step(
         wait_while_running(proc, lambda: metric_rows(run_dir) >= 2)
         os.kill(engine_core_pids(proc.pid)[0], signal.SIGKILL)  # 1.
         wait_while_running(proc, writing.exists)
-        held = shm_of(proc.pid)  # the weights file, multiprocessing's segments
+        held = shm_of(proc.pid)  # the weights file, multiprocessing's segments, the ipc folder
+        run_pids = tree_of(proc.pid)  # the engine core, the resource tracker, the guardian
+        os.kill(proc.pid, signal.SIGKILL)  # 2. the main process alone
+        killed_at = time.time()
+        proc.wait()
+        # The guardian ends the run's tree (parityrl/shm_guard.py end_tree), then reclaims.
+        left = wait_for_processes_gone(run_pids[1:], 15)
+        assert not left, f"processes of the killed run still alive after 15 s: {left}"
+        assert wait_gone(held, 15 - (time.time() - killed_at)) == set()
     finally:
-        kill_group(proc)  # 2. SIGKILL to the CLI and the engine processes it started
-    killed_at = time.time()
+        kill_group(proc)
     out, err = proc.communicate()
     assert "engine restart" in out + err
-    # The weights file, and what multiprocessing made for the engine (a semaphore; with
-    # engine.executor=mp also vLLM's psm_ message queues).
+    # The weights file, what multiprocessing made for the engine (a semaphore; with
+    # engine.executor=mp also vLLM's psm_ message queues), the folder of its ipc sockets.
     assert any("parityrl-weights-" in p for p in held), held
     assert any(os.path.basename(p).startswith(("psm_", "sem.")) for p in held), held
-    assert wait_gone(held) == set()  # the run's guardian reclaimed them (parityrl/shm_guard.py)
+    assert any("parityrl-ipc-" in p for p in held), held
     before = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in before] == [1, 2, 3, 4] and before[-1]["engine/restarts"] == 1
     assert (run_dir / "errors.log").read_text().startswith("== engine_restart")
@@ -256,6 +265,36 @@ def test_an_unwritable_run_directory_is_refused_before_any_work(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "cannot write the run directory" in lines[0], proc.stderr
+
+
+def test_a_run_directory_has_one_live_writer_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    """A live process holding a run directory (runlog.hold_run_dir) refuses a second writer with
+    one line naming it, before anything is written; once it is SIGKILLed its lock is taken over."""
+    import sys
+
+    from parityrl.runlog import hold_run_dir
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from parityrl.runlog import hold_run_dir; hold_run_dir(Path(sys.argv[1])); "
+         "print('held', flush=True); time.sleep(600)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (tmp_path / "config.yaml").write_text("name: x\nmax_steps: 4\n")
+        before = sorted(p.name for p in tmp_path.iterdir())
+        proc = subprocess.run(train_cmd("--resume", str(tmp_path)), capture_output=True,
+                              text=True, timeout=60)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert f"being written by a live run (pid {holder.pid}," in lines[0]
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    hold_run_dir(tmp_path)  # the dead holder's lock, taken over
+    hold_run_dir(tmp_path)  # held already: this process is its writer
+    assert (tmp_path / ".lock").read_text().startswith(f"pid {os.getpid()},")
 
 
 @pytest.mark.slow

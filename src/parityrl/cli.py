@@ -217,9 +217,10 @@ def train(
         _nothing_left(resume, cfg.max_steps)
     _quiet_libraries()
     # imported when the command runs: --help stays instant
-    from parityrl.runlog import new_run_dir
+    from parityrl.runlog import hold_run_dir, new_run_dir
 
     run_dir = resume or new_run_dir(cfg, out, overwrite)
+    hold_run_dir(run_dir)  # refused while another live process writes it
     check_model_folder(resolve_model(cfg.model, say=typer.echo))
     # imported when the command runs: --help stays instant
     from parityrl.pipeline import ParityAlarm, RunStopped, run_training

@@ -44,7 +44,7 @@ from parityrl.rollouts.episode import EpisodeLimits
 from parityrl.rollouts.evaluate import greedy_accuracy
 from parityrl.rollouts.ledger import Ledger
 from parityrl.rollouts.stream import InProcessStream
-from parityrl.runlog import ErrorLog, JsonlLog, MetricsWriter, write_run_files
+from parityrl.runlog import ErrorLog, JsonlLog, MetricsWriter, hold_run_dir, write_run_files
 from parityrl.tasks.prompts import has_chat_template
 from parityrl.tasks.registry import build_environment, build_task
 from parityrl.trainer.checkpoint import latest_checkpoint
@@ -627,6 +627,7 @@ async def train(cfg: RunConfig, run_dir: Path, resume: bool = False,
                 say: Callable[[str], None] = print) -> TrainResult:
     """A run from its set-up to its last step (`cluster.backend: ray`: in its Ray cluster)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    hold_run_dir(run_dir)  # one live writer per run directory
     warning = bfloat16_warning(cfg.dtype)
     if warning:
         say(warning)

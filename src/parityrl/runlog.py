@@ -7,7 +7,9 @@
         metrics.jsonl          one JSON object per optimizer step
         problems.jsonl         per step, the problem indices trained on, rejected, dropped as stale
         samples.jsonl          a few rollouts (prompt, completion, reward) every samples_every steps
-        errors.log             the first traceback of each kind of failure (when there was one)
+        errors.log             the first traceback of each kind of failure (when there was one),
+                               and every wait past run.report_waits_after_s
+        .lock                  held by the live process writing the run (`hold_run_dir`)
         tb/                    TensorBoard events
         checkpoints/           see trainer/checkpoint.py
         plots/                 PNGs made from metrics.jsonl
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -46,7 +49,9 @@ def new_run_dir(cfg: RunConfig, out: Path | None, overwrite: bool = False) -> Pa
         if not overwrite:
             raise UserError(f"{path} already holds a run; continue it with --resume {path}, or "
                             f"replace it with --overwrite")
+        hold_run_dir(path)  # never remove a run that is still being written
         shutil.rmtree(path)
+        _held.pop(path.resolve()).close()
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".parityrl-write-test"
@@ -55,6 +60,40 @@ def new_run_dir(cfg: RunConfig, out: Path | None, overwrite: bool = False) -> Pa
     except OSError as e:
         raise UserError(f"cannot write the run directory {path}: {e.strerror or e}") from None
     return path
+
+
+_held: dict[Path, object] = {}  # run directory → its open, locked .lock (kept for the process)
+
+
+def hold_run_dir(path: Path) -> None:
+    """Make this process the run directory's one writer, until it exits.
+
+    An exclusive flock on `path/.lock`: the kernel drops it however the holder ends (a crash, a
+    SIGKILL, the OOM killer), so the lock of a dead run is simply taken over. A directory a live
+    process holds is refused, naming that process; a second `parityrl train --resume` (or
+    `--overwrite`) would otherwise interleave its steps with the first run's."""
+    import fcntl
+
+    key = path.resolve()
+    if key in _held:
+        return
+    try:
+        lock = open(path / ".lock", "a+")  # noqa: SIM115 - held open for the process's life
+    except OSError as e:
+        raise UserError(f"cannot write the run directory {path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise UserError(f"{path} is being written by a live run ({holder}); stop it first, or "
+                        f"give this run another directory") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock.flush()
+    _held[key] = lock
 
 
 def library_versions() -> dict:

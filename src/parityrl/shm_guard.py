@@ -12,9 +12,11 @@ starts a guardian process in its own session, so that a signal sent to the run's
 does not reach it. Every POLL_S the guardian records the /dev/shm files (by inode) that a process
 of the run's tree maps or holds open, read from /proc/<pid>/maps and /proc/<pid>/fd, and the
 `parityrl-<kind>-<pid>-*` folders named after a process of the tree (`shm_folder`,
-`temp_folder`). When the run's root process is gone it waits up to GRACE_S for the
-tree's other processes to exit, then removes each recorded file that no live process uses, and the
-recorded folders once empty. A path is only ever recorded while a process of this run uses or owns
+`temp_folder`). When the run's root process is gone it ends the rest of the tree (`end_tree`:
+GRACE_S to exit by themselves, then SIGTERM, then SIGKILL; this is what stops an engine core, its
+workers, reward processes and multiprocessing's resource tracker when the main process alone is
+killed), then removes each recorded file that no live process uses, and the recorded folders once
+empty. A path is only ever recorded while a process of this run uses or owns
 it, so files of other processes are never touched. A zombie counts as gone: it holds nothing, and
 an orphan's zombie may wait long for a reaper.
 
@@ -26,8 +28,10 @@ pid, polls, inodes, folders) after every poll: for debugging, and for the test t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,7 +39,8 @@ from pathlib import Path
 
 SHM = "/dev/shm"
 POLL_S = 1.0
-GRACE_S = 5.0
+GRACE_S = 2.0  # for the run's other processes to exit by themselves once its root is gone
+KILL_WAIT_S = 3.0  # after a SIGTERM (and after a SIGKILL) for them to be gone
 
 _guard: subprocess.Popen | None = None
 
@@ -266,12 +271,29 @@ def guard(root: int) -> None:
         tree.refresh()
         record()
         time.sleep(POLL_S)
-    deadline = time.monotonic() + GRACE_S
-    while tree.live() and time.monotonic() < deadline:
-        record()
-        time.sleep(POLL_S)
+    tree.refresh()  # children started since the last poll
+    record()
+    end_tree(tree)
     record()
     reclaim(inodes, folders)
+
+
+def end_tree(tree: Tree) -> None:
+    """The root is gone: its other processes get GRACE_S to exit (a clean close ends them), then
+    SIGTERM, then SIGKILL. Without this an engine core outlives a run whose main process alone was
+    killed (SIGKILL, the OOM killer): vLLM's core has no parent-death check, and the orphan keeps
+    its weights in /dev/shm, which the reclaim must not remove while it is in use."""
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None:
+            for pid in tree.live():
+                with contextlib.suppress(OSError):
+                    os.kill(pid, sig)
+        deadline = time.monotonic() + (GRACE_S if sig is None else KILL_WAIT_S)
+        while tree.live() and time.monotonic() < deadline:
+            tree.refresh()  # a child started meanwhile is ended too
+            time.sleep(0.1)
+        if not tree.live():
+            return
 
 
 if __name__ == "__main__":
