@@ -17,14 +17,15 @@ from parityrl.bench import (
     pipeline,
     report,
     rollout,
+    soak,
     weight_sync,
 )
 from parityrl.core.errors import UserError
 
 STAGES = ("engine_start", "rollout", "weight_sync", "logprob_pass", "pipeline", "doctor", "bitwise",
-          "lora_sync", "peer")
-# Run only when named (--only peer): it needs the optional extra `peer` (TRL).
-OPT_IN = ("peer",)
+          "lora_sync", "peer", "soak")
+# Run only when named: peer needs the optional extra `peer` (TRL); soak takes ~25 minutes.
+OPT_IN = ("peer", "soak")
 
 
 def run_bench(out: Path, only: list[str] | None = None, reps: int = 5, say=print,
@@ -69,6 +70,8 @@ def run_bench(out: Path, only: list[str] | None = None, reps: int = 5, say=print
                 data = bitwise.run(bitwise.BitwiseBench(reps=reps), say)
             elif stage == "peer":
                 data = peer.run(out=out.parent / "peer", say=say)
+            elif stage == "soak":
+                data = soak.run(out=out.parent / "soak", say=say)
             else:
                 data = lora_sync.run(lora_sync.LoRASyncBench(reps=reps), loop, say)
             data["stage_seconds"] = time.perf_counter() - stage_start

@@ -123,6 +123,9 @@ class Actor:
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
         self.restarts: list[float] = []  # monotonic times of engine restarts
+        # Seconds from noticing an engine's death to the first rollout of its replacement.
+        self.recoveries: list[float] = []
+        self._noticed_death: float | None = None
         self._engine_generation = 0
         self._recovery = asyncio.Lock()
         self._in_flight = 0
@@ -223,9 +226,13 @@ class Actor:
         while True:
             engine, generation = self.engine, self._engine_generation
             try:
-                return await asyncio.wait_for(
+                group = await asyncio.wait_for(
                     engine.generate(prompt_ids, sampling, n=n, seed=seed, group_id=index),
                     self.limits.request_timeout_s)
+                if self._noticed_death is not None and generation == self._engine_generation:
+                    self.recoveries.append(time.monotonic() - self._noticed_death)
+                    self._noticed_death = None
+                return group
             except EngineGenerateError as e:  # this request failed; the engine lives on
                 raise GroupRejected("engine", f"problem {index}: the engine refused the request "
                                               f"({e.__cause__ or e})", e) from e
@@ -276,6 +283,7 @@ class Actor:
                                  f"{self.limits.max_restarts}); last: "
                                  f"{type(cause).__name__}") from cause
             self.on_error("engine_restart", cause)
+            self._noticed_death = now
             self.engine = await self.restart_engine()
             self.restarts.append(time.monotonic())
             self._engine_generation += 1
@@ -299,7 +307,8 @@ class Actor:
                 "rollouts/rejected_frac": sum(self.rejected.values()) / done if done else 0.0,
                 **({"rollouts/template_mismatch": float(self.template_mismatches)}
                    if self.env is not None else {}),
-                "engine/restarts": float(len(self.restarts))}
+                "engine/restarts": float(len(self.restarts)),
+                **({"engine/recovery_s": self.recoveries[-1]} if self.recoveries else {})}
 
     # -- batches ----------------------------------------------------------------------------------
     async def generate_batch(self, num_groups: int) -> list[Group]:
