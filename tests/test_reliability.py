@@ -66,6 +66,31 @@ def test_impossible_configurations_are_refused_at_load(tmp_path, overrides, frag
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_predicted_not_to_fit_in_memory_is_refused_before_any_engine(
+        tiny_model, prompts_file, tmp_path):
+    """`--plan` prints each process's parts and exits 2 with one line naming the knob; `train`
+    refuses the same config before an engine starts (memory_plan.py)."""
+    from parityrl.engine.engine import ENGINE_START_LOG
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config(tiny_model, prompts_file,
+                                         **{"engine.kv_cache_gib": 4096})))
+    plan = subprocess.run(train_cmd(str(cfg), "--plan"), capture_output=True, text=True,
+                          timeout=120)
+    assert plan.returncode == 2, plan.stderr[-2000:]
+    assert "KV cache (engine.kv_cache_gib)" in plan.stdout and "available now" in plan.stdout
+    lines = [line for line in plan.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "lower engine.kv_cache_gib" in lines[0], plan.stderr
+    starts = tmp_path / "engine-starts.jsonl"
+    run = subprocess.run(train_cmd(str(cfg), "--out", str(tmp_path / "run")),
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, ENGINE_START_LOG: str(starts)})
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 2 and len(lines) == 1, run.stderr[-2000:]
+    assert "lower engine.kv_cache_gib" in lines[0]
+    assert not starts.exists(), "an engine started"
+
+
 # --- non-finite numbers never reach the weights ------------------------------------------------
 
 def _rollouts(n: int):
@@ -128,7 +153,10 @@ def test_a_run_through_every_process_fault_loses_and_repeats_no_step(
     3. `--resume` (no engine restart allowed now) goes on from step 2, in parity, each step
        once, the steps after the checkpoint done again;
     4. after step 5 its engine core dies: with no restart left it exits 1 with one error line,
-       cleanly, and leaves nothing in /dev/shm."""
+       cleanly, and leaves nothing in /dev/shm;
+    5. `--resume` once more, its engine never given the trainer's weights (an injected fault):
+       it says what it waits for, on the console and in errors.log, within
+       report_waits_after_s."""
     from safetensors.torch import load_file
 
     from parityrl.pipeline import set_up_run
@@ -222,6 +250,24 @@ def test_a_run_through_every_process_fault_loses_and_repeats_no_step(
     # resumed steps sample with the restored weights (lag within max_lag) and in parity.
     assert all(r["lag/max"] <= 1 for r in rows)
     assert max(r.get("mismatch/max_abs_diff", 0.0) for r in rows) <= 1e-5
+
+    # 5. A resumed run whose engine never gets the weights is stuck: never silently.
+    errors_log = run_dir / "errors.log"
+    stuck = start_train("--resume", str(run_dir), "max_steps=1000", "report_waits_after_s=2",
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        env={"PARITYRL_FAULT_SKIP_START_PUSH": "1"})
+    try:
+        wait_while_running(stuck, lambda: "groups of rollouts" in errors_log.read_text(),
+                           timeout=120)
+    finally:
+        kill_group(stuck)
+    out, _ = stuck.communicate()
+    note = next(line for line in errors_log.read_text().splitlines()
+                if line.startswith("== note") and "groups of rollouts" in line)
+    assert "groups of rollouts within actor.max_lag=1 of version" in note, note
+    assert "(the engine is at version 0" in note and "were the trainer's weights pushed?" in note
+    assert note.split(": ", 1)[1] in out  # said on the console too
+    assert out.count("exceeded max_lag; no step taken") == 1  # once, not every round
 
 
 @pytest.mark.slow

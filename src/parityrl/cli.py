@@ -181,6 +181,9 @@ def train(
                                    help="Replace a run that already is in --out."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config, check the "
                                                           "files it names, and exit."),
+    plan: bool = typer.Option(False, "--plan", help="Print each process's predicted peak memory "
+                                                    "(the trainer built, no engine started) "
+                                                    "and exit; 2 when it would not fit."),
 ):
     """Pipeline RL. Extra arguments are dotted overrides: trainer.optim.lr=1e-4 max_steps=20.
 
@@ -212,6 +215,16 @@ def train(
         if not cfg.model.startswith(PREFIX):
             check_model_folder(cfg.model)
         typer.echo(dump_config(cfg), nl=False)
+        return
+    if plan:
+        _quiet_libraries()
+        # imported when the command runs: --help stays instant
+        from parityrl.memory_plan import refuse_if_too_big
+        from parityrl.pipeline import plan_run
+
+        memory = plan_run(cfg, say=typer.echo)
+        typer.echo(memory.table())
+        refuse_if_too_big(memory, cfg)
         return
     if resume is not None:
         _nothing_left(resume, cfg.max_steps)

@@ -139,6 +139,11 @@ class RunConfig(_Strict):
     eval_every: int = Field(0, ge=0, description="Greedy accuracy on held-out problems before "
                                                  "training, every N steps and at the end; 0 = off.")
     eval_size: int = Field(200, ge=1, description="Held-out problems per evaluation (at most).")
+    report_waits_after_s: float = Field(
+        30.0, gt=0, description="A wait longer than this (an engine start, rollouts of the "
+                                "current version, a weight push, a Ray actor) says what it waits "
+                                "for and since when, on the console and in errors.log; again "
+                                "every as many seconds.")
     samples_every: int = Field(10, ge=0, description="Write a few rollouts (prompt, completion, "
                                                      "reward) to samples.jsonl every N steps "
                                                      "(and at step 1); 0 = off.")

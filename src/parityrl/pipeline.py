@@ -21,7 +21,9 @@ checkpoint.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,8 @@ from parityrl.core.errors import UserError
 from parityrl.core.rollout import Group
 from parityrl.engine.pool import EnginePool
 from parityrl.hardware import bfloat16_warning
+from parityrl.memory_plan import (MemoryPlan, longest_prompt, measured_peaks, plan_memory,
+                                  refuse_if_too_big)
 from parityrl.models.builtin import resolve_model
 from parityrl.models.policy import build_trainer, seed_process
 from parityrl.models.tokenizer import load_tokenizer
@@ -48,6 +52,7 @@ from parityrl.runlog import ErrorLog, JsonlLog, MetricsWriter, hold_run_dir, wri
 from parityrl.tasks.prompts import has_chat_template
 from parityrl.tasks.registry import build_environment, build_task
 from parityrl.trainer.checkpoint import latest_checkpoint
+from parityrl.waits import Waits
 from parityrl.weights.update import UpdateReport
 
 if TYPE_CHECKING:
@@ -118,6 +123,17 @@ class RunContext:
     task: Task
     env: Environment | None  # the multi-turn environment (cfg.env), or None
     errors: ErrorLog  # errors.log: the first traceback of each kind of failure
+    waits: Waits  # says what the run waits for, once a wait passes cfg.report_waits_after_s
+    # Every trainer call runs on this one thread (`on_trainer_thread`): glibc gives each thread
+    # its own malloc arena, and each arena keeps its own high-water mark of freed memory, so
+    # steps handed to whichever pool thread is free grew the process by a step's peak per
+    # thread (SmolLM2 + LoRA, 4096-token micro-batches: 19.9 GB measured).
+    trainer_thread: ThreadPoolExecutor
+
+    async def on_trainer_thread(self, fn, *args):
+        """`fn(*args)` on the trainer's thread, the event loop free meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.trainer_thread, functools.partial(fn, *args))
 
     def sampling(self) -> SamplingConfig:
         """The run's sampling, the tokenizer's end-of-sequence token among its stop tokens."""
@@ -126,6 +142,8 @@ class RunContext:
         return self.cfg.sampling.model_copy(update={"stop_token_ids": tuple(sorted(stops))})
 
     def close(self) -> None:
+        self.waits.close()
+        self.trainer_thread.shutdown()
         close_trainer(self.cfg, self.trainer)
 
 
@@ -133,19 +151,25 @@ async def set_up_run(cfg: RunConfig, run_dir: Path, resume: bool = False,
                      say: Callable[[str], None] = print) -> RunContext:
     """The model resolved and its tokenizer loaded, the trainer started (and with `resume`
     restored from the last checkpoint in `run_dir`), the task and its environment built."""
+    errors = ErrorLog(run_dir / "errors.log", say)
+    waits = Waits(say, errors.note, cfg.report_waits_after_s)
     model_dir = resolve_model(cfg.model, say=say)
     tokenizer = load_tokenizer(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    trainer = await start_trainer(cfg, model_dir, pad_id)
+    where = "its Ray actors" if cfg.cluster.backend == "ray" else "this process"
+    with waits.on(f"the trainer to start ({where}: {model_dir})"):
+        trainer = await start_trainer(cfg, model_dir, pad_id)
     try:
         start_step, ledger = restore(trainer, run_dir, say) if resume else (0, Ledger())
         task = build_task(cfg.task)
         env = build_env(cfg, task, tokenizer)
     except BaseException:
+        waits.close()
         close_trainer(cfg, trainer)
         raise
     return RunContext(cfg, run_dir, say, model_dir, tokenizer, pad_id, trainer, ledger,
-                      start_step, task, env, ErrorLog(run_dir / "errors.log", say))
+                      start_step, task, env, errors, waits,
+                      ThreadPoolExecutor(1, thread_name_prefix="parityrl-trainer"))
 
 
 async def start_trainer(cfg: RunConfig, model_dir: str | Path,
@@ -217,6 +241,16 @@ class StepBatch:
     start: float
     busy_before: float
     stream: Any = None
+    quiet: bool = False  # an empty round of a stall already reported: say nothing
+
+
+@dataclass
+class Stalled:
+    """The async loop since its last optimizer step: since when, and the samples dropped as too
+    stale meanwhile (what a wait report says)."""
+
+    since: float  # time.time()
+    dropped: int = 0
 
 
 @dataclass
@@ -237,6 +271,53 @@ class StepResult:
     metrics: dict  # the after-step hooks may add to it (eval/accuracy) before it is written
 
 
+# -- memory, known before the engines start ------------------------------------------------------
+def run_memory_plan(ctx: RunContext) -> MemoryPlan | None:
+    """The run's predicted peak memory per process (memory_plan.py); None when the trainer runs
+    in Ray actors (not measured in this process)."""
+    if ctx.cfg.cluster.backend == "ray":
+        return None
+    return plan_memory(ctx.cfg, ctx.trainer.model, longest_prompt(ctx.task, ctx.tokenizer))
+
+
+def plan_run(cfg: RunConfig, say: Callable[[str], None] = print) -> MemoryPlan:
+    """`parityrl train --plan`: the plan of a run of `cfg`, with its trainer built but no engine
+    started and nothing written."""
+    if cfg.cluster.backend == "ray":
+        raise UserError("--plan: the memory of trainers in Ray actors is not predicted yet; "
+                        "plan the same config with cluster.backend=local")
+    model_dir = resolve_model(cfg.model, say=say)
+    tokenizer = load_tokenizer(model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    trainer = build_trainer(cfg, model_dir, pad_id)
+    return plan_memory(cfg, trainer.model, longest_prompt(build_task(cfg.task), tokenizer))
+
+
+def check_memory(ctx: RunContext) -> MemoryPlan | None:
+    """The plan, said in one line; a run predicted not to fit is refused."""
+    plan = run_memory_plan(ctx)
+    if plan is None:
+        return None
+    engines = sum(e.total_mb for e in plan.engines)
+    available = "" if plan.available_mb is None else f" of {plan.available_mb / 1024:.1f} available"
+    ctx.say(f"memory: predicted peak {plan.total_mb / 1024:.1f} GiB{available} (trainer "
+            f"{plan.trainer.total_mb / 1024:.1f}, engines {engines / 1024:.1f}; parts: "
+            f"parityrl train --plan)")
+    refuse_if_too_big(plan, ctx.cfg)
+    return plan
+
+
+def write_memory_plan(run_dir: Path, plan: MemoryPlan | None, measured: bool) -> None:
+    """memory.json: the plan, and with `measured` the peaks the processes reached."""
+    import json
+
+    if plan is None:
+        return
+    if measured:
+        plan.measured_mb = measured_peaks()
+    (run_dir / "memory.json").write_text(json.dumps(plan.as_dict(), indent=1) + "\n")
+
+
 # -- the engines -----------------------------------------------------------------------------------
 async def start_engines(ctx: RunContext) -> EnginePool:
     """The run's engines: one (engine/source.py), several in this process, or Ray actors; always
@@ -246,17 +327,27 @@ async def start_engines(ctx: RunContext) -> EnginePool:
     cfg, trainer = ctx.cfg, ctx.trainer
     starter = (ray_engine_starter(cfg.cluster.resources.engine) if cfg.cluster.backend == "ray"
                else None)
-    engine = await EnginePool.start(engine_settings(cfg, ctx.model_dir), cfg.cluster.engines,
-                                    starter)
+    count = cfg.cluster.engines
+    with ctx.waits.on(f"{count} vLLM engine{'s' if count > 1 else ''} to start ({ctx.model_dir})"):
+        engine = await EnginePool.start(engine_settings(cfg, ctx.model_dir), count, starter)
     try:
         if cfg.parity.mode == "bitwise":
             trainer.use_engine_kernels(engine.resolved_settings())
-        if ctx.start_step or trainer.lora is not None:
-            await push_policy(trainer, engine, trainer.weights(), trainer.version)
+        if (ctx.start_step or trainer.lora is not None) and not _fault("SKIP_START_PUSH"):
+            with ctx.waits.on(f"the engines to load the trainer's weights (version "
+                              f"{trainer.version})"):
+                await push_policy(trainer, engine, trainer.weights(), trainer.version)
     except BaseException:
         await engine.close()
         raise
     return engine
+
+
+def _fault(name: str) -> bool:
+    """PARITYRL_FAULT_<name> is set: a fault the reliability tests inject on purpose."""
+    import os
+
+    return bool(os.environ.get(f"PARITYRL_FAULT_{name}"))
 
 
 async def push_policy(trainer, engine: EnginePool, weights: dict, version: int) -> UpdateReport:
@@ -271,9 +362,11 @@ class Pipeline:
     """One run on its context: the engine, the actor that feeds the trainer, the step loop."""
 
     def __init__(self, ctx: RunContext, engine: EnginePool,
-                 on_step: Callable[[int, dict], None] | None = None) -> None:
+                 on_step: Callable[[int, dict], None] | None = None,
+                 memory: MemoryPlan | None = None) -> None:
         cfg = ctx.cfg
         self.ctx = ctx
+        self.memory = memory  # the predicted peaks, written with the measured ones to memory.json
         self.on_step = on_step or (lambda step, metrics: None)
         self.cfg, self.trainer = cfg, ctx.trainer  # short names for the context's two busiest
         self.weights_lock = asyncio.Lock()  # a restart reads weights no optimizer step is writing
@@ -288,6 +381,7 @@ class Pipeline:
         logs = None
         try:
             write_run_files(ctx.run_dir, ctx.cfg, self.engine.resolved_settings())
+            write_memory_plan(ctx.run_dir, self.memory, measured=False)
             self._write_cluster_json(self.engine)
             logs = RunLogs.open(ctx.run_dir, ctx.cfg.tensorboard, ctx.start_step)
             before = await self._evaluate_before(logs.writer)
@@ -299,6 +393,7 @@ class Pipeline:
         finally:
             if logs is not None:
                 logs.close()
+            write_memory_plan(ctx.run_dir, self.memory, measured=True)  # engines still up
             await self.engine.close()
         plot_run(ctx.run_dir)
         return TrainResult(ctx.run_dir, self.trainer.version, last, before,
@@ -323,9 +418,10 @@ class Pipeline:
         if not partial:
             self.ctx.say(f"the vLLM engine died; starting a new one at version {version}")
         async with self.weights_lock:
-            weights = await asyncio.to_thread(self.trainer.weights)
-            await pool.replace(dead if partial else list(range(len(pool.engines))), weights,
-                               version, self.trainer.lora)
+            weights = await self.ctx.on_trainer_thread(self.trainer.weights)
+            with self.ctx.waits.on(f"a replacement engine to start and load version {version}"):
+                await pool.replace(dead if partial else list(range(len(pool.engines))), weights,
+                                   version, self.trainer.lora)
             if self.cfg.parity.mode == "bitwise":
                 self.trainer.use_engine_kernels(pool.resolved_settings())
         if partial:
@@ -340,8 +436,9 @@ class Pipeline:
         problems = ctx.task.eval_problems()[: cfg.eval_size]
         limits = None if cfg.env is None else EpisodeLimits(
             cfg.env.max_turns, cfg.engine.max_model_len, cfg.env.max_episode_tokens)
-        return await greedy_accuracy(self.engine, ctx.task, ctx.tokenizer, problems,
-                                     cfg.sampling.max_tokens, ctx.env, limits)
+        with ctx.waits.on(f"the held-out evaluation ({len(problems)} problems)"):
+            return await greedy_accuracy(self.engine, ctx.task, ctx.tokenizer, problems,
+                                         cfg.sampling.max_tokens, ctx.env, limits)
 
     async def _evaluate_before(self, writer: MetricsWriter) -> float | None:
         """A new run's held-out accuracy before its first step (with `eval_every`)."""
@@ -357,7 +454,9 @@ class Pipeline:
         actor, metrics = self.actor, {}
         while self.trainer.version < self.cfg.max_steps:
             start, busy_before = time.perf_counter(), actor.busy_seconds_now()
-            groups = await actor.generate_batch(self.cfg.actor.prompts_per_step)
+            with self.ctx.waits.on(lambda: f"the rollouts of step {self.trainer.version + 1} "
+                                           f"(the engine at version {self.engine.version})"):
+                groups = await actor.generate_batch(self.cfg.actor.prompts_per_step)
             metrics = await self._step(StepBatch(groups, 0, start, busy_before), logs,
                                        after_step)
         return metrics
@@ -370,18 +469,35 @@ class Pipeline:
         metrics: dict = {}
         try:
             # Count optimizer steps, not rounds: a round whose groups were all too stale takes none.
+            stalled = Stalled(time.time())
             while self.trainer.version < self.cfg.max_steps:
                 start, busy_before = time.perf_counter(), actor.busy_seconds_now()
-                groups = await self._next_groups(stream, budget, producer)
+                with self.ctx.waits.on(lambda: self._rollout_wait(stalled), since=stalled.since):
+                    groups = await self._next_groups(stream, budget, producer)
                 fresh, stale = split_stale(groups, self.trainer.version, a.max_lag)
                 for group in stale:
                     self.ctx.ledger.mark_group(group, "dropped")
                 batch = StepBatch(fresh, sum(len(g) for g in stale), start, busy_before, stream)
+                batch.quiet = stalled.dropped > 0  # said once per stall
+                stalled.dropped += batch.dropped
                 metrics = await self._step(batch, logs, after_step)
+                if metrics:
+                    stalled = Stalled(time.time())
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
         return metrics
+
+    def _rollout_wait(self, stalled: Stalled) -> str:
+        """What the async loop waits for (a wait report): fresh rollouts, and why there are none."""
+        lag, version = self.cfg.actor.max_lag, self.trainer.version
+        text = (f"{self.cfg.actor.prompts_per_step} groups of rollouts within actor.max_lag={lag} "
+                f"of version {version} (the engine is at version {self.engine.version}")
+        if stalled.dropped:
+            text += f"; {stalled.dropped} samples dropped as too stale since the last step"
+        if version - self.engine.version > lag:
+            text += "; the engine's weights are too old: were the trainer's weights pushed?"
+        return text + ")"
 
     async def _next_groups(self, stream, budget, producer) -> list[Group]:
         getter = asyncio.create_task(stream.get(self.cfg.actor.prompts_per_step))
@@ -422,14 +538,15 @@ class Pipeline:
         """Learn, apply and push, keep the books: the step and its metrics; None when every group
         was too stale or rejected."""
         if not batch.groups:  # nothing to learn from this round
-            self.ctx.say(f"all {batch.dropped} samples exceeded max_lag; no step taken"
-                            if batch.dropped
-                            else "every group of this round was rejected; no step taken")
+            if not batch.quiet:
+                self.ctx.say(f"all {batch.dropped} samples exceeded max_lag; no step taken"
+                             if batch.dropped
+                             else "every group of this round was rejected; no step taken")
             return None
         state, train_seconds = await self._learn(batch)
         async with self.weights_lock:
             apply_start = time.perf_counter()
-            metrics = await asyncio.to_thread(self.trainer.apply, state)
+            metrics = await self.ctx.on_trainer_thread(self.trainer.apply, state)
             train_seconds += time.perf_counter() - apply_start
             step = self.trainer.version
             pushed = await self._push_weights(step)
@@ -441,16 +558,16 @@ class Pipeline:
         """Forward and backward over the groups, the parity probe on the queued rollouts (async
         mode), the float64 scoring: the step's state, and the seconds the trainer worked."""
         trainer = self.trainer
-        # Worker threads for the heavy phases: the event loop keeps feeding the engine meanwhile.
+        # The trainer's thread for the heavy phases: the event loop keeps feeding the engine.
         train_start = time.perf_counter()
-        state = await asyncio.to_thread(trainer.accumulate, batch.groups)
+        state = await self.ctx.on_trainer_thread(trainer.accumulate, batch.groups)
         train_seconds = time.perf_counter() - train_start
         if batch.stream is not None:  # rollouts queued for the next step, sampled by these weights
             probe = await self._probe_rollouts(batch.stream)
             probe_start = time.perf_counter()
-            await asyncio.to_thread(trainer.probe_parity, state, probe)
+            await self.ctx.on_trainer_thread(trainer.probe_parity, state, probe)
             train_seconds += time.perf_counter() - probe_start
-        await asyncio.to_thread(trainer.score_exact, state)
+        await self.ctx.on_trainer_thread(trainer.score_exact, state)
         return state, train_seconds
 
     async def _push_weights(self, step: int) -> Pushed:
@@ -460,8 +577,9 @@ class Pipeline:
         pushed = Pushed(generation=actor.engine_generation)
         if step % self.cfg.sync_every == 0:
             try:
-                weights = await asyncio.to_thread(self.trainer.weights)
-                report = await push_policy(self.trainer, self.engine, weights, step)
+                weights = await self.ctx.on_trainer_thread(self.trainer.weights)
+                with self.ctx.waits.on(f"the engines to take version {step}"):
+                    report = await push_policy(self.trainer, self.engine, weights, step)
                 pushed.seconds, pushed.verified = report.pause_seconds, report.engines_verified
             except Exception as e:
                 if not is_engine_death(e):
@@ -560,7 +678,7 @@ class AfterStep:
         cfg, ledger = ctx.cfg, ctx.ledger
         if step % cfg.checkpoint.every == 0 or step == cfg.max_steps:
             with _disk(f"checkpoint step {step}"):
-                await asyncio.to_thread(
+                await ctx.on_trainer_thread(
                     ctx.trainer.save_checkpoint, ctx.run_dir, step, ledger.position,
                     cfg.checkpoint.keep, {"done_above": ledger.state()["done_above"]})
 
@@ -642,7 +760,8 @@ async def _set_up_and_run(cfg: RunConfig, run_dir: Path, resume: bool, on_step,
                           say: Callable[[str], None]) -> TrainResult:
     ctx = await set_up_run(cfg, run_dir, resume, say)
     try:
-        return await Pipeline(ctx, await start_engines(ctx), on_step).run()
+        memory = check_memory(ctx)  # before any engine starts
+        return await Pipeline(ctx, await start_engines(ctx), on_step, memory).run()
     finally:
         ctx.close()
 

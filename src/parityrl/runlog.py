@@ -199,6 +199,12 @@ class ErrorLog:
         self.announce = announce
         self.seen: set[str] = set()
 
+    def note(self, line: str) -> None:
+        """A line that is no failure, but that whoever reads the log later should see (a long
+        wait)."""
+        with self.path.open("a") as f:
+            f.write(f"== note ({time.strftime('%Y-%m-%d %H:%M:%S')}): {line}\n")
+
     def record(self, kind: str, error: BaseException) -> None:
         if kind in self.seen:
             return

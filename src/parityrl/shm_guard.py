@@ -190,6 +190,13 @@ class Tree:
         return [pid for pid in self.members if self.alive(pid)]
 
 
+def descendants(root: int) -> list[int]:
+    """`root` and every live process below it, now."""
+    tree = Tree(root)
+    tree.refresh()
+    return tree.live()
+
+
 def _in_use(inodes: set[int]) -> set[int]:
     """Which of `inodes` a live process (any process at all) still maps or holds open."""
     used: set[int] = set()
@@ -242,9 +249,7 @@ def forget_in_resource_tracker(removed: list[str]) -> None:
 
 def held_by_this_process_tree() -> set[int]:
     """Inodes of the /dev/shm files this process and its descendants use now."""
-    tree = Tree(os.getpid())
-    tree.refresh()
-    return set().union(*(_shm_inodes(pid) for pid in tree.live()))
+    return set().union(*(_shm_inodes(pid) for pid in descendants(os.getpid())))
 
 
 def guard(root: int) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from parityrl.config import build_config
 from parityrl.pipeline import run_training
 from parityrl.runlog import read_metrics
+from parityrl.shm_guard import SHM, descendants, held_by_this_process_tree
 
 ROLES = ("main", "engine", "resource_tracker", "guardian")
 
@@ -73,23 +74,10 @@ def write_rows(path: Path) -> Path:
 
 
 # -- the processes of the run and what they hold ----------------------------------------------------
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                parent = int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            out.setdefault(parent, []).append(int(name))
-    return out
-
-
 def run_tree() -> dict[int, str]:
     """pid → role for this process and its descendants."""
-    children, found, stack = _children(), {}, [os.getpid()]
-    while stack:
-        pid = stack.pop()
+    found = {}
+    for pid in descendants(os.getpid()):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
@@ -97,7 +85,6 @@ def run_tree() -> dict[int, str]:
         found[pid] = ("main" if pid == os.getpid() else "engine" if b"VLLM::EngineCore" in cmdline
                       else "resource_tracker" if b"resource_tracker" in cmdline
                       else "guardian" if b"parityrl.shm_guard" in cmdline else "other")
-        stack += children.get(pid, [])
     return found
 
 
@@ -112,19 +99,20 @@ def process_resources(pid: int) -> dict | None:
             "threads": int(status["Threads"])}
 
 
-def shm_bytes() -> int:
-    """Bytes of the /dev/shm files this process tree maps or holds open."""
-    from parityrl.shm_guard import SHM, held_by_this_process_tree
-
-    held, total = held_by_this_process_tree(), 0
+def shm_usage() -> dict:
+    """Bytes of the /dev/shm files this process tree maps or holds open, and every file in
+    /dev/shm (a file left behind by a dead engine is held by nobody: only the count shows it;
+    the soak assumes nothing else on the machine uses /dev/shm meanwhile)."""
+    held, total, files_now = held_by_this_process_tree(), 0, 0
     for folder, _, files in os.walk(SHM):
         for name in files:
             try:
                 st = os.stat(os.path.join(folder, name))
             except OSError:
                 continue
+            files_now += 1
             total += st.st_size if st.st_ino in held else 0
-    return total
+    return {"shm_mb": total / 2**20, "shm_files": files_now}
 
 
 def dir_bytes(path: Path) -> int:
@@ -152,7 +140,7 @@ class Sampler(threading.Thread):
         with self.out.open("w") as f:
             while not self.stopped.wait(self.every_s):
                 row = {"t": round(time.monotonic() - began, 1), "step": self.step,
-                       "shm_mb": shm_bytes() / 2**20, "run_dir_mb": dir_bytes(self.run_dir) / 2**20,
+                       **shm_usage(), "run_dir_mb": dir_bytes(self.run_dir) / 2**20,
                        "processes": {}}
                 for pid, role in run_tree().items():
                     resources = process_resources(pid)
@@ -228,10 +216,12 @@ def summarize(run_dir: Path, resources: Path, kills: list[dict], cfg: SoakBench)
         "problems_each_once": len(seen) == len(set(seen)),
         "engine_kills": len(kills), "engine_restarts": last.get("engine/restarts"),
         "rejected_reward_error": last.get("rollouts/rejected_reward_error"),
-        "recovery_s": [m["engine/recovery_s"] for m in metrics if "engine/recovery_s" in m
-                       and any(k["step"] < m["step"] <= k["step"] + 50 for k in kills)][:1] or None,
+        # The actor's latest recovery is on every row after it: one value per restart.
+        "recovery_s": list(dict.fromkeys(m["engine/recovery_s"] for m in metrics
+                                         if "engine/recovery_s" in m)),
         "checkpoints_left": checkpoints,
         "shm_mb": [round(r["shm_mb"], 2) for r in moments],
+        "shm_files": [r.get("shm_files") for r in moments],
         "run_dir_mb": [round(r["run_dir_mb"], 2) for r in moments],
         "moment_steps": [r["step"] for r in moments], "roles": per_role,
     }
@@ -278,6 +268,8 @@ def plot_soak(resources: Path, kills: list[dict], png: Path) -> None:
     ax = axes[1][1]
     ax.plot([r["step"] for r in rows], [r["shm_mb"] for r in rows], label="/dev/shm held (MB)")
     ax.plot([r["step"] for r in rows], [r["run_dir_mb"] for r in rows], label="run dir (MB)")
+    ax.plot([r["step"] for r in rows], [r.get("shm_files", 0) for r in rows],
+            label="files in /dev/shm")
     ax.set_title("bytes")
     ax.legend()
     for ax in axes.flat:

@@ -142,6 +142,7 @@ class RolloutEngine:
         self._update_dir = shm_folder("weights")
         self.update_lock = asyncio.Lock()  # one update at a time (weights/update.py push)
         self._held_shm: set[int] = set()
+        self._own_shm: set[int] = set()  # made by the engine's processes at start (see start)
         self._ipc_dir: Path | None = None  # vLLM's ZMQ sockets (see start)
         self.worker_numerics: dict = {}  # what the worker process runs with (see start)
         self.preemption_counter: PreemptionCounter | None = None  # with count_preemptions
@@ -175,6 +176,7 @@ class RolloutEngine:
             # reach this one, and a local here would keep the engine alive past close() (its
             # __del__ then fails at interpreter exit).
             counter = PreemptionCounter() if settings.count_preemptions else None
+            shm_before = held_by_this_process_tree()
             args = settings.to_engine_args()
             vllm_config = args.create_engine_config()
             with model_in_engine_core(vllm_config, settings.executor):
@@ -192,6 +194,9 @@ class RolloutEngine:
                 else:
                     os.environ[name] = value
         engine._ipc_dir = ipc_dir
+        # What the engine's processes made in /dev/shm (a semaphore, message queues): reclaimed
+        # at close even when the engine died first (then no live process holds them any more).
+        engine._own_shm = held_by_this_process_tree() - shm_before
         engine.preemption_counter = counter
         await engine.pad_single_row_gemms(settings.pad_single_row_gemm)
         if settings.record_routes:
@@ -417,4 +422,4 @@ class RolloutEngine:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
         # vLLM leaves some of its message-queue segments behind when an engine is shut down
         # (reclaimed only at process exit): drop those nobody uses any more, now.
-        forget_in_resource_tracker(reclaim(self._held_shm, set()))
+        forget_in_resource_tracker(reclaim(self._held_shm | self._own_shm, set()))
