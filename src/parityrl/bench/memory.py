@@ -19,17 +19,22 @@ import sys
 import time
 from pathlib import Path
 
+# Prompts that ask for the steps: every completion runs to max_tokens, the case the plan is for
+# (with "Reply with just the number." completions stop at 2-16 tokens and a 3-step run never
+# meets the largest micro-batch).
+LONG = ['task.chat_prompt="What is {a} {op} {b}? Explain your steps, then give the final '
+        'answer."']
 # name → (config file, overrides); the SmolLM2 runs evaluate nothing (their peaks are training's).
 RUNS = {
     "base": ("configs/reference.yaml", ["model=builtin:tiny", "max_steps=2",
                                         "actor.prompts_per_step=2", "engine.kv_cache_gib=0.1"]),
     "tiny (reference.yaml)": ("configs/reference.yaml", ["max_steps=3"]),
     "SmolLM2 full fine-tune (smollm2-chat.yaml, bf16)": (
-        "configs/smollm2-chat.yaml", ["max_steps=3", "eval_every=0"]),
+        "configs/smollm2-chat.yaml", ["max_steps=3", "eval_every=0", *LONG]),
     "SmolLM2 + LoRA, 1024-token micro-batches": (
-        "configs/smollm2-lora.yaml", ["max_steps=3", "eval_every=0"]),
+        "configs/smollm2-lora.yaml", ["max_steps=3", "eval_every=0", *LONG]),
     "SmolLM2 + LoRA, 4096-token micro-batches": (
-        "configs/smollm2-lora.yaml", ["max_steps=3", "eval_every=0",
+        "configs/smollm2-lora.yaml", ["max_steps=3", "eval_every=0", *LONG,
                                       "trainer.optim.tokens_per_microbatch=4096"]),
     "refused: SmolLM2 + LoRA, 16384-token micro-batches": (
         "configs/smollm2-lora.yaml", ["max_steps=3", "eval_every=0", "actor.prompts_per_step=32",
