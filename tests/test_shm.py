@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not SHM.is_dir(), reason="no /dev/shm on this sy
 
 def test_guardian_reclaims_segments_folders_and_semaphores_of_a_killed_process_group(tmp_path):
     # A parent and a child that hold what a run holds: a psm_ segment, a semaphore, a file in a
-    # parityrl-<kind>-<pid>-* folder; SIGKILL to the whole group.
+    # parityrl-<kind>-<pid>-* folder and a subfolder of it; SIGKILL to the whole group.
     script = tmp_path / "holder.py"
     script.write_text(textwrap.dedent("""
         import mmap, multiprocessing as mp, os, sys, time
@@ -29,6 +29,8 @@ def test_guardian_reclaims_segments_folders_and_semaphores_of_a_killed_process_g
         from parityrl.shm_guard import ensure_guard, shm_folder
         ensure_guard()
         folder = shm_folder("test")
+        (folder / "adapter-v0").mkdir()  # a subfolder, as a LoRA run's adapter
+        (folder / "adapter-v0" / "adapter.bin").write_bytes(b"x")
         f = open(folder / "weights.bin", "w+b"); f.truncate(4096)
         m = mmap.mmap(f.fileno(), 4096)
         seg = shared_memory.SharedMemory(create=True, size=8192)

@@ -140,19 +140,22 @@ def _shm_inodes(pid: int) -> set[int]:
 
 def _entries(folders: set[str]) -> dict[int, str]:
     """inode → path of the files directly in /dev/shm, and of the files and unix sockets in
-    `folders`."""
+    `folders` and their subfolders (a LoRA run's adapter folder)."""
     import stat
 
     out: dict[int, str] = {}
     for folder in {SHM, *folders}:
-        try:
-            with os.scandir(folder) as it:
-                for entry in it:
-                    if entry.is_file(follow_symlinks=False) or (folder != SHM and stat.S_ISSOCK(
-                            entry.stat(follow_symlinks=False).st_mode)):
-                        out[entry.inode()] = entry.path
-        except OSError:
-            continue
+        for parent, subfolders, _ in os.walk(folder):
+            if parent == SHM:
+                subfolders.clear()  # /dev/shm itself: only the files directly in it
+            try:
+                with os.scandir(parent) as it:
+                    for entry in it:
+                        if entry.is_file(follow_symlinks=False) or (folder != SHM and stat.S_ISSOCK(
+                                entry.stat(follow_symlinks=False).st_mode)):
+                            out[entry.inode()] = entry.path
+            except OSError:
+                continue
     return out
 
 
@@ -211,7 +214,7 @@ def reclaim(inodes: set[int], folders: set[str]) -> list[str]:
     `folders` nobody uses, then `folders` once empty."""
     entries = _entries(folders)
     wanted = {ino for ino, path in entries.items()
-              if ino in inodes or os.path.dirname(path) in folders}
+              if ino in inodes or any(path.startswith(f + os.sep) for f in folders)}
     removed = []
     for ino in sorted(wanted - _in_use(wanted)):
         try:
@@ -220,11 +223,12 @@ def reclaim(inodes: set[int], folders: set[str]) -> list[str]:
         except OSError:
             pass
     for folder in folders:
-        try:
-            os.rmdir(folder)
-            removed.append(folder)
-        except OSError:
-            pass
+        for parent, _, _ in sorted(os.walk(folder), key=lambda w: -len(w[0])):  # deepest first
+            try:
+                os.rmdir(parent)
+                removed.append(parent)
+            except OSError:
+                pass
     return removed
 
 
