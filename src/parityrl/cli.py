@@ -335,9 +335,10 @@ def bench(
     out: Path = typer.Option(Path("bench/results.json"), help="JSON results; results.md beside it."),
     only: Optional[str] = typer.Option(None, help="Comma-separated stages: engine_start, rollout, "
                                                   "weight_sync, logprob_pass, pipeline, doctor, bitwise, "
-                                                  "lora_sync; and peer (the side-by-side with "
-                                                  "TRL, run only when named; needs the extra "
-                                                  "`peer`)."),
+                                                  "lora_sync; and, run only when named, peer "
+                                                  "(the side-by-side with TRL; needs the extra "
+                                                  "`peer`) and soak (a 3,000-step run with "
+                                                  "faults, ~15 min; docs/long-runs.md)."),
     reps: int = typer.Option(5, help="Repetitions per timed figure (medians and spread)."),
 ):
     """Measure every stage of the data path as a ratio to its anchor (about 5 min on 2 cores)."""

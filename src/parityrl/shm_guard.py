@@ -40,7 +40,10 @@ from pathlib import Path
 SHM = "/dev/shm"
 POLL_S = 1.0
 GRACE_S = 2.0  # for the run's other processes to exit by themselves once its root is gone
-KILL_WAIT_S = 3.0  # after a SIGTERM (and after a SIGKILL) for them to be gone
+KILL_WAIT_S = 3.0  # after a SIGTERM for them to be gone
+# After a SIGKILL: a process with gigabytes mapped can take seconds to be torn down on a loaded
+# machine, and reclaiming before it is gone leaves its files for good (they are in use then).
+DEATH_WAIT_S = 60.0
 
 _guard: subprocess.Popen | None = None
 
@@ -292,12 +295,13 @@ def end_tree(tree: Tree) -> None:
     SIGTERM, then SIGKILL. Without this an engine core outlives a run whose main process alone was
     killed (SIGKILL, the OOM killer): vLLM's core has no parent-death check, and the orphan keeps
     its weights in /dev/shm, which the reclaim must not remove while it is in use."""
-    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+    waits = {None: GRACE_S, signal.SIGTERM: KILL_WAIT_S, signal.SIGKILL: DEATH_WAIT_S}
+    for sig, wait_s in waits.items():
         if sig is not None:
             for pid in tree.live():
                 with contextlib.suppress(OSError):
                     os.kill(pid, sig)
-        deadline = time.monotonic() + (GRACE_S if sig is None else KILL_WAIT_S)
+        deadline = time.monotonic() + wait_s
         while tree.live() and time.monotonic() < deadline:
             tree.refresh()  # a child started meanwhile is ended too
             time.sleep(0.1)

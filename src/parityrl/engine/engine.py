@@ -24,6 +24,7 @@ import torch
 
 from parityrl.engine.routes import decode_routes, full_length_routes
 from parityrl.engine.settings import EngineSettings, resolved_engine_settings
+from parityrl.engine.template import engine_start_method
 from parityrl.shm_guard import (ensure_guard, forget_in_resource_tracker,
                                 held_by_this_process_tree, reclaim, shm_folder, temp_folder)
 from parityrl.core.rollout import Rollout
@@ -179,7 +180,8 @@ class RolloutEngine:
             shm_before = held_by_this_process_tree()
             args = settings.to_engine_args()
             vllm_config = args.create_engine_config()
-            with model_in_engine_core(vllm_config, settings.executor):
+            with (model_in_engine_core(vllm_config, settings.executor),
+                  engine_start_method(settings.start_method)):
                 engine = cls(settings, AsyncLLM.from_vllm_config(
                     vllm_config, enable_log_requests=args.enable_log_requests,
                     disable_log_stats=args.disable_log_stats,
@@ -213,7 +215,7 @@ class RolloutEngine:
 
     def resolved_settings(self) -> dict:
         return (resolved_engine_settings(self.llm.vllm_config) | self.worker_numerics
-                | self.routes_info)
+                | self.routes_info | {"start_method": self.settings.start_method})
 
     async def generate(
         self, prompt_ids: list[int], sampling: SamplingConfig, *, n: int = 1,

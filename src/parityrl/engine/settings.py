@@ -85,6 +85,13 @@ class EngineKnobs(BaseModel):
                            "worker process of its own (vLLM's CPU choice). 'uni' starts one "
                            "process, not two (about 5 s less per engine start here); the worker's "
                            "OpenMP threads and cores are the same (vLLM's own placement).")
+    start_method: Literal["template", "spawn"] = Field(
+        "template", description="How the engine-core process starts: 'template' (forked from a "
+                                "process of this run that imported vLLM once, "
+                                "engine/template.py: a restart, or the next engine, starts in "
+                                "~1.7 s instead of ~9 s here) or 'spawn' (vLLM's CPU choice: a "
+                                "fresh interpreter that imports vLLM). Same tokens and logprobs "
+                                "(docs/long-runs.md). In a Ray actor: spawn.")
     worker_extension: str = Field(
         "parityrl.engine.worker_extension.WeightSyncExtension",
         description="Worker mixin that loads pushed weights in place.",
