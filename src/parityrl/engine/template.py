@@ -31,6 +31,12 @@ PRELOAD = ["vllm.v1.engine.core", "vllm.v1.worker.cpu_worker",
 
 def _run_with_environ(environ: dict[str, str], target, *args, **kwargs):
     """The core's entry point, in the environment its starter had (runs in the forked core)."""
+    try:  # setproctitle claims the memory of argv and environ on first use: before environ moves
+        import setproctitle  # (else vLLM's "VLLM::EngineCore" title is silently not set)
+
+        setproctitle.setproctitle(setproctitle.getproctitle())
+    except ImportError:
+        pass
     os.environ.clear()
     os.environ.update(environ)
     return target(*args, **kwargs)
