@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from parityrl.bench.stats import Summary, ratios
+from parityrl.core.sampling import SamplingConfig
 from parityrl.engine.engine import RolloutEngine
 from parityrl.engine.settings import EngineSettings
 from parityrl.models.builtin import resolve_model
@@ -57,8 +58,6 @@ def run(cfg: EngineStartBench, loop: asyncio.AbstractEventLoop, say=print) -> di
 
 def start_methods(folder: str, reps: int, loop: asyncio.AbstractEventLoop, say=print) -> dict:
     """Template against spawn starts (uni executor), and whether they sample alike."""
-    from parityrl.core.sampling import SamplingConfig
-
     sampling = SamplingConfig(temperature=1.0, max_tokens=8)
 
     async def start_and_sample(method: str):
