@@ -272,7 +272,8 @@ def test_a_run_through_every_process_fault_loses_and_repeats_no_step(
     assert "groups of rollouts within actor.max_lag=1 of version" in note, note
     assert "(the engine is at version 0" in note and "were the trainer's weights pushed?" in note
     assert note.split(": ", 1)[1] in out  # said on the console too
-    assert out.count("exceeded max_lag; no step taken") == 1  # once, not every round
+    # Once per stall at most (none when the report came before the first round), not every round.
+    assert out.count("exceeded max_lag; no step taken") <= 1
 
 
 @pytest.mark.slow
