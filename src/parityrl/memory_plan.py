@@ -21,7 +21,7 @@ A run writes `memory.json` to its run directory: the plan, and at the end the pe
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch

@@ -377,7 +377,7 @@ class Pipeline:
                            env=ctx.env, env_config=cfg.env)
 
     async def run(self) -> TrainResult:
-        ctx, actor = self.ctx, self.actor
+        ctx = self.ctx
         logs = None
         try:
             write_run_files(ctx.run_dir, ctx.cfg, self.engine.resolved_settings())
