@@ -114,18 +114,6 @@ def tree_of(root: int) -> list[int]:
     return out
 
 
-def engine_core_pids(root: int) -> list[int]:
-    """vLLM engine-core processes below `root` (they name themselves VLLM::EngineCore)."""
-    found = []
-    for pid in tree_of(root):
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"VLLM::EngineCore"):
-                found.append(pid)
-        except OSError:
-            continue
-    return found
-
-
 # --- what a run holds in /dev/shm ----------------------------------------------------------------
 
 def shm_of(root: int) -> set[str]:

@@ -15,11 +15,12 @@ import pytest
 import torch
 import yaml
 
-from helpers import (digit_share_config, engine_core_pids, kill_group, metric_rows, shm_of,
+from helpers import (digit_share_config, kill_group, metric_rows, shm_of,
                      start_train, train_cmd, tree_of, wait_for_processes_gone, wait_gone,
                      wait_while_running, write_addition_rows)
 from parityrl.config import build_config
 from parityrl.runlog import read_metrics
+from parityrl.shm_guard import engine_core_pids
 
 pytestmark = pytest.mark.usefixtures("plugins_importable")
 

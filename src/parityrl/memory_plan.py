@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from parityrl.core.errors import UserError
-from parityrl.shm_guard import descendants
+from parityrl.shm_guard import engine_core_pids
 from parityrl.tasks.prompts import encode_problem
 from parityrl.trainer.logprobs import token_logprobs
 
@@ -309,19 +309,7 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-def engine_core_pids() -> list[int]:
-    """The vLLM engine-core processes below this one (they name themselves VLLM::EngineCore)."""
-    found = []
-    for pid in descendants(os.getpid()):
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"VLLM::EngineCore"):
-                found.append(pid)
-        except OSError:
-            continue
-    return found
-
-
 def measured_peaks() -> dict:
     return {"trainer": peak_rss_mb(os.getpid()),
-            "engines": [peak_rss_mb(pid) for pid in engine_core_pids()]}
+            "engines": [peak_rss_mb(pid) for pid in engine_core_pids(os.getpid())]}
 

@@ -203,6 +203,18 @@ def descendants(root: int) -> list[int]:
     return tree.live()
 
 
+def engine_core_pids(root: int) -> list[int]:
+    """The vLLM engine-core processes below `root` (they name themselves VLLM::EngineCore)."""
+    found = []
+    for pid in descendants(root):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"VLLM::EngineCore"):
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
 def _in_use(inodes: set[int]) -> set[int]:
     """Which of `inodes` a live process (any process at all) still maps or holds open."""
     used: set[int] = set()
