@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,52 @@ def test_a_ray_engine_answers_the_engine_interface_as_local_engines_do(tiny_mode
             await engine.close()
 
     asyncio.run(scenario())
+
+
+def test_a_ray_run_killed_at_its_driver_leaves_no_process_and_no_file(tiny_model, tmp_path):
+    """`parityrl train` on a Ray cluster of its own, its driver alone SIGKILLed once a step is
+    done (engine started, weights pushed): within 15 s no process of the run is left (Ray's,
+    the actors', the engine core's, the guardians') and /dev/shm and the temp dir hold nothing
+    of it. Ray's fate sharing ends the cluster it started, a worker whose owner died ends its
+    children; the driver's guardian ends what is left of its tree, and each engine actor's
+    guardian (a grandchild, which the worker's exit does not take along) reclaims the engine's
+    files (docs/long-runs.md)."""
+    from helpers import (kill_group, metric_rows, shm_of, start_train, tree_of,
+                         wait_for_processes_gone, wait_gone, wait_while_running)
+    from parityrl.shm_guard import _owned_folders, _pids, engine_core_pids
+
+    prompts = write_addition_rows(tmp_path / "prompts.jsonl")
+    cfg_file, run_dir = tmp_path / "run.yaml", tmp_path / "run"
+    cfg_file.write_text(json.dumps(digit_share_config(tiny_model, prompts, **{
+        "max_steps": 1000, "cluster.backend": "ray", "engine.kv_cache_gib": 0.125})))
+    proc = start_train(str(cfg_file), "--out", str(run_dir), stderr=subprocess.PIPE)
+    try:
+        wait_while_running(proc, lambda: metric_rows(run_dir) >= 1)
+        run_pids = tree_of(proc.pid)
+        guardians = [p for p in _pids() if _guarded_root(p) in run_pids]
+        held = shm_of(proc.pid) | _owned_folders(set(run_pids))  # with the temp dir's folders
+        assert engine_core_pids(proc.pid) and any(b"raylet" in _cmdline(p) for p in run_pids)
+        assert len(guardians) == 2, guardians  # the driver's and the engine actor's
+        assert any("parityrl-weights-" in p for p in held) and any(
+            "parityrl-ipc-" in p for p in held), held
+        os.kill(proc.pid, signal.SIGKILL)
+        killed_at = time.time()
+        proc.wait()
+        left = wait_for_processes_gone(run_pids[1:] + guardians, 15)
+        assert not left, [(p, _cmdline(p)) for p in left]
+        assert wait_gone(held, 15 - (time.time() - killed_at)) == set()
+    finally:
+        kill_group(proc)
+
+
+def _guarded_root(pid: int) -> int | None:
+    """The root PID a `python -m parityrl.shm_guard ROOT` process guards; None for others."""
+    words = _cmdline(pid).split()
+    return int(words[-1]) if words[-3:-1] == [b"-m", b"parityrl.shm_guard"] else None
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").strip()
+    except OSError:
+        return b""

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -19,12 +18,15 @@ SHM = Path("/dev/shm")
 pytestmark = pytest.mark.skipif(not SHM.is_dir(), reason="no /dev/shm on this system")
 
 
-def test_guardian_reclaims_segments_folders_and_semaphores_of_a_killed_process_group(tmp_path):
+def test_guardian_reclaims_segments_folders_and_semaphores_of_a_process_that_ends_its_children(
+        tmp_path):
     # A parent and a child that hold what a run holds: a psm_ segment, a semaphore, a file in a
-    # parityrl-<kind>-<pid>-* folder and a subfolder of it; SIGKILL to the whole group.
+    # parityrl-<kind>-<pid>-* folder and a subfolder of it. On SIGTERM the parent SIGKILLs each of
+    # its own children and exits, as a Ray worker told that its owner died does: the guardian,
+    # not a child, lives on to reclaim.
     script = tmp_path / "holder.py"
     script.write_text(textwrap.dedent("""
-        import mmap, multiprocessing as mp, os, sys, time
+        import mmap, multiprocessing as mp, os, signal, sys, time
         from multiprocessing import shared_memory
         from parityrl.shm_guard import ensure_guard, shm_folder
         ensure_guard()
@@ -39,6 +41,16 @@ def test_guardian_reclaims_segments_folders_and_semaphores_of_a_killed_process_g
             other = shared_memory.SharedMemory(create=True, size=4096)
             time.sleep(600)
         p = mp.get_context("fork").Process(target=child); p.start()
+        def end_children_and_exit(*_):
+            for name in os.listdir("/proc"):
+                try:
+                    stat = open(f"/proc/{name}/stat").read()
+                except OSError:
+                    continue
+                if name.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    os.kill(int(name), signal.SIGKILL)
+            os._exit(0)
+        signal.signal(signal.SIGTERM, end_children_and_exit)
         print("ready", flush=True)
         time.sleep(600)
     """))
@@ -57,6 +69,8 @@ def test_guardian_reclaims_segments_folders_and_semaphores_of_a_killed_process_g
         inodes = {os.stat(path).st_ino for path in held if os.path.isfile(path)}
         recorded = wait_for(lambda: _covers(_read_json(state), inodes, held), 60,
                             "the guardian to record every file and folder the holder has")
+        proc.terminate()
+        proc.wait()
     finally:
         kill_group(proc)
     try:

@@ -49,6 +49,7 @@ from parityrl.rollouts.evaluate import greedy_accuracy
 from parityrl.rollouts.ledger import Ledger
 from parityrl.rollouts.stream import InProcessStream
 from parityrl.runlog import ErrorLog, JsonlLog, MetricsWriter, hold_run_dir, write_run_files
+from parityrl.shm_guard import ensure_guard
 from parityrl.tasks.prompts import has_chat_template
 from parityrl.tasks.registry import build_environment, build_task
 from parityrl.trainer.checkpoint import latest_checkpoint
@@ -746,6 +747,9 @@ async def train(cfg: RunConfig, run_dir: Path, resume: bool = False,
     """A run from its set-up to its last step (`cluster.backend: ray`: in its Ray cluster)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     hold_run_dir(run_dir)  # one live writer per run directory
+    # Killed alone, this process leaves its engines, reward processes and the Ray cluster it
+    # started to the guardian, which ends them and reclaims their files (shm_guard.py).
+    ensure_guard()
     warning = bfloat16_warning(cfg.dtype)
     if warning:
         say(warning)

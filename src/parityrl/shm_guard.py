@@ -45,18 +45,23 @@ KILL_WAIT_S = 3.0  # after a SIGTERM for them to be gone
 # machine, and reclaiming before it is gone leaves its files for good (they are in use then).
 DEATH_WAIT_S = 60.0
 
-_guard: subprocess.Popen | None = None
+_guarded_pid: int | None = None  # the process whose guardian this process started
 
 
 def ensure_guard() -> None:
-    """Start this process's guardian (once); a no-op where /dev/shm or /proc do not exist."""
-    global _guard
-    if _guard is not None or not (os.path.isdir(SHM) and os.path.isdir("/proc/self")):
+    """Start this process's guardian (once); a no-op where /dev/shm or /proc do not exist.
+
+    The guardian is a grandchild, started through a shell that exits at once: a process that
+    kills its own children as it exits (a Ray worker told that its owner died does) must not
+    take the guardian with it."""
+    global _guarded_pid
+    if _guarded_pid == os.getpid() or not (os.path.isdir(SHM) and os.path.isdir("/proc/self")):
         return
-    _guard = subprocess.Popen(
-        [sys.executable, "-m", "parityrl.shm_guard", str(os.getpid())],
+    subprocess.run(
+        ["/bin/sh", "-c", '"$0" -m parityrl.shm_guard "$1" &', sys.executable, str(os.getpid())],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, close_fds=True)
+        start_new_session=True, close_fds=True, check=True)
+    _guarded_pid = os.getpid()
 
 
 def temp_folder(kind: str, base: str | None = None) -> Path:

@@ -17,6 +17,7 @@ import gc
 import itertools
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -165,11 +166,15 @@ class RolloutEngine:
 
         started_at = time.perf_counter()
         ensure_guard()  # before the engine creates its shared memory: reclaimed on any exit
-        # vLLM names its ZMQ sockets in VLLM_RPC_BASE_PATH (default: the temp dir) and leaves them
-        # there; this engine's go in a folder of its own, removed at close (or by the guardian).
+        # vLLM names its ZMQ sockets in VLLM_RPC_BASE_PATH and its torch.distributed file store
+        # (`vllm_dist_*`) in the temp dir, and leaves both there; this engine's go in a folder of
+        # its own, removed at close (or by the guardian). This process's temp dir is settled
+        # first: TMPDIR below is for the engine's processes only.
+        tempfile.gettempdir()
         ipc_dir = temp_folder("ipc")
         # Inherited by the engine's processes at spawn; restored here afterwards.
-        env = {"VLLM_RPC_BASE_PATH": str(ipc_dir)} | settings.engine_environment()
+        env = ({"VLLM_RPC_BASE_PATH": str(ipc_dir), "TMPDIR": str(ipc_dir)}
+               | settings.engine_environment())
         previous = {name: os.environ.get(name) for name in env}
         os.environ.update(env)
         try:

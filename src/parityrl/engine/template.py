@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import tempfile
 
 # What the template imports once: the engine core's entry point, the CPU worker, our extension.
 PRELOAD = ["vllm.v1.engine.core", "vllm.v1.worker.cpu_worker",
@@ -39,6 +40,7 @@ def _run_with_environ(environ: dict[str, str], target, *args, **kwargs):
         pass
     os.environ.clear()
     os.environ.update(environ)
+    tempfile.tempdir = None  # the template's cached temp dir: read TMPDIR again
     return target(*args, **kwargs)
 
 
