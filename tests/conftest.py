@@ -66,7 +66,7 @@ def _write_host_record(host) -> None:
     """The host's starts, for the summary (written by the controller under xdist)."""
     import json
 
-    from parityrl.engine.engine import ENGINE_START_LOG
+    from parityrl.engine.process import ENGINE_START_LOG
 
     path = os.environ.get(ENGINE_START_LOG)
     if not path:
@@ -80,7 +80,7 @@ def _write_host_record(host) -> None:
 
 def _engine_uses(config) -> int:
     """Engines started anywhere so far plus engines handed out by the host."""
-    from parityrl.engine.engine import ENGINE_START_LOG
+    from parityrl.engine.process import ENGINE_START_LOG
 
     path = os.environ.get(ENGINE_START_LOG)
     started = sum(1 for _ in open(path)) if path and os.path.exists(path) else 0
@@ -114,7 +114,7 @@ def pytest_configure(config):
     # actors), appends a line here (engine/engine.py log_engine_start). Under xdist every worker
     # writes a file of its own (its tests' engine accounting is its own); the controller adds
     # them up.
-    from parityrl.engine.engine import ENGINE_START_LOG
+    from parityrl.engine.process import ENGINE_START_LOG
 
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker and ENGINE_START_LOG in os.environ:
@@ -136,7 +136,7 @@ def _read_lines(path: str) -> list[dict]:
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     import glob
 
-    from parityrl.engine.engine import ENGINE_START_LOG
+    from parityrl.engine.process import ENGINE_START_LOG
 
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return

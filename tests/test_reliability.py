@@ -72,7 +72,7 @@ def test_a_run_predicted_not_to_fit_in_memory_is_refused_before_any_engine(
     """`train` refuses a config predicted not to fit before an engine starts, in one line naming
     the knob (exit 2); the plan behind it (`--plan`) lists each process's parts."""
     from parityrl.core.errors import UserError
-    from parityrl.engine.engine import ENGINE_START_LOG
+    from parityrl.engine.process import ENGINE_START_LOG
     from parityrl.memory_plan import refuse_if_too_big
     from parityrl.pipeline import plan_run
 

@@ -127,7 +127,7 @@ class _DoctorProgress:
 
 @app.command()
 def doctor(
-    model: str = _doctor_option("model"),
+    model: Optional[str] = _doctor_option("model"),
     dtype: str = _doctor_option("dtype"),
     temperature: float = _doctor_option("temperature"),
     top_p: float = _doctor_option("top_p", "--top-p"),
@@ -149,6 +149,12 @@ def doctor(
     lora: Optional[int] = _doctor_option("lora", "--lora", min=1, metavar="RANK"),
     compare_dtypes: bool = _doctor_option("compare_dtypes", "--compare-dtypes"),
     weight_transport: str = _doctor_option("weight_transport", "--weight-transport"),
+    reward_model: Optional[str] = _doctor_option("reward_model", "--reward-model",
+                                                 metavar="PATH"),
+    reward_texts: Optional[Path] = _doctor_option("reward_texts", "--reward-texts"),
+    reward_activation: str = _doctor_option("reward_activation", "--reward-activation"),
+    reward_engine_activation: str = _doctor_option("reward_engine_activation",
+                                                   "--reward-engine-activation"),
 ):
     """Diagnose engine/trainer logprob parity, one fix per rung; exit 0 = parity, 1 = not."""
     config = parse_config(locals())  # every option is the DoctorConfig field of its name

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from parityrl.core.errors import UserError
 from parityrl.core.sampling import SamplingConfig
 from parityrl.engine.settings import BITWISE_KNOBS, EngineKnobs, EngineSettings
+from parityrl.rewards.config import RewardsConfig
 from parityrl.tasks.arithmetic import ArithmeticConfig
 from parityrl.tasks.environment import EnvConfig
 from parityrl.tasks.registry import TaskConfig
@@ -125,6 +126,9 @@ class RunConfig(_Strict):
                              "and their reward, chosen by `type` (tasks/).")
     env: EnvConfig | None = Field(None, description="Multi-turn episodes on the task's problems "
                                                     "(tasks/environment.py); None = single turn.")
+    rewards: RewardsConfig = Field(RewardsConfig(), description="rewards/config.py: learned "
+                                   "rewards (reward models, an LLM judge) beside the task's "
+                                   "own, and the task's weight.")
     actor: ActorConfig = Field(ActorConfig(), description="The rollout actor: group sizes, "
                                "how far generation may run ahead, failure limits.")
     trainer: TrainerConfig = Field(TrainerConfig(), description="trainer/config.py: the policy "
@@ -167,6 +171,9 @@ class RunConfig(_Strict):
                 f"sync_every={self.sync_every} with actor.max_lag={a.max_lag}: in async mode every "
                 f"batch would be more than max_lag steps old when trained on and no step would "
                 f"ever be taken; use sync_every <= max_lag + 1")
+        if self.env is not None and self.rewards.learned:
+            raise ValueError("rewards.models / rewards.judge with env: a multi-turn episode's "
+                             "reward is the environment's")
         if a.group_size == 1 and self.trainer.advantage.std_normalize:
             raise ValueError("actor.group_size=1 with trainer.advantage.std_normalize: a group of "
                              "one has no spread, every advantage would be 0; use group_size >= 2")

@@ -43,6 +43,7 @@ from parityrl.models.builtin import resolve_model
 from parityrl.models.policy import build_trainer, seed_process
 from parityrl.models.tokenizer import load_tokenizer
 from parityrl.plots import plot_run
+from parityrl.rewards.learned import LearnedRewards
 from parityrl.rollouts.actor import Actor, ActorLimits, RunStopped, is_engine_death
 from parityrl.rollouts.episode import EpisodeLimits
 from parityrl.rollouts.evaluate import greedy_accuracy
@@ -344,6 +345,16 @@ async def start_engines(ctx: RunContext) -> EnginePool:
     return engine
 
 
+async def start_learned_rewards(ctx: RunContext) -> LearnedRewards | None:
+    """The run's reward models and judge, each on its own engine (rewards/); None without."""
+    rewards = ctx.cfg.rewards
+    if not rewards.learned:
+        return None
+    with ctx.waits.on("the reward engines to start"):
+        return await LearnedRewards.start(rewards, lambda spec: resolve_model(spec, say=ctx.say),
+                                          load_tokenizer)
+
+
 def _fault(name: str) -> bool:
     """PARITYRL_FAULT_<name> is set: a fault the reliability tests inject on purpose."""
     import os
@@ -364,7 +375,7 @@ class Pipeline:
 
     def __init__(self, ctx: RunContext, engine: EnginePool,
                  on_step: Callable[[int, dict], None] | None = None,
-                 memory: MemoryPlan | None = None) -> None:
+                 memory: MemoryPlan | None = None, learned: LearnedRewards | None = None) -> None:
         cfg = ctx.cfg
         self.ctx = ctx
         self.memory = memory  # the predicted peaks, written with the measured ones to memory.json
@@ -375,13 +386,16 @@ class Pipeline:
         self.actor = Actor(engine, ctx.task, ctx.tokenizer, ctx.sampling(), cfg.actor.group_size,
                            cfg.seed, actor_limits(cfg), ledger=ctx.ledger,
                            restart_engine=self._restart_engine, on_error=ctx.errors.record,
-                           env=ctx.env, env_config=cfg.env)
+                           env=ctx.env, env_config=cfg.env, learned=learned,
+                           task_weight=cfg.rewards.task_weight)
+        self.learned = learned
 
     async def run(self) -> TrainResult:
         ctx = self.ctx
         logs = None
         try:
-            write_run_files(ctx.run_dir, ctx.cfg, self.engine.resolved_settings())
+            write_run_files(ctx.run_dir, ctx.cfg, self.engine.resolved_settings(),
+                            None if self.learned is None else self.learned.resolved_settings())
             write_memory_plan(ctx.run_dir, self.memory, measured=False)
             self._write_cluster_json(self.engine)
             logs = RunLogs.open(ctx.run_dir, ctx.cfg.tensorboard, ctx.start_step)
@@ -395,6 +409,8 @@ class Pipeline:
             if logs is not None:
                 logs.close()
             write_memory_plan(ctx.run_dir, self.memory, measured=True)  # engines still up
+            if self.learned is not None:
+                await self.learned.close()
             await self.engine.close()
         plot_run(ctx.run_dir)
         return TrainResult(ctx.run_dir, self.trainer.version, last, before,
@@ -765,7 +781,13 @@ async def _set_up_and_run(cfg: RunConfig, run_dir: Path, resume: bool, on_step,
     ctx = await set_up_run(cfg, run_dir, resume, say)
     try:
         memory = check_memory(ctx)  # before any engine starts
-        return await Pipeline(ctx, await start_engines(ctx), on_step, memory).run()
+        engine = await start_engines(ctx)
+        try:
+            learned = await start_learned_rewards(ctx)
+        except BaseException:
+            await engine.close()
+            raise
+        return await Pipeline(ctx, engine, on_step, memory, learned).run()
     finally:
         ctx.close()
 

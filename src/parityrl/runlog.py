@@ -111,9 +111,14 @@ def library_versions() -> dict:
             "vllm": vllm_version, "parityrl": parityrl.__version__}
 
 
-def write_run_files(run_dir: Path, cfg: RunConfig, engine_settings: dict) -> None:
+def write_run_files(run_dir: Path, cfg: RunConfig, engine_settings: dict,
+                    reward_engines: dict | None = None) -> None:
+    """The resolved config, what vLLM made of the engine settings (and of the reward engines'
+    settings, with learned rewards), the library versions."""
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     (run_dir / "engine_settings.json").write_text(json.dumps(engine_settings, indent=2) + "\n")
+    if reward_engines is not None:
+        (run_dir / "reward_engines.json").write_text(json.dumps(reward_engines, indent=2) + "\n")
     (run_dir / "versions.json").write_text(json.dumps(library_versions(), indent=2) + "\n")
 
 

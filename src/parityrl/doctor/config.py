@@ -28,8 +28,8 @@ class DoctorConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(description="Hugging Face model folder, or builtin:<name> "
-                                   "(tiny, arithmetic-warm, smollm2-135m-instruct, ...).")
+    model: str | None = Field(None, description="Hugging Face model folder, or builtin:<name> "
+                              "(tiny, arithmetic-warm, smollm2-135m-instruct, ...).")
     dtype: Dtype = Field("float32", description="float32, bfloat16 or float16 (both sides).")
     temperature: float = Field(0.7, description="Sampling temperature of every request, both "
                                                 "sides; below 1e-5 is greedy.")
@@ -85,6 +85,21 @@ class DoctorConfig(BaseModel):
         "shm_file", description="How the rungs push weights: shm_file (shared memory) or gloo "
                                 "(vLLM's weight-transfer API, as engine.weight_transport=gloo "
                                 "in a run).")
+
+    reward_model: str | None = Field(
+        None, description="Instead of the ladder: score texts with this sequence-classification "
+                          "reward model on a vLLM pooling engine and in transformers (float32 "
+                          "and float64), and say whether they agree (doctor/reward.py).")
+    reward_texts: Path | None = Field(
+        None, description='--reward-model: JSONL rows {"prompt": text or messages, '
+                          '"completions": [...]}, one group each. Default: built-in groups.')
+    reward_activation: Literal["none", "sigmoid"] = Field(
+        "none", description="--reward-model: the activation both sides apply to the score "
+                            "(rewards.models[].activation).")
+    reward_engine_activation: Literal["same", "none", "sigmoid", "vllm-default"] = Field(
+        "same", description="--reward-model: the engine side's activation, to reproduce a "
+                            "set-up that differs ('vllm-default': left to vLLM, which applies "
+                            "a sigmoid to a one-label score).")
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -160,10 +175,25 @@ class DoctorConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _one_subject(self) -> "DoctorConfig":
+        if (self.model is None) == (self.reward_model is None):
+            raise ValueError("give --model (the policy's logprob ladder) or --reward-model (a "
+                             "reward model's scores), one of the two")
+        if self.reward_model is not None:
+            clash = [name for name, on in (
+                ("--bitwise", self.bitwise), ("--multi-turn", self.multi_turn),
+                ("--lora", self.lora), ("--sampler-draws", self.sampler_draws),
+                ("--compare-dtypes", self.compare_dtypes), ("--prompts", self.prompts)) if on]
+            if clash:
+                raise ValueError(f"--reward-model scores texts; leave out {', '.join(clash)} "
+                                 "(--reward-texts gives the texts)")
+        return self
+
+    @model_validator(mode="after")
     def _model_folder_exists(self) -> "DoctorConfig":
         # Last, as the command line always checked it, and before anything heavy is imported; a
         # built-in model is built (once) when the doctor runs.
-        if not self.model.startswith(PREFIX):
+        if self.model is not None and not self.model.startswith(PREFIX):
             try:
                 check_model_folder(self.model)
             except UserError as e:

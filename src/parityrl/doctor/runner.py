@@ -18,6 +18,7 @@ from parityrl.doctor.dtypes import DTYPES, PrecisionRow, compare_dtypes
 from parityrl.doctor.ladder import run_ladder_sync
 from parityrl.doctor.outcome import DoctorReport, DtypesReport, LadderReport
 from parityrl.doctor.report import judge_all
+from parityrl.doctor.reward import run_reward_check
 from parityrl.doctor.rungs import LadderConfig, Rung, RungResult, build_ladder
 from parityrl.hardware import bfloat16_warning
 from parityrl.models.builtin import resolve_model
@@ -63,6 +64,8 @@ def run(config: DoctorConfig, progress: Progress | None = None) -> DoctorReport:
     """Measure what `config` asks for; bad input (a prompts file, a model folder, a model without
     the chat template --multi-turn needs) is a UserError before any engine starts."""
     progress = progress or Silent()
+    if config.reward_model is not None:
+        return run_reward_check(config, progress)
     prompts = read_prompts(config.prompts) if config.prompts else None
     folder = check_model_folder(resolve_model(config.model, say=progress.say))
     warning = bfloat16_warning("bfloat16" if config.compare_dtypes else config.dtype)

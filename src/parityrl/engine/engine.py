@@ -12,12 +12,9 @@ engine core had when it produced it (`CompletionOutput.weight_versions`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import itertools
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,9 +22,9 @@ import torch
 
 from parityrl.engine.routes import decode_routes, full_length_routes
 from parityrl.engine.settings import EngineSettings, resolved_engine_settings
-from parityrl.engine.template import engine_start_method
-from parityrl.shm_guard import (ensure_guard, forget_in_resource_tracker,
-                                held_by_this_process_tree, reclaim, shm_folder, temp_folder)
+from parityrl.engine.process import (SHUTDOWN_GRACE_S, EngineFiles, log_engine_start,
+                                     start_async_llm)
+from parityrl.shm_guard import held_by_this_process_tree, shm_folder
 from parityrl.core.rollout import Rollout
 from parityrl.core.sampling import SamplingConfig
 from parityrl.weights.lora_folder import AdapterFolderTransport, AdapterPayload
@@ -41,11 +38,6 @@ __all__ = ["RolloutEngine", "UpdateReport", "WeightSyncError", "generate_each"]
 SERVED_ADAPTER_ID = 2
 # An engine control call (pause, reload, resume) taking longer than this means a stuck engine.
 CONTROL_TIMEOUT_S = 300.0
-# vLLM waits 5 s for the engine-core process to exit on its own before killing it; on the CPU
-# backend its worker never exits before the core is gone, so every close took 5.4 s (measured).
-# The core has nothing left to flush once generation has stopped; its shared-memory segments are
-# reclaimed below either way.
-SHUTDOWN_GRACE_S = 0.5
 
 
 class PreemptionCounter:
@@ -97,43 +89,6 @@ async def generate_each(generate, prompts: list[list[int]], sampling: SamplingCo
     return [r for group in groups for r in group]
 
 
-# Where every engine start is appended as a JSON line (what started, how long it took), when set:
-# the test suite counts the engines it started, in its own process and in those it spawned.
-ENGINE_START_LOG = "PARITYRL_ENGINE_START_LOG"
-
-
-@contextlib.contextmanager
-def model_in_engine_core(vllm_config, executor: str):
-    """With executor "uni", the engine-core process runs the model itself.
-
-    vLLM's CPU platform always picks its mp executor: the engine core spawns a worker process,
-    and each of the two imports vLLM in turn (~5 s each on these machines). Its reason is OpenMP:
-    thread count and cores are environment variables a process must start with, so vLLM sets
-    them for the worker it spawns (OMPProcessManager). Here the same manager sets them for the
-    engine-core process while AsyncLLM spawns it: one process, the worker's threads and cores.
-    """
-    if executor != "uni" or vllm_config.parallel_config.world_size != 1:
-        yield
-        return
-    from vllm.utils.ompmultiprocessing import OMPProcessManager
-
-    vllm_config.parallel_config.distributed_executor_backend = "uni"
-    with OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0):
-        yield
-
-
-def log_engine_start(settings: EngineSettings, seconds: float) -> None:
-    path = os.environ.get(ENGINE_START_LOG)
-    if not path:
-        return
-    import json
-
-    line = json.dumps({"pid": os.getpid(), "seconds": round(seconds, 2), "model": settings.model,
-                       "dtype": settings.dtype, "settings": settings.model_dump(mode="json")})
-    with open(path, "a") as f:  # one short write: lines of concurrent engines do not interleave
-        f.write(line + "\n")
-
-
 class RolloutEngine:
     def __init__(self, settings: EngineSettings, llm) -> None:
         self.settings = settings
@@ -144,8 +99,7 @@ class RolloutEngine:
         self._update_dir = shm_folder("weights")
         self.update_lock = asyncio.Lock()  # one update at a time (weights/update.py push)
         self._held_shm: set[int] = set()
-        self._own_shm: set[int] = set()  # made by the engine's processes at start (see start)
-        self._ipc_dir: Path | None = None  # vLLM's ZMQ sockets (see start)
+        self._files: EngineFiles | None = None  # what its processes leave behind (see start)
         self.worker_numerics: dict = {}  # what the worker process runs with (see start)
         self.preemption_counter: PreemptionCounter | None = None  # with count_preemptions
         # How full updates arrive: the shared file, or a gloo group of this engine's own (start).
@@ -162,48 +116,12 @@ class RolloutEngine:
                     ) -> "RolloutEngine":
         """A running engine. With `weight_transport: gloo` it joins a transfer group of its own
         (`join_transfer=False`: an EnginePool makes one group for all its engines)."""
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         started_at = time.perf_counter()
-        ensure_guard()  # before the engine creates its shared memory: reclaimed on any exit
-        # vLLM names its ZMQ sockets in VLLM_RPC_BASE_PATH and its torch.distributed file store
-        # (`vllm_dist_*`) in the temp dir, and leaves both there; this engine's go in a folder of
-        # its own, removed at close (or by the guardian). This process's temp dir is settled
-        # first: TMPDIR below is for the engine's processes only.
-        tempfile.gettempdir()
-        ipc_dir = temp_folder("ipc")
-        # Inherited by the engine's processes at spawn; restored here afterwards.
-        env = ({"VLLM_RPC_BASE_PATH": str(ipc_dir), "TMPDIR": str(ipc_dir)}
-               | settings.engine_environment())
-        previous = {name: os.environ.get(name) for name in env}
-        os.environ.update(env)
-        try:
-            # No local holds the AsyncLLM: an import inside vLLM keeps a traceback whose frames
-            # reach this one, and a local here would keep the engine alive past close() (its
-            # __del__ then fails at interpreter exit).
-            counter = PreemptionCounter() if settings.count_preemptions else None
-            shm_before = held_by_this_process_tree()
-            args = settings.to_engine_args()
-            vllm_config = args.create_engine_config()
-            with (model_in_engine_core(vllm_config, settings.executor),
-                  engine_start_method(settings.start_method)):
-                engine = cls(settings, AsyncLLM.from_vllm_config(
-                    vllm_config, enable_log_requests=args.enable_log_requests,
-                    disable_log_stats=args.disable_log_stats,
-                    stat_loggers=None if counter is None else [counter.stat_logger]))
-        except BaseException:
-            shutil.rmtree(ipc_dir, ignore_errors=True)
-            raise
-        finally:
-            for name, value in previous.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-        engine._ipc_dir = ipc_dir
-        # What the engine's processes made in /dev/shm (a semaphore, message queues): reclaimed
-        # at close even when the engine died first (then no live process holds them any more).
-        engine._own_shm = held_by_this_process_tree() - shm_before
+        counter = PreemptionCounter() if settings.count_preemptions else None
+        engine, files = start_async_llm(
+            settings, lambda llm: cls(settings, llm),
+            stat_loggers=None if counter is None else [counter.stat_logger])
+        engine._files = files
         engine.preemption_counter = counter
         await engine.pad_single_row_gemms(settings.pad_single_row_gemm)
         if settings.record_routes:
@@ -425,8 +343,5 @@ class RolloutEngine:
                 shutil.rmtree(leftover, ignore_errors=True)
             leftover.unlink(missing_ok=True)
         self._update_dir.rmdir()
-        if self._ipc_dir is not None:
-            shutil.rmtree(self._ipc_dir, ignore_errors=True)
-        # vLLM leaves some of its message-queue segments behind when an engine is shut down
-        # (reclaimed only at process exit): drop those nobody uses any more, now.
-        forget_in_resource_tracker(reclaim(self._held_shm | self._own_shm, set()))
+        if self._files is not None:
+            self._files.release(self._held_shm)

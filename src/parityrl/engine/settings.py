@@ -104,6 +104,10 @@ class EngineSettings(EngineKnobs):
     model: str = Field(description="Path of a Hugging Face model folder.")
     dtype: Dtype = Field("float32", description="Weights and activations dtype.")
     seed: int | None = Field(0, description="Engine seed (requests may carry their own).")
+    runner: Literal["generate", "pooling"] = Field(
+        "generate", description="generate: a policy or judge that samples tokens; pooling: a "
+                                "sequence-classification reward model that scores them "
+                                "(engine/pooling.py).")
 
     @classmethod
     def vllm_defaults(cls, model: str, **overrides) -> "EngineSettings":
@@ -141,9 +145,12 @@ class EngineSettings(EngineKnobs):
             seed=self.seed,
             generation_config=self.generation_config,
         )
+        if self.runner == "pooling":  # no sampling: logprobs and generation defaults mean nothing
+            numerics.update(logprobs_mode=None, generation_config=None)
         return dict(
             model=self.model,
             tokenizer=self.model,
+            runner=self.runner,
             dtype=self.dtype,
             **{k: v for k, v in numerics.items() if v is not None},
             max_model_len=self.max_model_len,
@@ -203,6 +210,12 @@ def resolved_engine_settings(vllm_config) -> dict:
         "max_num_batched_tokens": sched.max_num_batched_tokens,
         "compilation_mode": str(vllm_config.compilation_config.mode),
         "executor": vllm_config.parallel_config.distributed_executor_backend,
+        "runner": model.runner_type,
+        # A reward model's pooler: which token it reads, and whether vLLM applies an activation
+        # (a sigmoid for one label) by default; None for a generating engine.
+        "pooler": None if model.pooler_config is None else {
+            "seq_pooling_type": model.pooler_config.seq_pooling_type,
+            "use_activation": model.pooler_config.use_activation},
         "worker_extension_cls": vllm_config.parallel_config.worker_extension_cls,
         "weight_transfer_backend": getattr(vllm_config.weight_transfer_config, "backend", None),
         "lora": None if vllm_config.lora_config is None else {

@@ -102,11 +102,14 @@ def make_model(
     seed: int = 0,
     experts: int = 8,
     experts_per_token: int = 2,
+    head: Literal["causal_lm", "sequence_classification"] = "causal_lm",
 ) -> Path:
     """Write a random-initialised model folder to `out_dir` and return its path.
 
     `init_std` is larger than the usual 0.02 so that the random model's next-token distributions are
     peaked like a trained model's, which makes top-k/top-p masks and logprob differences non-trivial.
+    `head="sequence_classification"`: a one-label reward model (`*ForSequenceClassification`,
+    the score read at the last non-padding token).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -126,7 +129,13 @@ def make_model(
         special_ids=special_ids, experts=experts, experts_per_token=experts_per_token,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if head == "sequence_classification":
+        from transformers import AutoModelForSequenceClassification
+
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -28,6 +28,7 @@ from parityrl.engine.interface import Engine
 from parityrl.rollouts.episode import EnvProtocolError, EpisodeLimits, run_episode
 from parityrl.rollouts.ledger import Ledger
 from parityrl.rollouts.stream import RolloutStream
+from parityrl.rewards.learned import LearnedRewards, RewardEnginesDied, RewardRejected
 from parityrl.core.rollout import Group, Rollout
 from parityrl.core.sampling import SamplingConfig
 from parityrl.tasks.base import Problem, Task
@@ -35,7 +36,7 @@ from parityrl.tasks.environment import EnvConfig, Environment, EnvReply
 from parityrl.tasks.prompts import encode_problem, encode_prompt
 
 REJECTION_KINDS = ("too_long", "reward_error", "reward_timeout", "engine", "env_error",
-                   "env_timeout")
+                   "env_timeout", "judge_timeout", "judge_unparseable")
 
 
 class GroupRejected(Exception):
@@ -105,9 +106,12 @@ class Actor:
                  group_size: int, seed: int, limits: ActorLimits, ledger: Ledger | None = None,
                  restart_engine: Callable[[], Awaitable[Engine]] | None = None,
                  on_error: Callable[[str, BaseException], None] = lambda kind, e: None,
-                 env: Environment | None = None, env_config: EnvConfig | None = None) -> None:
+                 env: Environment | None = None, env_config: EnvConfig | None = None,
+                 learned: LearnedRewards | None = None, task_weight: float = 1.0) -> None:
         self.engine = engine
         self.task = task
+        self.learned = learned  # reward models, a judge: scored after the task's reward
+        self.task_weight = task_weight
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.group_size = group_size
@@ -163,10 +167,7 @@ class Actor:
             self._leave()
         seconds = time.perf_counter() - start
         if self.env is None:
-            rewards = await self._rewards(index, problem, [self.decode(r) for r in group],
-                                          [r.completion_ids for r in group])
-            for rollout, reward in zip(group, rewards):
-                rollout.reward = reward
+            await self._score(index, problem, group)
         for rollout in group:
             rollout.group_id = index  # the ledger's problem index
             rollout.meta.update(prompt=problem.prompt, answer=problem.answer,
@@ -241,6 +242,31 @@ class Actor:
                     raise
                 await self._recover(generation, e)
 
+    async def _score(self, index: int, problem: Problem, group: Group) -> None:
+        """Each rollout's reward: the task's (verifiable) reward, and with learned rewards
+        task_weight × it + their weighted scores; each part kept in the rollout's meta."""
+        completions = [self.decode(r) for r in group]
+        verified = await self._rewards(index, problem, completions,
+                                       [r.completion_ids for r in group])
+        if self.learned is None:
+            for rollout, reward in zip(group, verified):
+                rollout.reward = reward
+            return
+        try:
+            scores = await self.learned.score(problem, completions)
+        except RewardRejected as e:
+            raise GroupRejected(e.kind, f"problem {index}: {e}", e) from None
+        except RewardEnginesDied as e:
+            raise RunStopped(str(e)) from e
+        except Exception as e:
+            raise GroupRejected("reward_error", f"problem {index}: a learned reward raised "
+                                                f"{type(e).__name__}: {e}", e) from e
+        learned = self.learned.combine(scores)
+        for j, rollout in enumerate(group):
+            rollout.reward = self.task_weight * verified[j] + learned[j]
+            rollout.meta["verified_reward"] = verified[j]
+            rollout.meta["learned_rewards"] = {name: values[j] for name, values in scores.items()}
+
     async def _rewards(self, index: int, problem, completions: list[str],
                        completion_ids: list[list[int]]) -> list[float]:
         def score() -> list[float]:
@@ -307,6 +333,7 @@ class Actor:
                 "rollouts/rejected_frac": sum(self.rejected.values()) / done if done else 0.0,
                 **({"rollouts/template_mismatch": float(self.template_mismatches)}
                    if self.env is not None else {}),
+                **(self.learned.metrics() if self.learned is not None else {}),
                 "engine/restarts": float(len(self.restarts)),
                 **({"engine/recovery_s": self.recoveries[-1]} if self.recoveries else {})}
 

@@ -407,6 +407,7 @@ class Trainer:
         rewards = torch.tensor([r.reward for r in rollouts])
         return {
             "rl/reward_mean": rewards.mean().item(),
+            **Trainer._reward_parts(rollouts),
             "rl/completion_len_mean": float(sum(r.num_tokens for r in rollouts) / len(rollouts)),
             "rl/samples": float(len(rollouts)),
             "rl/tokens_sampled": float(sum(r.num_tokens for r in rollouts)),
@@ -414,6 +415,17 @@ class Trainer:
             "lag/mixed_version_frac": sum(r.min_version != r.max_version for r in rollouts)
             / len(rollouts),
         }
+
+    @staticmethod
+    def _reward_parts(rollouts: list[Rollout]) -> dict[str, float]:
+        """With learned rewards: the task's verified reward (measured even at weight 0) and each
+        learned source's mean score."""
+        if "verified_reward" not in rollouts[0].meta:
+            return {}
+        parts = {"reward/verified_mean": [r.meta["verified_reward"] for r in rollouts]}
+        for name in rollouts[0].meta["learned_rewards"]:
+            parts[f"reward/{name}_mean"] = [r.meta["learned_rewards"][name] for r in rollouts]
+        return {key: sum(values) / len(values) for key, values in parts.items()}
 
     def _metrics(self, state: "StepState") -> dict[str, float]:
         s, rollouts, version = state.tokens, state.rollouts, state.version
