@@ -28,6 +28,8 @@ VARIANTS = {
     # Mixture of experts: 8 experts a layer, 2 a token.
     "qwen3-moe": dict(arch="qwen3_moe", experts=8, experts_per_token=2),
     "qwen2-moe": dict(arch="qwen2_moe", experts=8, experts_per_token=2),  # a shared expert
+    # A one-label reward model (Qwen2ForSequenceClassification), its score head random.
+    "reward": TINY | dict(head="sequence_classification"),
 }
 
 

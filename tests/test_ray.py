@@ -36,11 +36,14 @@ def sync_config(model: str, prompts: Path, **overrides) -> dict:
 
 
 def test_two_engines_and_two_trainer_ranks_on_ray_match_local_and_survive_a_killed_engine(
-        tiny_model, tmp_path, ray_cluster):
+        tiny_model, model_factory, tmp_path, ray_cluster):
+    """Also rewarded by a reward model beside the task: on Ray its engine runs in an actor of
+    its own (cluster/reward_role.py), and scores as the local run's does."""
     prompts = write_addition_rows(tmp_path / "prompts.jsonl")
     local_dir, ray_dir = tmp_path / "local", tmp_path / "ray"
-    run_training(build_config(sync_config(tiny_model, prompts, max_steps=1)), local_dir,
-                 on_message=lambda m: None)
+    rewards = {"models": [{"path": model_factory("reward"), "weight": 0.1, "check_every": 1}]}
+    run_training(build_config(sync_config(tiny_model, prompts, max_steps=1, rewards=rewards)),
+                 local_dir, on_message=lambda m: None)
     (local,) = read_metrics(local_dir / "metrics.jsonl")
 
     killed: list[int] = []
@@ -52,8 +55,10 @@ def test_two_engines_and_two_trainer_ranks_on_ray_match_local_and_survive_a_kill
             os.kill(killed[0], signal.SIGKILL)
 
     messages: list[str] = []
-    cfg = sync_config(tiny_model, prompts,
-                      cluster={"backend": "ray", "engines": 2, "trainer_ranks": 2})
+    # The session's cluster has 4 CPUs, all taken by the engines and ranks.
+    cfg = sync_config(tiny_model, prompts, rewards=rewards,
+                      cluster={"backend": "ray", "engines": 2, "trainer_ranks": 2,
+                               "resources": {"rewards": {"num_cpus": 0}}})
     result = run_training(build_config(cfg), ray_dir, on_step=kill_an_engine,
                           on_message=messages.append)
     rows = read_metrics(ray_dir / "metrics.jsonl")
@@ -62,6 +67,9 @@ def test_two_engines_and_two_trainer_ranks_on_ray_match_local_and_survive_a_kill
     # Same seed, sync mode: the first step is the local backend's step.
     assert rows[0]["rl/loss"] == pytest.approx(local["rl/loss"], abs=1e-5)
     assert rows[0]["rl/reward_mean"] == pytest.approx(local["rl/reward_mean"], abs=1e-5)
+    assert rows[0]["reward/reward_model_0_mean"] == pytest.approx(
+        local["reward/reward_model_0_mean"], abs=1e-5)
+    assert all(r["reward/model_0_vs_reference_max_abs"] <= 1e-5 for r in rows)
     assert local["rl/loss"] != 0 and rows[1]["rl/loss"] != rows[0]["rl/loss"]
 
     # Every update reached both engines and matched the trainer's digests there; the engines
@@ -76,6 +84,7 @@ def test_two_engines_and_two_trainer_ranks_on_ray_match_local_and_survive_a_kill
     assert any("replaced, all at version 1" in m for m in messages), messages
     where = json.loads((ray_dir / "cluster.json").read_text())
     assert len(where["engines"]) == 2 and len(where["trainer_ranks"]) == 2
+    assert where["rewards"]["pid"] not in {e["pid"] for e in where["engines"]}
     assert where["engines"][1]["pid"] != killed[0]
     assert {e["cpu_threads_bind"] for e in where["engines"]} == {"0", "1"}
     assert [r["rank"] for r in where["trainer_ranks"]] == [0, 1]

@@ -67,6 +67,9 @@ class ClusterResources(_Strict):
                                                                "Ray for.")
     trainer: RoleResources = Field(RoleResources(), description="What each trainer rank's actor "
                                                                 "asks Ray for.")
+    rewards: RoleResources = Field(RoleResources(), description="What the learned rewards' actor "
+                                                                "(its reward and judge engines) "
+                                                                "asks Ray for.")
 
 
 class ClusterConfig(_Strict):

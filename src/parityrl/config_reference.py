@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import json
 import re
+from pathlib import Path
 import types
 import typing
 from dataclasses import dataclass, field
@@ -222,8 +223,8 @@ def _variants(key: str, info: FieldInfo, models: list[type[BaseModel]], default:
 
 
 # A module named from its package in a description (trainer/lora.py): named from src/ in the docs.
-_PACKAGE_PATH = re.compile(r"(?<![\w/.])((?:bench|cluster|core|doctor|engine|models|rollouts|tasks|"
-                           r"trainer|weights)/\w+\.py)")
+_SUBPACKAGES = sorted(p.parent.name for p in Path(__file__).parent.glob("*/__init__.py"))
+_PACKAGE_PATH = re.compile(rf"(?<![\w/.])((?:{'|'.join(_SUBPACKAGES)})/\w+\.py)")
 
 
 def _escape(text: str) -> str:

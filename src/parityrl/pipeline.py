@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from parityrl.cluster.engine_role import ray_engine_starter
 from parityrl.cluster.ray_cluster import RayCluster, write_cluster_json
+from parityrl.cluster.reward_role import RayLearnedRewards
 from parityrl.cluster.trainer_role import RayTrainerGroup
 from parityrl.config import RunConfig, engine_settings
 from parityrl.core.errors import UserError
@@ -40,10 +41,12 @@ from parityrl.hardware import bfloat16_warning
 from parityrl.memory_plan import (MemoryPlan, longest_prompt, measured_peaks, plan_memory,
                                   refuse_if_too_big)
 from parityrl.models.builtin import resolve_model
+from parityrl.models.load import check_model_folder
 from parityrl.models.policy import build_trainer, seed_process
 from parityrl.models.tokenizer import load_tokenizer
 from parityrl.plots import plot_run
 from parityrl.rewards.learned import LearnedRewards
+from parityrl.rewards.reward_model import check_reward_model_folder
 from parityrl.rollouts.actor import Actor, ActorLimits, RunStopped, is_engine_death
 from parityrl.rollouts.episode import EpisodeLimits
 from parityrl.rollouts.evaluate import greedy_accuracy
@@ -153,6 +156,7 @@ async def set_up_run(cfg: RunConfig, run_dir: Path, resume: bool = False,
                      say: Callable[[str], None] = print) -> RunContext:
     """The model resolved and its tokenizer loaded, the trainer started (and with `resume`
     restored from the last checkpoint in `run_dir`), the task and its environment built."""
+    check_learned_rewards(cfg, say)  # before anything starts
     errors = ErrorLog(run_dir / "errors.log", say)
     waits = Waits(say, errors.note, cfg.report_waits_after_s)
     model_dir = resolve_model(cfg.model, say=say)
@@ -345,12 +349,25 @@ async def start_engines(ctx: RunContext) -> EnginePool:
     return engine
 
 
-async def start_learned_rewards(ctx: RunContext) -> LearnedRewards | None:
-    """The run's reward models and judge, each on its own engine (rewards/); None without."""
+def check_learned_rewards(cfg: RunConfig, say: Callable[[str], None]) -> None:
+    """Each reward model a sequence-classification folder, the judge a model folder: refused in
+    one line before any engine starts (built-in ones built now, once)."""
+    for m in cfg.rewards.models:
+        check_reward_model_folder(resolve_model(m.path, say=say))
+    if cfg.rewards.judge is not None:
+        check_model_folder(resolve_model(cfg.rewards.judge.model, say=say))
+
+
+async def start_learned_rewards(
+        ctx: RunContext) -> LearnedRewards | RayLearnedRewards | None:
+    """The run's reward models and judge, each on its own engine (rewards/), in this process or
+    (Ray backend) in an actor of their own; None without."""
     rewards = ctx.cfg.rewards
     if not rewards.learned:
         return None
     with ctx.waits.on("the reward engines to start"):
+        if ctx.cfg.cluster.backend == "ray":
+            return await RayLearnedRewards.start(rewards, ctx.cfg.cluster.resources.rewards)
         return await LearnedRewards.start(rewards, lambda spec: resolve_model(spec, say=ctx.say),
                                           load_tokenizer)
 
@@ -375,7 +392,8 @@ class Pipeline:
 
     def __init__(self, ctx: RunContext, engine: EnginePool,
                  on_step: Callable[[int, dict], None] | None = None,
-                 memory: MemoryPlan | None = None, learned: LearnedRewards | None = None) -> None:
+                 memory: MemoryPlan | None = None,
+                 learned: LearnedRewards | RayLearnedRewards | None = None) -> None:
         cfg = ctx.cfg
         self.ctx = ctx
         self.memory = memory  # the predicted peaks, written with the measured ones to memory.json
@@ -423,7 +441,8 @@ class Pipeline:
         write_cluster_json(self.ctx.run_dir, self.cfg.cluster, {
             "engines": [e.where | {"cpu_threads_bind": e.settings.cpu_threads_bind}
                         for e in engine.engines],
-            "trainer_ranks": self.trainer.where})
+            "trainer_ranks": self.trainer.where,
+            **({"rewards": self.learned.where} if self.learned is not None else {})})
 
     async def _restart_engine(self) -> EnginePool:
         """The engines holding the trainer's current weights and version again: in a pool of
@@ -772,7 +791,7 @@ async def train(cfg: RunConfig, run_dir: Path, resume: bool = False,
     if cfg.cluster.backend != "ray":
         return await _set_up_and_run(cfg, run_dir, resume, on_step, say)
 
-    with RayCluster(cfg.cluster):
+    with RayCluster(cfg.cluster, learned_rewards=cfg.rewards.learned):
         return await _set_up_and_run(cfg, run_dir, resume, on_step, say)
 
 

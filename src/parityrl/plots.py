@@ -28,6 +28,18 @@ def floor_for_log(points: list[tuple[int, float]], title: str) -> tuple[list, st
     return floored, f"{title} (values < {LOG_FLOOR:g} drawn at {LOG_FLOOR:g})"
 
 
+def _verified_beside(ax, rows: list[dict], title: str) -> str:
+    """With learned rewards, the task's verified reward (it measures only) on a second axis."""
+    points = [(r["step"], r["reward/verified_mean"]) for r in rows
+              if r.get("reward/verified_mean") is not None]
+    if not points:
+        return title
+    twin = ax.twinx()
+    twin.plot(*zip(*points), color="tab:green", marker=".", linewidth=1)
+    twin.set_ylabel("verified reward", color="tab:green", fontsize=8)
+    return "training reward (blue, learned) and the verified reward (green, measures only)"
+
+
 def plot_run(run_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -50,6 +62,8 @@ def plot_run(run_dir: Path) -> list[Path]:
             ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center",
                     transform=ax.transAxes, color="gray")
         ax.set_yscale(scale)
+        if key == "rl/reward_mean":
+            title = _verified_beside(ax, rows, title)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)

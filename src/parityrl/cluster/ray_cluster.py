@@ -35,8 +35,9 @@ def actor_options(resources: RoleResources) -> dict:
 class RayCluster:
     """`with RayCluster(cfg.cluster):` — Ray is up inside, and down after if this run started it."""
 
-    def __init__(self, cluster: ClusterConfig) -> None:
+    def __init__(self, cluster: ClusterConfig, learned_rewards: bool = False) -> None:
         self.cluster = cluster
+        self.learned_rewards = learned_rewards  # the run has a rewards actor to place too
         self.started_here = False
 
     def __enter__(self) -> "RayCluster":
@@ -44,7 +45,7 @@ class RayCluster:
             import ray
         except ImportError:
             raise UserError("cluster.backend=ray needs Ray: pip install 'ray>=2.60'") from None
-        c = self.cluster
+        c, learned_rewards = self.cluster, self.learned_rewards
         # The roles' processes see this process's engine, model and logging settings on any node.
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
         runtime_env = {"env_vars": env}
@@ -54,7 +55,8 @@ class RayCluster:
             # Logical CPUs: every actor gets its share even on a 2-core host (vLLM's workers are
             # bound to cores by cpu_threads_bind, not by Ray's accounting).
             need = (c.engines * c.resources.engine.num_cpus
-                    + c.trainer_ranks * c.resources.trainer.num_cpus)
+                    + c.trainer_ranks * c.resources.trainer.num_cpus
+                    + (c.resources.rewards.num_cpus if learned_rewards else 0))
             ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
                      object_store_memory=c.object_store_mib << 20, include_dashboard=False,
                      logging_level="ERROR", runtime_env=runtime_env)

@@ -112,15 +112,16 @@ class RolloutEngine:
         self.routes_info: dict = {"routes_captured": False}  # MoE: what the worker records
 
     @classmethod
-    async def start(cls, settings: EngineSettings, *, join_transfer: bool = True
-                    ) -> "RolloutEngine":
+    async def start(cls, settings: EngineSettings, *, join_transfer: bool = True,
+                    role: str = "policy") -> "RolloutEngine":
         """A running engine. With `weight_transport: gloo` it joins a transfer group of its own
-        (`join_transfer=False`: an EnginePool makes one group for all its engines)."""
+        (`join_transfer=False`: an EnginePool makes one group for all its engines). `role`:
+        policy, or judge (engine/process.py)."""
         started_at = time.perf_counter()
         counter = PreemptionCounter() if settings.count_preemptions else None
         engine, files = start_async_llm(
             settings, lambda llm: cls(settings, llm),
-            stat_loggers=None if counter is None else [counter.stat_logger])
+            stat_loggers=None if counter is None else [counter.stat_logger], role=role)
         engine._files = files
         engine.preemption_counter = counter
         await engine.pad_single_row_gemms(settings.pad_single_row_gemm)

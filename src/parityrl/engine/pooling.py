@@ -16,8 +16,8 @@ import gc
 import itertools
 import time
 
-from parityrl.engine.process import (SHUTDOWN_GRACE_S, EngineFiles, log_engine_start,
-                                     start_async_llm)
+from parityrl.engine.process import (SHUTDOWN_GRACE_S, EngineFiles, core_pids,
+                                     log_engine_start, start_async_llm)
 from parityrl.engine.settings import EngineSettings, resolved_engine_settings
 from parityrl.shm_guard import held_by_this_process_tree
 
@@ -34,7 +34,8 @@ class PoolingEngine:
         if settings.runner != "pooling":
             raise ValueError("a PoolingEngine needs EngineSettings(runner='pooling')")
         started_at = time.perf_counter()
-        engine, files = start_async_llm(settings, lambda llm: cls(settings, llm))
+        engine, files = start_async_llm(settings, lambda llm: cls(settings, llm),
+                                        role="reward_model")
         engine._files = files
         log_engine_start(settings, time.perf_counter() - started_at)
         return engine
@@ -42,7 +43,8 @@ class PoolingEngine:
     def resolved_settings(self) -> dict:
         return resolved_engine_settings(self.llm.vllm_config) | {
             "start_method": self.settings.start_method,
-            "cpu_threads_bind": self.settings.cpu_threads_bind}
+            "cpu_threads_bind": self.settings.cpu_threads_bind,
+            "engine_core_pids": core_pids(self.llm)}
 
     @property
     def dead(self) -> bool:

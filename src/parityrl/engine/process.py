@@ -37,6 +37,7 @@ SHUTDOWN_GRACE_S = 0.5
 # Where every engine start is appended as a JSON line (what started, how long it took), when set:
 # the test suite counts the engines it started, in its own process and in those it spawned.
 ENGINE_START_LOG = "PARITYRL_ENGINE_START_LOG"
+ENGINE_ROLE = "PARITYRL_ENGINE_ROLE"
 
 
 @dataclass
@@ -91,9 +92,12 @@ def _environment(env: dict[str, str]):
 
 
 def start_async_llm(settings: EngineSettings, wrap: Callable[[object], T],
-                    stat_loggers: list | None = None) -> tuple[T, EngineFiles]:
+                    stat_loggers: list | None = None, role: str = "policy"
+                    ) -> tuple[T, EngineFiles]:
     """An AsyncLLM for `settings`, handed to `wrap` at once (its result is returned), and the
-    files its processes will leave behind.
+    files its processes will leave behind. `role` (policy, reward_model, judge) is in the
+    engine processes' environment as PARITYRL_ENGINE_ROLE: which engine a core is, for the
+    tests and benchmarks that find one by it.
 
     No local of this function (or of the caller) may hold the AsyncLLM: an import inside vLLM
     keeps a traceback whose frames reach these, and such a local would keep the engine alive past
@@ -108,8 +112,8 @@ def start_async_llm(settings: EngineSettings, wrap: Callable[[object], T],
     # first: TMPDIR below is for the engine's processes only.
     tempfile.gettempdir()
     files = EngineFiles(temp_folder("ipc"))
-    env = ({"VLLM_RPC_BASE_PATH": str(files.ipc_dir), "TMPDIR": str(files.ipc_dir)}
-           | settings.engine_environment())
+    env = ({"VLLM_RPC_BASE_PATH": str(files.ipc_dir), "TMPDIR": str(files.ipc_dir),
+            ENGINE_ROLE: role} | settings.engine_environment())
     shm_before = held_by_this_process_tree()
     try:
         with _environment(env):
@@ -126,6 +130,14 @@ def start_async_llm(settings: EngineSettings, wrap: Callable[[object], T],
     # What the engine's processes made in /dev/shm (a semaphore, message queues).
     files.own_shm = held_by_this_process_tree() - shm_before
     return wrapped, files
+
+
+def core_pids(llm) -> list[int]:
+    """The PIDs of an AsyncLLM's engine-core processes (vLLM's process manager; [] where it has
+    none, e.g. an in-process engine)."""
+    resources = getattr(getattr(llm, "engine_core", None), "resources", None)
+    manager = getattr(resources, "engine_manager", None)
+    return [p.pid for p in getattr(manager, "processes", [])]
 
 
 def log_engine_start(settings: EngineSettings, seconds: float) -> None:

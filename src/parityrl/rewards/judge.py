@@ -12,6 +12,7 @@ import re
 
 from parityrl.core.sampling import SamplingConfig
 from parityrl.engine.engine import RolloutEngine
+from parityrl.engine.process import core_pids
 from parityrl.engine.settings import EngineSettings
 from parityrl.rewards.config import JudgeConfig, JudgeParser
 from parityrl.rewards.reward_model import default_threads_bind
@@ -57,7 +58,8 @@ class Judge:
 
     @classmethod
     async def start(cls, config: JudgeConfig, folder, tokenizer) -> "Judge":
-        return cls(config, tokenizer, await RolloutEngine.start(cls.settings(config, folder)))
+        engine = await RolloutEngine.start(cls.settings(config, folder), role="judge")
+        return cls(config, tokenizer, engine)
 
     async def answers(self, problem: Problem, completions: list[str]) -> list[str]:
         """The judge's greedy answer to each completion, all in flight at once."""
@@ -79,12 +81,14 @@ class Judge:
     async def restart(self) -> None:
         folder = self.engine.settings.model
         await self.engine.close()
-        self.engine = await RolloutEngine.start(self.settings(self.config, folder))
+        self.engine = await RolloutEngine.start(self.settings(self.config, folder),
+                                                role="judge")
 
     def resolved_settings(self) -> dict:
         return {"role": "judge", "weight": self.config.weight, "chat_template": self.chat,
                 "sampling": self.sampling.model_dump(), **self.engine.resolved_settings(),
-                "cpu_threads_bind": self.engine.settings.cpu_threads_bind}
+                "cpu_threads_bind": self.engine.settings.cpu_threads_bind,
+                "engine_core_pids": core_pids(self.engine.llm)}
 
     async def close(self) -> None:
         await self.engine.close()

@@ -33,6 +33,15 @@ class RewardEnginesDied(RuntimeError):
     """A reward engine died more often than `rewards.max_restarts` allows."""
 
 
+def combine(config: RewardsConfig, scores: dict[str, list[float]]) -> list[float]:
+    """Σ weight × score over the learned sources (`LearnedRewards.score`'s), per completion."""
+    weights = {f"reward_model_{i}": m.weight for i, m in enumerate(config.models)}
+    if config.judge is not None:
+        weights["judge"] = config.judge.weight
+    n = len(next(iter(scores.values())))
+    return [sum(weights[name] * values[j] for name, values in scores.items()) for j in range(n)]
+
+
 class LearnedRewards:
     def __init__(self, config: RewardsConfig, models: list[RewardModel],
                  judge: Judge | None) -> None:
@@ -79,13 +88,7 @@ class LearnedRewards:
         return out
 
     def combine(self, scores: dict[str, list[float]]) -> list[float]:
-        """Σ weight × score over the learned sources, per completion."""
-        weights = {f"reward_model_{i}": m.config.weight for i, m in enumerate(self.models)}
-        if self.judge is not None:
-            weights["judge"] = self.judge.config.weight
-        n = len(next(iter(scores.values())))
-        return [sum(weights[name] * values[j] for name, values in scores.items())
-                for j in range(n)]
+        return combine(self.config, scores)
 
     async def _with_restart(self, server, call, *args):
         """`call(*args)`; if `server`'s engine died meanwhile, restart it and call again."""
@@ -105,7 +108,8 @@ class LearnedRewards:
         judge = self.judge
         try:
             verdicts = await asyncio.wait_for(
-                self._with_restart(judge, judge.score, problem, completions), judge.config.timeout_s)
+                self._with_restart(judge, judge.score, problem, completions),
+                judge.config.timeout_s)
         except asyncio.TimeoutError:
             raise RewardRejected("judge_timeout", f"the judge took more than "
                                                   f"{judge.config.timeout_s} s") from None
