@@ -761,7 +761,9 @@ def sample_rows(groups: list[Group], tokenizer, count: int) -> list[dict]:
              "answer": r.meta.get("answer"), "reward": r.reward,
              "versions": [r.min_version, r.max_version], "finish_reason": r.finish_reason,
              **({"conversation": [m for m in r.meta["messages"] if m["role"] != "system"]}
-                if "messages" in r.meta else {})}
+                if "messages" in r.meta else {}),
+             **{k: r.meta[k] for k in ("verified_reward", "learned_rewards", "judge_answer")
+                if k in r.meta}}
             for r in picked]
 
 

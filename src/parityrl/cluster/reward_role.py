@@ -27,9 +27,8 @@ class RewardRole:
         self.learned = await LearnedRewards.start(config, resolve_model, load_tokenizer)
         return {"resolved": self.learned.resolved_settings(), "where": where()}
 
-    async def score(self, problem: Problem, completions: list[str]) -> tuple[dict, dict]:
-        scores = await self.learned.score(problem, completions)
-        return scores, self.learned.metrics()
+    async def score(self, problem: Problem, completions: list[str]) -> tuple[tuple, dict]:
+        return await self.learned.score(problem, completions), self.learned.metrics()
 
     async def metrics(self) -> dict:
         return self.learned.metrics()
@@ -62,9 +61,10 @@ class RayLearnedRewards:
             raise
         return cls(handle, config, started)
 
-    async def score(self, problem: Problem, completions: list[str]) -> dict[str, list[float]]:
-        scores, self._metrics = await self.handle.score.remote(problem, completions)
-        return scores
+    async def score(self, problem: Problem, completions: list[str]
+                    ) -> tuple[dict[str, list[float]], list[str] | None]:
+        scored, self._metrics = await self.handle.score.remote(problem, completions)
+        return scored
 
     def combine(self, scores: dict[str, list[float]]) -> list[float]:
         return combine(self.config, scores)

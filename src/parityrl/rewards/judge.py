@@ -2,7 +2,7 @@
 template, greedy decoding, and a parser that reads a score or a verdict from its answer.
 
     judge = await Judge.start(config, folder, tokenizer)
-    scores = await judge.score(problem, completions)   # None where the answer is unparseable
+    answers = await judge.answers(problem, completions)   # parse_answer(config.parser, answer)
 """
 
 from __future__ import annotations
@@ -69,10 +69,6 @@ class Judge:
                                         for ids in prompts])
         return [self.tokenizer.decode(g[0].completion_ids, skip_special_tokens=True)
                 for g in groups]
-
-    async def score(self, problem: Problem, completions: list[str]) -> list[float | None]:
-        return [parse_answer(self.config.parser, a)
-                for a in await self.answers(problem, completions)]
 
     @property
     def dead(self) -> bool:

@@ -2,7 +2,7 @@
 engine-vs-reference check.
 
     learned = await LearnedRewards.start(config, resolve=resolve_model, tokenizer_of=load_tokenizer)
-    scores = await learned.score(problem, completions)  # {"reward_model": [...], "judge": [...]}
+    scores, judge_answers = await learned.score(problem, completions)  # {"judge": [...], ...}
     reward = task_weight * verified + learned.combine(scores)
 
 A reward engine that dies is restarted (at most `max_restarts` times in the run) and the group
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from parityrl.rewards.config import RewardsConfig
-from parityrl.rewards.judge import Judge
+from parityrl.rewards.judge import Judge, parse_answer
 from parityrl.rewards.reward_model import ReferenceRewardModel, RewardModel
 from parityrl.tasks.base import Problem
 
@@ -74,18 +74,21 @@ class LearnedRewards:
         return cls(config, models, judge)
 
     # -- one group -------------------------------------------------------------------------------
-    async def score(self, problem: Problem, completions: list[str]) -> dict[str, list[float]]:
-        """Each learned source's scores of the group, by name ("reward_model_0", "judge")."""
+    async def score(self, problem: Problem, completions: list[str]
+                    ) -> tuple[dict[str, list[float]], list[str] | None]:
+        """Each learned source's scores of the group, by name ("reward_model_0", "judge"), and
+        the judge's answers (None without a judge)."""
         out: dict[str, list[float]] = {}
+        answers = None
         for i, model in enumerate(self.models):
             sequences = model.sequences(problem, completions)
             out[f"reward_model_{i}"] = await self._with_restart(model, model.score_ids, sequences)
             if model.engine is not None and self._check_due(model):
                 await self._check(i, sequences, out[f"reward_model_{i}"])
         if self.judge is not None:
-            out["judge"] = await self._judge(problem, completions)
+            out["judge"], answers = await self._judge(problem, completions)
         self.groups_scored += 1
-        return out
+        return out, answers
 
     def combine(self, scores: dict[str, list[float]]) -> list[float]:
         return combine(self.config, scores)
@@ -104,22 +107,24 @@ class LearnedRewards:
             self.restarts += 1
             await server.restart()
 
-    async def _judge(self, problem: Problem, completions: list[str]) -> list[float]:
+    async def _judge(self, problem: Problem, completions: list[str]
+                     ) -> tuple[list[float], list[str]]:
         judge = self.judge
         try:
-            verdicts = await asyncio.wait_for(
-                self._with_restart(judge, judge.score, problem, completions),
+            answers = await asyncio.wait_for(
+                self._with_restart(judge, judge.answers, problem, completions),
                 judge.config.timeout_s)
         except asyncio.TimeoutError:
             raise RewardRejected("judge_timeout", f"the judge took more than "
                                                   f"{judge.config.timeout_s} s") from None
+        verdicts = [parse_answer(judge.config.parser, a) for a in answers]
         unparseable = sum(v is None for v in verdicts)
         self.judge_unparseable += unparseable
         if unparseable and judge.config.on_unparseable == "reject_group":
             raise RewardRejected("judge_unparseable", f"the judge's answer to {unparseable} of "
                                                       f"{len(verdicts)} completions is not one "
                                                       "its parser reads")
-        return [judge.config.unparseable_score if v is None else v for v in verdicts]
+        return [judge.config.unparseable_score if v is None else v for v in verdicts], answers
 
     # -- the engine-vs-reference check -----------------------------------------------------------
     def _check_due(self, model: RewardModel) -> bool:

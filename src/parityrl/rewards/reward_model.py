@@ -1,7 +1,7 @@
 """A sequence-classification reward model: served by a vLLM pooling engine, or by transformers.
 
-    model = await RewardModel.start(config, folder)
-    scores = await model.score(problem, completions)   # one float per completion
+    model = await RewardModel.start(config, folder, tokenizer)
+    scores = await model.score_ids(model.sequences(problem, completions))  # one per completion
     await model.close()
 
 `ReferenceRewardModel` is transformers' `AutoModelForSequenceClassification` in this process:

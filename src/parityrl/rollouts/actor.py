@@ -253,7 +253,7 @@ class Actor:
                 rollout.reward = reward
             return
         try:
-            scores = await self.learned.score(problem, completions)
+            scores, judge_answers = await self.learned.score(problem, completions)
         except RewardRejected as e:
             raise GroupRejected(e.kind, f"problem {index}: {e}", e) from None
         except RewardEnginesDied as e:
@@ -266,6 +266,8 @@ class Actor:
             rollout.reward = self.task_weight * verified[j] + learned[j]
             rollout.meta["verified_reward"] = verified[j]
             rollout.meta["learned_rewards"] = {name: values[j] for name, values in scores.items()}
+            if judge_answers is not None:
+                rollout.meta["judge_answer"] = judge_answers[j]
 
     async def _rewards(self, index: int, problem, completions: list[str],
                        completion_ids: list[list[int]]) -> list[float]:
