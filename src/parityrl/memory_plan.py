@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from parityrl.core.errors import UserError
+from parityrl.models.builtin import resolve_model
 from parityrl.shm_guard import engine_core_pids
 from parityrl.tasks.prompts import encode_problem
 from parityrl.trainer.logprobs import token_logprobs
@@ -55,6 +56,7 @@ ENGINE_SAMPLER_COPIES = 8
 @dataclass
 class ProcessPlan:
     parts_mb: dict[str, float]
+    role: str = "engine"  # engines: policy (engine), reward_model, judge
 
     @property
     def total_mb(self) -> float:
@@ -74,20 +76,21 @@ class MemoryPlan:
         return self.trainer.total_mb + sum(e.total_mb for e in self.engines)
 
     def table(self) -> str:
-        lines = [f"{'process':<10} {'part':<34} {'MB':>9}"]
+        lines = [f"{'process':<14} {'part':<34} {'MB':>9}"]
         for name, plan in [("trainer", self.trainer)] + [
-                (f"engine {i}", e) for i, e in enumerate(self.engines)]:
+                (f"{e.role} {i}", e) for i, e in enumerate(self.engines)]:
             for part, mb in plan.parts_mb.items():
-                lines.append(f"{name:<10} {part:<34} {mb:9.0f}")
-            lines.append(f"{name:<10} {'predicted peak':<34} {plan.total_mb:9.0f}")
-        lines.append(f"{'all':<10} {'predicted peak':<34} {self.total_mb:9.0f}")
+                lines.append(f"{name:<14} {part:<34} {mb:9.0f}")
+            lines.append(f"{name:<14} {'predicted peak':<34} {plan.total_mb:9.0f}")
+        lines.append(f"{'all':<14} {'predicted peak':<34} {self.total_mb:9.0f}")
         if self.available_mb is not None:
-            lines.append(f"{'machine':<10} {'available now':<34} {self.available_mb:9.0f}")
+            lines.append(f"{'machine':<14} {'available now':<34} {self.available_mb:9.0f}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
         return {"trainer": {**self.trainer.parts_mb, "total": self.trainer.total_mb},
-                "engines": [{**e.parts_mb, "total": e.total_mb} for e in self.engines],
+                "engines": [{**e.parts_mb, "total": e.total_mb, "role": e.role}
+                            for e in self.engines],
                 "total_mb": self.total_mb, "shape": self.shape,
                 "available_mb": self.available_mb, "measured_mb": self.measured_mb}
 
@@ -236,7 +239,28 @@ def plan_memory(cfg, model, prompt_len: int) -> MemoryPlan:
         engine.parts_mb["weight hand-over file (/dev/shm)"] = weights
     shape = {"rows": rows, "prompt_tokens": prompt, "completion_tokens": completion,
              "probe_train_mb": train_probe, "probe_score_mb": score_probe}
-    return MemoryPlan(trainer, [engine] * cfg.cluster.engines, shape, available_mb())
+    return MemoryPlan(trainer, [engine] * cfg.cluster.engines + reward_engine_plans(cfg),
+                      shape, available_mb())
+
+
+def reward_engine_plans(cfg) -> list[ProcessPlan]:
+    """Each learned reward's own engine (rewards/): the process, its weights (their files'
+    size), its KV cache. Reward models on the transformers backend live in the main process."""
+    served = [(m.path, m.engine, "reward_model") for m in cfg.rewards.models
+              if m.backend == "vllm"]
+    if cfg.rewards.judge is not None:
+        served.append((cfg.rewards.judge.model, cfg.rewards.judge.engine, "judge"))
+    plans = []
+    for spec, engine, role in served:
+        weights = sum(f.stat().st_size for f in resolve_model(spec).glob("*.safetensors")) / MB
+        # The loaded weights, and their file's pages, mapped at load and still resident: the
+        # SmolLM2 judge engine's peak was 2075 MB against 1474 MB predicted without them.
+        plans.append(ProcessPlan({"process base": PROCESS_BASE_MB["engine"],
+                                  "weights (file size)": weights,
+                                  "weights file (mapped at load)": weights,
+                                  "KV cache (engine.kv_cache_gib)": engine.kv_cache_gib * 1024},
+                                 role=role))
+    return plans
 
 
 def engine_transient_mb(cfg, model) -> float:
