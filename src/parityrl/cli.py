@@ -61,6 +61,9 @@ def make_model_cmd(
     experts_per_token: int = typer.Option(2, min=1, help="MoE: experts a token is routed "
                                                          "to (top-k)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder."),
+    reward_model: bool = typer.Option(False, "--reward-model", help="A one-label "
+                                      "*ForSequenceClassification model (a reward model, score "
+                                      "head random) instead of a causal LM."),
 ):
     """Write a model folder: a tiny random model (config, safetensors, character tokenizer), or
     a real model converted from a GGUF file."""
@@ -85,8 +88,9 @@ def make_model_cmd(
 
     path = make_model(out_dir, arch=arch, tie_embeddings=tie_embeddings, layers=layers or 2,
                       hidden=hidden, heads=heads, kv_heads=kv_heads, seed=seed, experts=experts,
-                      experts_per_token=experts_per_token)
-    typer.echo(f"wrote {arch} model to {path}")
+                      experts_per_token=experts_per_token,
+                      head="sequence_classification" if reward_model else "causal_lm")
+    typer.echo(f"wrote {arch} {'reward model' if reward_model else 'model'} to {path}")
 
 
 def _doctor_option(name: str, *flags: str, **kwargs):

@@ -3,7 +3,7 @@
     rewards:
       task_weight: 0.0            # the verifier only measures (reward/verified_mean)
       models:
-        - path: builtin:arithmetic-rm
+        - path: runs/rm           # a *ForSequenceClassification folder with one label
           activation: none        # the raw score (TRL); sigmoid = vLLM's own default
       judge: {model: ..., template: "...{completion}...", parser: {type: verdict}}
 
@@ -40,8 +40,8 @@ class ServingEngine(_Strict):
 
 
 class RewardModelConfig(_Strict):
-    path: str = Field(description="A sequence-classification model folder (one label), or "
-                                  "builtin:arithmetic-rm.")
+    path: str = Field(description="A sequence-classification model folder with one label "
+                                  "(its score is the reward), or builtin:<name>.")
     weight: float = Field(1.0, description="Its score's weight in the reward.")
     backend: Literal["vllm", "transformers"] = Field(
         "vllm", description="vllm: a pooling engine of its own (engine/pooling.py); "
