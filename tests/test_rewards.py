@@ -41,6 +41,19 @@ def test_a_judge_needs_a_parser_and_a_slot_for_the_answer_and_a_reward_model_mus
         "folder with one label"], result.stderr
 
 
+def test_a_model_folder_among_trl_reward_funcs_is_a_reward_model(model_factory, tmp_path):
+    """TRL's convention: an hf_dataset reward_funcs entry that is a model folder is served as a
+    reward model, with its weight; the functions stay the task's."""
+    rm = model_factory("reward")
+    task = {"type": "hf_dataset", "path": str(tmp_path / "rows.jsonl"),
+            "reward_funcs": ["trl_rewards:digit_share", rm], "reward_weights": [1.0, 0.5]}
+    cfg = build_config({"task": task})
+    assert (cfg.task.reward_funcs, cfg.task.reward_weights) == (["trl_rewards:digit_share"], [1.0])
+    assert [(m.path, m.weight) for m in cfg.rewards.models] == [(rm, 0.5)]
+    with pytest.raises(UserError, match="nothing rewards the run"):
+        build_config({"task": task | {"reward_funcs": [], "reward_weights": None}})
+
+
 def test_a_judges_answer_is_read_as_a_score_or_a_verdict_or_not_at_all():
     score, verdict = JudgeParser(type="score", scale=10), JudgeParser(type="verdict")
     assert parse_answer(score, "Score: 7/10") == 0.7

@@ -158,6 +158,27 @@ class RunConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
+    def _reward_models_among_reward_funcs(cls, data):
+        # TRL's convention: an hf_dataset reward_funcs entry that is a model folder is a reward
+        # model. It is served as rewards.models are (with its weight); the functions stay.
+        task = data.get("task") if isinstance(data, dict) else None
+        if not isinstance(task, dict) or task.get("type") != "hf_dataset":
+            return data
+        funcs = list(task.get("reward_funcs") or [])
+        weights = list(task.get("reward_weights") or [1.0] * len(funcs))
+        folders = [isinstance(f, str) and (Path(f) / "config.json").is_file() for f in funcs]
+        if not any(folders) or len(weights) != len(funcs):
+            return data
+        rewards = dict(data.get("rewards") or {})
+        rewards["models"] = list(rewards.get("models") or []) + [
+            {"path": f, "weight": w} for f, w, folder in zip(funcs, weights, folders) if folder]
+        kept = [(f, w) for f, w, folder in zip(funcs, weights, folders) if not folder]
+        task = {**task, "reward_funcs": [f for f, _ in kept],
+                "reward_weights": [w for _, w in kept] if task.get("reward_weights") else None}
+        return {**data, "task": task, "rewards": rewards}
+
+    @model_validator(mode="before")
+    @classmethod
     def _task_type_defaults_to_arithmetic(cls, data):
         # `task.digits=3` on the command line should refine the default task, not erase its type.
         if isinstance(data, dict) and isinstance(data.get("task"), dict):
@@ -174,6 +195,10 @@ class RunConfig(_Strict):
                 f"sync_every={self.sync_every} with actor.max_lag={a.max_lag}: in async mode every "
                 f"batch would be more than max_lag steps old when trained on and no step would "
                 f"ever be taken; use sync_every <= max_lag + 1")
+        if (getattr(self.task, "type", None) == "hf_dataset" and not self.task.reward_funcs
+                and not self.rewards.learned):
+            raise ValueError("task.reward_funcs is empty and there is no rewards.models or "
+                             "rewards.judge: nothing rewards the run")
         if self.env is not None and self.rewards.learned:
             raise ValueError("rewards.models / rewards.judge with env: a multi-turn episode's "
                              "reward is the environment's")

@@ -68,8 +68,9 @@ class HFDatasetConfig(BaseModel):
                                                     "conversation).")
     answer_field: str | None = Field(None, description="Column shown as the reference answer in "
                                                        "samples.jsonl (optional).")
-    reward_funcs: list[str] = Field(min_length=1, description='"package.module:function" of each '
-                                    "TRL-signature reward function.")
+    reward_funcs: list[str] = Field(description='"package.module:function" of each '
+                                    "TRL-signature reward function; a model folder among them "
+                                    "is a reward model (run config: rewards.models).")
     reward_weights: list[float] | None = Field(None, description="One weight per function; "
                                                                  "default 1 each.")
     seed: int = Field(0, description="Seeds the per-epoch shuffle.")
