@@ -141,7 +141,7 @@ def test_two_engines_over_gloo_one_broadcast_updates_both_exactly_and_a_gap_is_n
             model = load_policy(tiny_model)
             perturb_in_place(model, 0.05, seed=4)
             reports = await pool.update_all(model.state_dict(), version=7)
-            ipc_dir = pool.engines[0]._ipc_dir
+            ipc_dir = pool.engines[0]._files.ipc_dir
             sockets = [p for p in ipc_dir.iterdir() if p.is_socket()]
             rollouts = [await e.generate_many([prompt], sampling, n=2, seed=1)
                         for e in pool.engines]
