@@ -47,6 +47,7 @@ class Judge:
         self.engine = engine
         self.chat = config.chat_template and has_chat_template(tokenizer)
         self.sampling = SamplingConfig(temperature=0.0, max_tokens=config.max_tokens)
+        self.starts = 0  # engine restarts so far (LearnedRewards tells a new engine by it)
 
     @staticmethod
     def settings(config: JudgeConfig, folder) -> EngineSettings:
@@ -79,6 +80,7 @@ class Judge:
         await self.engine.close()
         self.engine = await RolloutEngine.start(self.settings(self.config, folder),
                                                 role="judge")
+        self.starts += 1
 
     def resolved_settings(self) -> dict:
         return {"role": "judge", "weight": self.config.weight, "chat_template": self.chat,

@@ -53,6 +53,7 @@ class LearnedRewards:
         self.groups_scored = 0
         self.last_check: dict[str, float] = {}
         self._references: dict[int, ReferenceRewardModel] = {}  # model index → transformers
+        self._restarting = asyncio.Lock()  # one restart of a dead engine at a time
 
     @classmethod
     async def start(cls, config: RewardsConfig, resolve: Callable[[str], Path],
@@ -94,18 +95,25 @@ class LearnedRewards:
         return combine(self.config, scores)
 
     async def _with_restart(self, server, call, *args):
-        """`call(*args)`; if `server`'s engine died meanwhile, restart it and call again."""
+        """`call(*args)`; if `server`'s engine died meanwhile, restart it and call again. Groups
+        scored concurrently all meet the same death: one restarts the engine (under the lock),
+        the others find it restarted (`server.starts` moved on) and call again."""
         while True:
+            starts = server.starts
             try:
                 return await call(*args)
             except Exception:
-                if not server.dead:
+                if server.starts == starts and not server.dead:
                     raise
-            if self.restarts >= self.config.max_restarts:
-                raise RewardEnginesDied(f"a reward engine died after {self.restarts} restarts "
-                                        f"(rewards.max_restarts={self.config.max_restarts})")
-            self.restarts += 1
-            await server.restart()
+            async with self._restarting:
+                if server.starts != starts:
+                    continue  # another group restarted it
+                if self.restarts >= self.config.max_restarts:
+                    raise RewardEnginesDied(
+                        f"a reward engine died after {self.restarts} restarts "
+                        f"(rewards.max_restarts={self.config.max_restarts})")
+                self.restarts += 1
+                await server.restart()
 
     async def _judge(self, problem: Problem, completions: list[str]
                      ) -> tuple[list[float], list[str]]:

@@ -107,6 +107,7 @@ class RewardModel:
         self.engine: PoolingEngine | None = None
         self.reference: ReferenceRewardModel | None = None  # transformers: the backend itself
         self.activation = config.activation == "sigmoid"
+        self.starts = 0  # engine restarts so far (LearnedRewards tells a new engine by it)
 
     @classmethod
     async def start(cls, config: RewardModelConfig, folder: Path, tokenizer) -> "RewardModel":
@@ -136,6 +137,7 @@ class RewardModel:
         await self.close()
         self.engine = await PoolingEngine.start(
             pooling_settings(self.folder, self.config.dtype, self.config.engine))
+        self.starts += 1
 
     def resolved_settings(self) -> dict:
         where = (self.engine.resolved_settings() if self.engine is not None
