@@ -37,11 +37,13 @@ def sync_config(model: str, prompts: Path, **overrides) -> dict:
 
 def test_two_engines_and_two_trainer_ranks_on_ray_match_local_and_survive_a_killed_engine(
         tiny_model, model_factory, tmp_path, ray_cluster):
-    """Also rewarded by a reward model beside the task: on Ray its engine runs in an actor of
-    its own (cluster/reward_role.py), and scores as the local run's does."""
+    """Also rewarded by a reward model beside the task: on Ray it runs in an actor of its own
+    (cluster/reward_role.py) and scores as the local run's does (the transformers backend here:
+    the pooling engine is tests/test_rewards.py's)."""
     prompts = write_addition_rows(tmp_path / "prompts.jsonl")
     local_dir, ray_dir = tmp_path / "local", tmp_path / "ray"
-    rewards = {"models": [{"path": model_factory("reward"), "weight": 0.1, "check_every": 1}]}
+    rewards = {"models": [{"path": model_factory("reward"), "weight": 0.1,
+                           "backend": "transformers"}]}
     run_training(build_config(sync_config(tiny_model, prompts, max_steps=1, rewards=rewards)),
                  local_dir, on_message=lambda m: None)
     (local,) = read_metrics(local_dir / "metrics.jsonl")
@@ -69,7 +71,6 @@ def test_two_engines_and_two_trainer_ranks_on_ray_match_local_and_survive_a_kill
     assert rows[0]["rl/reward_mean"] == pytest.approx(local["rl/reward_mean"], abs=1e-5)
     assert rows[0]["reward/reward_model_0_mean"] == pytest.approx(
         local["reward/reward_model_0_mean"], abs=1e-5)
-    assert all(r["reward/model_0_vs_reference_max_abs"] <= 1e-5 for r in rows)
     assert local["rl/loss"] != 0 and rows[1]["rl/loss"] != rows[0]["rl/loss"]
 
     # Every update reached both engines and matched the trainer's digests there; the engines
@@ -154,15 +155,14 @@ def test_a_ray_engine_answers_the_engine_interface_as_local_engines_do(tiny_mode
 
 
 def test_a_ray_run_killed_at_its_driver_leaves_no_process_and_no_file(tiny_model, tmp_path):
-    """`parityrl train` on a Ray cluster of its own, its driver alone SIGKILLed once a step is
-    done (engine started, weights pushed): within 15 s no process of the run is left (Ray's,
-    the actors', the engine core's, the guardians') and /dev/shm and the temp dir hold nothing
-    of it. Ray's fate sharing ends the cluster it started, a worker whose owner died ends its
+    """`parityrl train` on a Ray cluster of its own, its driver alone SIGKILLed once its engine
+    actor's engine runs: within 15 s no process of the run is left (Ray's, the actors', the
+    engine core's, the guardians') and /dev/shm and the temp dir hold nothing of it. Ray's fate sharing ends the cluster it started, a worker whose owner died ends its
     children; the driver's guardian ends what is left of its tree, and each engine actor's
     guardian (a grandchild, which the worker's exit does not take along) reclaims the engine's
     files (docs/long-runs.md)."""
-    from helpers import (kill_group, metric_rows, shm_of, start_train, tree_of,
-                         wait_for_processes_gone, wait_gone, wait_while_running)
+    from helpers import (kill_group, shm_of, start_train, tree_of, wait_for_processes_gone,
+                         wait_gone, wait_while_running)
     from parityrl.shm_guard import _owned_folders, _pids, engine_core_pids
 
     prompts = write_addition_rows(tmp_path / "prompts.jsonl")
@@ -170,15 +170,21 @@ def test_a_ray_run_killed_at_its_driver_leaves_no_process_and_no_file(tiny_model
     cfg_file.write_text(json.dumps(digit_share_config(tiny_model, prompts, **{
         "max_steps": 1000, "cluster.backend": "ray", "engine.kv_cache_gib": 0.125})))
     proc = start_train(str(cfg_file), "--out", str(run_dir), stderr=subprocess.PIPE)
-    try:
-        wait_while_running(proc, lambda: metric_rows(run_dir) >= 1)
+
+    def engine_running() -> tuple | None:
         run_pids = tree_of(proc.pid)
         guardians = [p for p in _pids() if _guarded_root(p) in run_pids]
         held = shm_of(proc.pid) | _owned_folders(set(run_pids))  # with the temp dir's folders
-        assert engine_core_pids(proc.pid) and any(b"raylet" in _cmdline(p) for p in run_pids)
-        assert len(guardians) == 2, guardians  # the driver's and the engine actor's
-        assert any("parityrl-weights-" in p for p in held) and any(
-            "parityrl-ipc-" in p for p in held), held
+        ready = (engine_core_pids(proc.pid) and len(guardians) == 2  # the driver's, the actor's
+                 and any("parityrl-weights-" in p for p in held)
+                 and any("parityrl-ipc-" in p for p in held))
+        return (run_pids, guardians, held) if ready else None
+
+    try:
+        wait_while_running(proc, lambda: engine_running() is not None)
+        time.sleep(1.0)  # the guardians poll every second: let them record what is held now
+        run_pids, guardians, held = engine_running()
+        assert any(b"raylet" in _cmdline(p) for p in run_pids)
         os.kill(proc.pid, signal.SIGKILL)
         killed_at = time.time()
         proc.wait()

@@ -92,33 +92,33 @@ def engine_core_of(run_dir: Path, role: str) -> int:
 @pytest.mark.usefixtures("plugins_importable")
 def test_a_run_rewarded_by_a_reward_model_and_a_judge_survives_their_faults(
         tiny_model, model_factory, tmp_path):
-    """Reward model + judge, the verifier only measuring (task_weight 0). After step 2 the
+    """Reward model + judge, the verifier only measuring (task_weight 0). After step 1 the
     reward model's engine core is SIGKILLed: it is restarted and the group scored again. After
-    step 4 the judge's engine core is stopped (SIGSTOP) for longer than its timeout: its groups
+    step 3 the judge's engine core is stopped (SIGSTOP) for longer than its timeout: its groups
     are rejected as judge_timeout, counted, and the run goes on. No problem is lost or done
     twice."""
     from parityrl.pipeline import run_training
 
     prompts = write_addition_rows(tmp_path / "prompts.jsonl")
     cfg = digit_share_config(tiny_model, prompts, **{
-        "max_steps": 7, "actor.max_rejected_frac": 0.9,
+        "max_steps": 5, "actor.max_rejected_frac": 0.9,
         "rewards": {"task_weight": 0.0, "models": [{"path": model_factory("reward"),
                                                     "check_every": 1}],
-                    "judge": JUDGE | {"timeout_s": 2.0, "max_tokens": 4}}})
+                    "judge": JUDGE | {"timeout_s": 5.0, "max_tokens": 2}}})
     run_dir = tmp_path / "run"
 
     def fault(step: int, metrics: dict) -> None:
-        if step == 2:
+        if step == 1:
             os.kill(engine_core_of(run_dir, "reward_model"), signal.SIGKILL)
-        if step == 4:
+        if step == 3:
             judge = engine_core_of(run_dir, "judge")
             os.kill(judge, signal.SIGSTOP)
-            threading.Timer(4.0, os.kill, (judge, signal.SIGCONT)).start()
+            threading.Timer(6.0, os.kill, (judge, signal.SIGCONT)).start()
 
     run_training(build_config(cfg), run_dir, on_step=fault, on_message=lambda m: None)
     rows = read_metrics(run_dir / "metrics.jsonl")
     last = rows[-1]
-    assert [r["step"] for r in rows] == list(range(1, 8))
+    assert [r["step"] for r in rows] == list(range(1, 6))
     for r in rows:  # the reward is the learned sources' sum; the verifier is measured beside it
         assert r["rl/reward_mean"] == pytest.approx(
             r["reward/reward_model_0_mean"] + r["reward/judge_mean"], abs=1e-6)
