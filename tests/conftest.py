@@ -102,11 +102,7 @@ def engine_tests_are_marked_slow(request):
 
 # The longest files first: under xdist (`--dist loadfile`, make test) the worker that takes one of
 # them early leaves the short files to balance the end (durations in docs/tests.md).
-# test_distributed.py before all: after some engine runs in the same process (seen after
-# test_rewards.py's run) its spawned FSDP2 ranks' float64 check reads 3.1 instead of 1e-6; the
-# cause is not found yet (an open note of issue 42), so it runs where no engine ran before.
-LONGEST_FIRST = ("test_distributed.py", "test_real_model.py", "test_reliability.py",
-                 "test_ray.py")
+LONGEST_FIRST = ("test_real_model.py", "test_reliability.py", "test_ray.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

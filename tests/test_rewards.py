@@ -125,6 +125,10 @@ def test_a_run_rewarded_by_a_reward_model_and_a_judge_survives_their_faults(
         assert 0.0 <= r["reward/verified_mean"] <= 1.0
         assert r["reward/model_0_vs_reference_max_abs"] <= 1e-5
     assert last["reward/engine_restarts"] == 1.0
+    # The reference loads ran in threads: transformers' process-wide patch of tie_weights was put
+    # back (two loads at once once left it a no-op, and every tied model built later untied).
+    from transformers import PreTrainedModel
+    assert PreTrainedModel.tie_weights.__qualname__ == "PreTrainedModel.tie_weights"
     assert last["rollouts/rejected_judge_timeout"] >= 1.0
     assert last["reward/judge_unparseable"] > 0  # a random tiny judge: counted, scored 0
     problems = read_metrics(run_dir / "problems.jsonl")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 from parityrl.core.errors import UserError
+from parityrl.core.hf import BUILDING_MODEL
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -49,9 +50,10 @@ def load_policy(
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
     folder = check_model_folder(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
-        )
+        with BUILDING_MODEL:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
+            )
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model from {folder}: {str(e).splitlines()[0]}") from None
     return model.to(device).eval()

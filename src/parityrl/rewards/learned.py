@@ -54,6 +54,7 @@ class LearnedRewards:
         self.last_check: dict[str, float] = {}
         self._references: dict[int, ReferenceRewardModel] = {}  # model index → transformers
         self._restarting = asyncio.Lock()  # one restart of a dead engine at a time
+        self._loading_reference = asyncio.Lock()
 
     @classmethod
     async def start(cls, config: RewardsConfig, resolve: Callable[[str], Path],
@@ -142,9 +143,10 @@ class LearnedRewards:
     async def _check(self, i: int, sequences: list[list[int]], served: list[float]) -> None:
         """A sample of the group scored by transformers (float32) too: the largest difference."""
         model = self.models[i]
-        if i not in self._references:
-            self._references[i] = await asyncio.to_thread(ReferenceRewardModel, model.folder,
-                                                          "float32")
+        async with self._loading_reference:  # loaded once, by the first group to be checked
+            if i not in self._references:
+                self._references[i] = await asyncio.to_thread(ReferenceRewardModel, model.folder,
+                                                              "float32")
         sample = sequences[: model.config.check_samples]
         reference = await asyncio.to_thread(self._references[i].score, sample, model.activation)
         self.last_check[f"reward/model_{i}_vs_reference_max_abs"] = max(

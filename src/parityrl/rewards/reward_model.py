@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from parityrl.core.errors import UserError
+from parityrl.core.hf import BUILDING_MODEL
 from parityrl.engine.pooling import PoolingEngine
 from parityrl.engine.settings import EngineSettings
 from parityrl.rewards.config import RewardModelConfig, ServingEngine
@@ -68,8 +69,9 @@ class ReferenceRewardModel:
 
         check_reward_model_folder(folder)
         self.dtype = getattr(torch, dtype)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            folder, dtype=self.dtype).eval()
+        with BUILDING_MODEL:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                folder, dtype=self.dtype).eval()
         self.head = getattr(self.model, "score", None)  # transformers' decoder classifiers
         if self.head is None:
             raise UserError(f"reward model {folder}: {type(self.model).__name__} has no `score` "

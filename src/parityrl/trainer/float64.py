@@ -13,6 +13,7 @@ import copy
 
 import torch
 
+from parityrl.core.hf import BUILDING_MODEL
 from parityrl.core.rollout import Rollout
 from parityrl.core.sampling import SamplingConfig
 from parityrl.trainer.batch import rollout_logprobs
@@ -41,8 +42,9 @@ class Float64Reference:
         from transformers import AutoModelForCausalLM
 
         self = cls.__new__(cls)
-        self.model = _loop_over_experts(
-            AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval())
+        with BUILDING_MODEL:
+            self.model = _loop_over_experts(
+                AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval())
         # `weights` in the checkpoint's layout (Trainer.weights): MoE experts fused again.
         self.model.load_state_dict(to_model_layout(self.model, weights))
         return self

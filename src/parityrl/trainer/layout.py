@@ -4,6 +4,7 @@ transformers' in memory (which fuses some, e.g. a mixture-of-experts layer's exp
 from __future__ import annotations
 
 from parityrl.core.errors import UserError
+from parityrl.core.hf import BUILDING_MODEL
 
 
 def checkpoint_state_dict(model, state: dict | None = None) -> dict:
@@ -37,7 +38,9 @@ def to_model_layout(model, tensors: dict) -> dict:
         model.config.save_pretrained(folder)
         save_file({n: t.contiguous() for n, t in tensors.items()}, f"{folder}/model.safetensors",
                   metadata={"format": "pt"})
-        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=next(iter(mine.values())).dtype)
+        with BUILDING_MODEL:
+            loaded = AutoModelForCausalLM.from_pretrained(folder,
+                                                          dtype=next(iter(mine.values())).dtype)
         converted = loaded.state_dict()
     unknown = set(converted) - set(mine)
     if unknown:
