@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 
-from parityrl.cluster.ray_cluster import actor_options, where
+from parityrl.cluster.ray_cluster import start_actor, where
 from parityrl.config import RoleResources
 from parityrl.core.rollout import Rollout
 from parityrl.core.sampling import SamplingConfig
@@ -83,17 +83,8 @@ class RayEngine:
                     join_transfer: bool = False) -> "RayEngine":
         """An engine actor; with `join_transfer`, in a gloo group of its own (alone, not in an
         EnginePool, which makes one group for all its engines)."""
-        import ray
-
-        # max_restarts=0: a dead engine is replaced by the run (a new actor, current weights).
-        actor = ray.remote(EngineRole).options(max_concurrency=10_000, max_restarts=0,
-                                               **actor_options(resources))
-        handle = actor.remote()
-        try:
-            started = await handle.start.remote(settings)
-        except BaseException:
-            ray.kill(handle)
-            raise
+        # A dead engine is replaced by the run: a new actor, the current weights.
+        handle, started = await start_actor(EngineRole, resources, settings)
         engine = cls(handle, settings, started)
         if join_transfer:
             try:

@@ -32,6 +32,23 @@ def actor_options(resources: RoleResources) -> dict:
             "resources": dict(resources.custom)}
 
 
+async def start_actor(role_cls: type, resources: RoleResources, *args):
+    """An async actor of `role_cls` (concurrent calls) whose `start(*args)` has returned: its
+    handle and what `start` returned; an actor whose start failed is killed. max_restarts=0: a
+    dead role is replaced by the run, never restarted by Ray behind its back."""
+    import ray
+
+    actor = ray.remote(role_cls).options(max_concurrency=10_000, max_restarts=0,
+                                         **actor_options(resources))
+    handle = actor.remote()
+    try:
+        started = await handle.start.remote(*args)
+    except BaseException:
+        ray.kill(handle)
+        raise
+    return handle, started
+
+
 class RayCluster:
     """`with RayCluster(cfg.cluster):` — Ray is up inside, and down after if this run started it."""
 

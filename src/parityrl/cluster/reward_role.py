@@ -11,7 +11,7 @@ exception as an instance of its class).
 
 from __future__ import annotations
 
-from parityrl.cluster.ray_cluster import actor_options, where
+from parityrl.cluster.ray_cluster import start_actor, where
 from parityrl.config import RoleResources
 from parityrl.models.builtin import resolve_model
 from parityrl.models.tokenizer import load_tokenizer
@@ -49,16 +49,7 @@ class RayLearnedRewards:
 
     @classmethod
     async def start(cls, config: RewardsConfig, resources: RoleResources) -> "RayLearnedRewards":
-        import ray
-
-        actor = ray.remote(RewardRole).options(max_concurrency=10_000, max_restarts=0,
-                                               **actor_options(resources))
-        handle = actor.remote()
-        try:
-            started = await handle.start.remote(config)
-        except BaseException:
-            ray.kill(handle)
-            raise
+        handle, started = await start_actor(RewardRole, resources, config)
         return cls(handle, config, started)
 
     async def score(self, problem: Problem, completions: list[str]
