@@ -71,6 +71,11 @@ def test_resolved_config_round_trips(tmp_path):
          "use cluster.backend=local"),
         ("name: x\n", ["cluster.backend=slurm"], "cluster.backend"),
         ("name: x\n", ["engine.weight_transport=nccl"], "weight_transport"),
+        ("name: x\n", ["eval_every=5", "eval_pass_k=[0, 4]"], "every k must be >= 1"),
+        ("name: x\n", ["eval_every=5", "eval_pass_k=[1, 8]", "eval_samples=4"],
+         "eval_samples=4 is below max(eval_pass_k)=8"),
+        ("name: x\n", ["eval_pass_k=[1, 4]"], "eval_pass_k needs eval_every > 0"),
+        ("name: x\n", ["eval_every=5", "eval_samples=4"], "eval_samples=4 without eval_pass_k"),
     ],
 )
 def test_bad_config_is_one_line_error(tmp_path, text, overrides, fragment):
@@ -78,6 +83,13 @@ def test_bad_config_is_one_line_error(tmp_path, text, overrides, fragment):
         load_config(write(tmp_path, text), overrides)
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_eval_pass_k_is_off_by_default_and_loads_when_valid():
+    assert load_config(None).eval_pass_k == [] and load_config(None).eval_samples is None
+    cfg = load_config(None, ["eval_every=5", "eval_pass_k=[1, 4, 8]"])
+    assert cfg.eval_pass_k == [1, 4, 8] and cfg.eval_samples is None  # n = max(k) = 8
+    assert load_config(None, ["eval_every=5", "eval_pass_k=[1]", "eval_samples=16"]).eval_samples == 16
 
 
 def test_override_values_are_yaml_typed():

@@ -18,14 +18,19 @@ def test_demo_summary_agrees_with_the_run_it_summarises(tmp_path):
     out = tmp_path / "demo"
     messages: list[str] = []
     # A warm start long enough for some reward, sync mode for a parity probe at every step: the
-    # figures the summary draws from differ from step to step.
+    # figures the summary draws from differ from step to step. The evaluation also samples 4
+    # completions per problem for pass@k (eval_pass_k).
     summary = run_demo(out, console_print=messages.append, warmup={"steps": 300, "target_accuracy": None}, mode="sync",
-                       max_steps=3, eval_size=24, **{"actor.prompts_per_step": 4,
-                                                     "actor.group_size": 4})
+                       max_steps=3, eval_size=24, eval_pass_k=[1, 2, 4],
+                       **{"actor.prompts_per_step": 4, "actor.group_size": 4})
     assert json.loads((out / "summary.json").read_text()) == summary
     rows = read_metrics(out / "rl" / "metrics.jsonl")
     evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 3]
+    for row in (r for r in rows if "eval/accuracy" in r):
+        passes = [row[f"eval/pass@{k}"] for k in (1, 2, 4)]
+        assert all(0.0 <= p <= 1.0 for p in passes) and passes == sorted(passes), row
+        assert row["eval/mean@4"] == pytest.approx(passes[0])  # pass@1 = c/n, averaged
     assert (summary["accuracy_before_rl"], summary["accuracy_after_rl"]) == (evals[0], evals[-1])
     assert summary["improvement_points"] == pytest.approx(100 * (evals[-1] - evals[0]))
     trained = [r for r in rows if "rl/reward_mean" in r]

@@ -57,7 +57,7 @@ def test_flush_returns_each_outcome_once_for_problems_jsonl():
     ledger.mark(1, "rejected")
     ledger.mark(0, "trained")
     ledger.mark(3, "dropped")
-    assert ledger.flush() == {"trained": [0], "rejected": [1], "dropped": [3]}
-    assert ledger.flush() == {"trained": [], "rejected": [], "dropped": []}
+    assert ledger.flush() == {"trained": [0], "rejected": [1], "dropped": [3], "no_signal": []}
+    assert ledger.flush() == {"trained": [], "rejected": [], "dropped": [], "no_signal": []}
     ledger.mark(2, "trained")
     assert ledger.flush()["trained"] == [2] and ledger.state()["position"] == 4

@@ -455,3 +455,33 @@ def test_kl_k3_gradient():
     lp = leaf_logs(0.5)
     kl_k3(lp, logs(0.25)).sum().backward()
     assert_close(lp.grad, t(0.5))
+
+
+@pytest.mark.parametrize("how, value, grad", [
+    ("token-mean", 2 / 4, [-1 / 4, 1 / 4, 1 / 4, 1 / 4]),
+    ("seq-mean-token-mean", 0.0, [-1 / 2, 1 / 6, 1 / 6, 1 / 6]),
+    ("seq-mean-token-sum", 2 / (2 * 4), [-1 / 8, 1 / 8, 1 / 8, 1 / 8]),
+])
+def test_loss_aggregations_weigh_a_short_and_a_long_sequence_as_stated(how, value, grad):
+    """Sequences of 1 and 3 tokens, advantages +1 and −1, on-policy PPO: each token's loss is
+    −A (ratio 1) and its gradient in lp is −A, times the token's weight: 1/4 each (token-mean),
+    1/(2·1) and 1/(2·3) (seq-mean-token-mean: the short sequence's token weighs 3× more),
+    1/(2·4) each (seq-mean-token-sum over a constant length of 4)."""
+    from parityrl.trainer.objectives import aggregate_loss
+
+    lp = leaf_logs(0.5, 0.25, 0.25, 0.25)
+    seq = ids(0, 1, 1, 1)
+    per_token = run(lp, lp.detach(), t(1.0, -1.0, -1.0, -1.0), seq, 2).loss
+    assert_close(per_token, t(-1.0, 1.0, 1.0, 1.0))
+    loss = aggregate_loss(per_token, seq, t(1, 3), how, total_tokens=4, num_seqs=2, length=4)
+    loss.backward()
+    assert loss.item() == pytest.approx(value, abs=1e-12)
+    assert_close(lp.grad, t(*grad))
+
+
+def test_the_overlong_penalty_falls_linearly_over_the_window_before_the_limit():
+    from parityrl.trainer.overlong import OverlongConfig, length_penalty
+
+    cfg = OverlongConfig(mode="shape", window=4, penalty=1.0)
+    assert [length_penalty(n, 10, cfg) for n in (1, 6, 7, 8, 10)] == [0.0, 0.0, -0.25, -0.5, -1.0]
+    assert length_penalty(8, 10, OverlongConfig(mode="shape", window=4, penalty=0.5)) == -0.25

@@ -150,6 +150,26 @@ def test_arithmetic_config_validation():
         ArithmeticConfig(nonsense=1)  # extra="forbid"
 
 
+# --- held-out evaluation: pass@k ---
+
+
+@pytest.mark.parametrize("n, c, k", [(1, 0, 1), (1, 1, 1), (5, 0, 3), (5, 5, 3), (5, 2, 5),
+                                     (8, 3, 1), (8, 3, 4), (10, 1, 9), (16, 7, 8), (200, 13, 50)])
+def test_pass_at_k_is_the_unbiased_estimator(n, c, k):
+    import math
+
+    from parityrl.rollouts.evaluate import pass_at_k
+
+    closed = 1 - math.comb(n - c, k) / math.comb(n, k)
+    assert pass_at_k(n, c, k) == pytest.approx(closed, rel=1e-12, abs=1e-12)
+    if k == 1:
+        assert pass_at_k(n, c, k) == pytest.approx(c / n)
+    assert pass_at_k(n, 0, k) == 0.0 and pass_at_k(n, n, k) == 1.0
+    assert all(pass_at_k(n, c, j) <= pass_at_k(n, c, j + 1) + 1e-12 for j in range(1, n))
+    with pytest.raises(ValueError):
+        pass_at_k(n, c, n + 1)
+
+
 # --- registry ---
 
 

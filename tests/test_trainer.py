@@ -60,6 +60,36 @@ def test_in_process_stream_hands_over_in_order_and_peeks_without_taking():
     asyncio.run(scenario())
 
 
+def test_a_stream_at_its_drop_cap_hands_over_the_groups_with_signal_it_has():
+    """Dynamic sampling, train_fewer: after 2 dropped groups a step takes the one group it has
+    instead of waiting for 3; with none it waits for the first; the count starts again."""
+    from parityrl.rollouts.dynamic_sampling import DynamicSamplingConfig, has_signal
+
+    assert DynamicSamplingConfig(enabled=True, max_draws=1.5).stop_waiting_after(4) == 2
+    assert DynamicSamplingConfig(enabled=True, at_cap="wait").stop_waiting_after(4) is None
+    assert not has_signal([rollout(reward=1.0), rollout(reward=1.0)])
+    assert has_signal([rollout(reward=1.0), rollout(reward=0.5)])
+
+    async def scenario():
+        stream = InProcessStream(stop_waiting_after=2)
+        a, b = [rollout(group=4)], [rollout(group=5)]
+        await stream.put(a)
+        waiter = asyncio.create_task(stream.get(3))
+        stream.drop()
+        await asyncio.sleep(0.01)
+        assert not waiter.done()  # one drop: still waiting for a full step
+        stream.drop()
+        assert await waiter == [a] and stream.dropped == 0
+        stream.drop(), stream.drop()
+        waiter = asyncio.create_task(stream.get(3))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()  # at the cap with nothing to train on: waits for a group
+        await stream.put(b)
+        assert await waiter == [b]
+
+    asyncio.run(scenario())
+
+
 def make_trainer(model_dir: str, **overrides) -> Trainer:
     cfg = {"model": model_dir, "sampling": {"temperature": 1.0}, **overrides}
     config = build_config(cfg)
@@ -268,3 +298,31 @@ def test_float16_loss_scaling_skips_and_counts_overflows_and_resumes_its_scale(t
     resumed = trainer_with(2.0 ** 8)
     resumed.restore(tmp_path / "checkpoints" / "step-000001")
     assert resumed.loss_scale.state() == {"scale": 512.0, "clean_steps": 3, "overflow_steps": 2}
+
+
+def test_overlong_masking_leaves_cut_completions_out_and_shaping_gives_equal_rewards_signal(
+        tiny_model):
+    """mask: the completions cut at max_tokens (finish_reason "length") go through no forward
+    or backward and count in no denominator. shape: a group whose rewards are all equal gets
+    advantages from the length penalty (the longest completion the lowest)."""
+    batch = groups()
+    for g in batch:
+        for j, r in enumerate(g):
+            r.finish_reason = "stop" if j < 2 else "length"
+    masked = make_trainer(tiny_model, trainer={"overlong": {"mode": "mask"}})
+    state = masked.accumulate(batch)
+    kept = [r for g in batch for r in g[:2]]
+    assert sorted(map(id, state.learned)) == sorted(map(id, kept))
+    metrics = masked.apply(state)
+    assert metrics["rl/truncated_frac"] == 0.5
+    assert metrics["rl/tokens"] == sum(r.num_tokens for r in kept)
+
+    same = [[rollout(reward=1.0, n=n, seed=n) for n in (2, 5, 8)]]
+    shaped = make_trainer(tiny_model, sampling={"temperature": 1.0, "max_tokens": 8},
+                          trainer={"overlong": {"mode": "shape", "window": 4}})
+    metrics = shaped.apply(shaped.accumulate(same))
+    penalties = [r.meta["overlong_penalty"] for r in same[0]]
+    assert penalties == [0.0, -0.25, -1.0]
+    advantages = [r.advantage for r in same[0]]
+    assert advantages[0] > advantages[1] > advantages[2]
+    assert metrics["rl/overlong_penalty_mean"] == pytest.approx(-1.25 / 3)

@@ -18,6 +18,7 @@ from parityrl.core.errors import UserError
 from parityrl.core.sampling import SamplingConfig
 from parityrl.engine.settings import BITWISE_KNOBS, EngineKnobs, EngineSettings
 from parityrl.rewards.config import RewardsConfig
+from parityrl.rollouts.dynamic_sampling import DynamicSamplingConfig
 from parityrl.tasks.arithmetic import ArithmeticConfig
 from parityrl.tasks.environment import EnvConfig
 from parityrl.tasks.registry import TaskConfig
@@ -49,6 +50,9 @@ class ActorConfig(_Strict):
     restart_window_s: float = Field(600.0, gt=0, description="Seconds over which engine "
                                     "restarts are counted against max_restarts (a sliding "
                                     "window).")
+    dynamic_sampling: DynamicSamplingConfig = Field(
+        DynamicSamplingConfig(), description="rollouts/dynamic_sampling.py: drop groups whose "
+                                             "rewards are all equal and draw others (DAPO).")
 
 
 class RoleResources(_Strict):
@@ -146,6 +150,14 @@ class RunConfig(_Strict):
     eval_every: int = Field(0, ge=0, description="Greedy accuracy on held-out problems before "
                                                  "training, every N steps and at the end; 0 = off.")
     eval_size: int = Field(200, ge=1, description="Held-out problems per evaluation (at most).")
+    eval_pass_k: list[int] = Field(
+        default_factory=list, description="With eval_every: each evaluation also samples "
+        "eval_samples completions per held-out problem at the run's sampling settings and writes "
+        "eval/pass@k for each k listed (the unbiased estimator) and eval/mean@n (the fraction of "
+        "samples with reward 1); [] = greedy accuracy only.")
+    eval_samples: int | None = Field(
+        None, ge=1, description="Samples per held-out problem for eval_pass_k (n >= every k); "
+                                "None = max(eval_pass_k).")
     report_waits_after_s: float = Field(
         30.0, gt=0, description="A wait longer than this (an engine start, rollouts of the "
                                 "current version, a weight push, a Ray actor) says what it waits "
@@ -202,18 +214,51 @@ class RunConfig(_Strict):
         if self.env is not None and self.rewards.learned:
             raise ValueError("rewards.models / rewards.judge with env: a multi-turn episode's "
                              "reward is the environment's")
+        if a.group_size == 1 and a.dynamic_sampling.enabled:
+            raise ValueError("actor.dynamic_sampling with actor.group_size=1: a group of one has "
+                             "all its rewards equal, every group would be dropped")
         if a.group_size == 1 and self.trainer.advantage.std_normalize:
             raise ValueError("actor.group_size=1 with trainer.advantage.std_normalize: a group of "
                              "one has no spread, every advantage would be 0; use group_size >= 2")
+        self._check_pass_k()
         if self.parity.mode == "bitwise":
             self._resolve_bitwise()
         self._resolve_cluster()
         self._resolve_lora()
         self._resolve_loss_scale()
+        self._resolve_length_knobs()
         if self.sampling.max_tokens >= self.engine.max_model_len:
             raise ValueError(f"sampling.max_tokens={self.sampling.max_tokens} leaves no room for a "
                              f"prompt in engine.max_model_len={self.engine.max_model_len}")
         return self
+
+    def _resolve_length_knobs(self) -> None:
+        """The knobs measured against sampling.max_tokens: seq-mean-token-sum's constant (the
+        limit unless set, written resolved) and overlong shaping's window (below the limit)."""
+        t, limit = self.trainer, self.sampling.max_tokens
+        if t.overlong.mode == "shape" and t.overlong.window >= limit:
+            raise ValueError(f"trainer.overlong.window={t.overlong.window} must be below "
+                             f"sampling.max_tokens={limit}: the penalty grows over the window "
+                             "before the limit")
+        if t.loss.aggregation == "seq-mean-token-sum" and t.loss.aggregation_length is None:
+            loss = t.loss.model_copy(update={"aggregation_length": limit})
+            self.trainer = t.model_copy(update={"loss": loss})
+
+    def _check_pass_k(self) -> None:
+        ks, n = self.eval_pass_k, self.eval_samples
+        if not ks:
+            if n is not None:
+                raise ValueError(f"eval_samples={n} without eval_pass_k: list the k values to "
+                                 f"report, e.g. eval_pass_k=[1, {n}]")
+            return
+        if min(ks) < 1:
+            raise ValueError(f"eval_pass_k={ks}: every k must be >= 1")
+        if n is not None and n < max(ks):
+            raise ValueError(f"eval_samples={n} is below max(eval_pass_k)={max(ks)}: pass@k needs "
+                             f"at least k samples per problem")
+        if not self.eval_every:
+            raise ValueError("eval_pass_k needs eval_every > 0: it is computed by the held-out "
+                             "evaluation, which eval_every=0 turns off")
 
     def _resolve_loss_scale(self) -> None:
         """auto → dynamic for float16 (5 exponent bits: small gradients flush to zero), off else;

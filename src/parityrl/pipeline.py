@@ -49,7 +49,7 @@ from parityrl.rewards.learned import LearnedRewards
 from parityrl.rewards.reward_model import check_reward_model_folder
 from parityrl.rollouts.actor import Actor, ActorLimits, RunStopped, is_engine_death
 from parityrl.rollouts.episode import EpisodeLimits
-from parityrl.rollouts.evaluate import greedy_accuracy
+from parityrl.rollouts.evaluate import greedy_accuracy, sampled_pass_at_k
 from parityrl.rollouts.ledger import Ledger
 from parityrl.rollouts.stream import InProcessStream
 from parityrl.runlog import ErrorLog, JsonlLog, MetricsWriter, hold_run_dir, write_run_files
@@ -405,8 +405,10 @@ class Pipeline:
                            cfg.seed, actor_limits(cfg), ledger=ctx.ledger,
                            restart_engine=self._restart_engine, on_error=ctx.errors.record,
                            env=ctx.env, env_config=cfg.env, learned=learned,
-                           task_weight=cfg.rewards.task_weight)
+                           task_weight=cfg.rewards.task_weight,
+                           dynamic=cfg.actor.dynamic_sampling)
         self.learned = learned
+        self.no_signal_before = 0  # the actor's count of dropped groups at the last step
 
     async def run(self) -> TrainResult:
         ctx = self.ctx
@@ -467,21 +469,33 @@ class Pipeline:
         return pool
 
     # -- evaluation ------------------------------------------------------------------------------
-    async def _evaluate(self) -> float:
+    async def _evaluate(self) -> dict[str, float]:
+        """The held-out metrics on the current engine: eval/accuracy (greedy), and with
+        `eval_pass_k` eval/pass@k and eval/mean@n from n samples per problem (engine only: none
+        reaches the actor, the ledger or the parity probe)."""
         ctx, cfg = self.ctx, self.cfg
         problems = ctx.task.eval_problems()[: cfg.eval_size]
         limits = None if cfg.env is None else EpisodeLimits(
             cfg.env.max_turns, cfg.engine.max_model_len, cfg.env.max_episode_tokens)
         with ctx.waits.on(f"the held-out evaluation ({len(problems)} problems)"):
-            return await greedy_accuracy(self.engine, ctx.task, ctx.tokenizer, problems,
-                                         cfg.sampling.max_tokens, ctx.env, limits)
+            metrics = {"eval/accuracy": await greedy_accuracy(
+                self.engine, ctx.task, ctx.tokenizer, problems, cfg.sampling.max_tokens,
+                ctx.env, limits)}
+            if cfg.eval_pass_k:
+                metrics |= await sampled_pass_at_k(
+                    self.engine, ctx.task, ctx.tokenizer, problems, ctx.sampling(),
+                    cfg.eval_pass_k, cfg.eval_samples or max(cfg.eval_pass_k), cfg.seed,
+                    ctx.env, limits)
+        return metrics
 
     async def _evaluate_before(self, writer: MetricsWriter) -> float | None:
-        """A new run's held-out accuracy before its first step (with `eval_every`)."""
+        """A new run's held-out accuracy before its first step (with `eval_every`); its other
+        held-out metrics (pass@k) are written beside it."""
         if not self.cfg.eval_every or self.ctx.start_step:
             return None
-        before = await self._evaluate()
-        writer.write(0, {"eval/accuracy": before})
+        metrics = await self._evaluate()
+        writer.write(0, metrics)
+        before = metrics["eval/accuracy"]
         self.ctx.say(f"held-out greedy accuracy before training: {before:.3f}")
         return before
 
@@ -500,7 +514,7 @@ class Pipeline:
     async def _run_async(self, logs: RunLogs, after_step: AfterStep) -> dict:
         a, actor = self.cfg.actor, self.actor
         budget = asyncio.Semaphore(a.max_groups_in_flight or max(a.max_lag, 1) * a.prompts_per_step)
-        stream = InProcessStream()
+        stream = InProcessStream(a.dynamic_sampling.stop_waiting_after(a.prompts_per_step))
         producer = asyncio.create_task(actor.run(stream, budget))
         metrics: dict = {}
         try:
@@ -661,7 +675,25 @@ class Pipeline:
             "data/position": float(self.ctx.ledger.position),
             **self.engine.metrics(),
             **actor.metrics(),
+            **self._no_signal_metrics(len(batch.groups)),
         }
+
+    def _no_signal_metrics(self, trained_groups: int) -> dict:
+        """Dynamic sampling: the groups dropped since the last step, and the generation they
+        cost beside what was trained on (dropped ÷ trained groups)."""
+        dynamic, actor = self.cfg.actor.dynamic_sampling, self.actor
+        if not dynamic.enabled:
+            return {}
+        dropped, self.no_signal_before = (actor.no_signal - self.no_signal_before,
+                                          actor.no_signal)
+        cap = dynamic.dropped_at_cap(self.cfg.actor.prompts_per_step)
+        if self.cfg.mode == "async" and dynamic.at_cap == "wait" and dropped > cap:
+            self.ctx.errors.record("no_signal_cap", RuntimeError(
+                f"{dropped} groups without signal dropped for one step (more than "
+                f"actor.dynamic_sampling.max_draws={dynamic.max_draws:g} allows); at_cap=wait "
+                "drew on"))
+        return {"rl/groups_dropped_no_signal": float(dropped),
+                "rl/generation_overdraw": dropped / max(trained_groups, 1)}
 
 
 # -- after each step -------------------------------------------------------------------------------
@@ -670,11 +702,12 @@ class AfterStep:
     joins the step's metrics before they are written), the metrics row, the samples, the caller's
     `on_step`, the parity alarm, the checkpoint. A failed write stops the run (`_disk`)."""
 
-    def __init__(self, ctx: RunContext, logs: RunLogs, evaluate: Callable[[], Awaitable[float]],
+    def __init__(self, ctx: RunContext, logs: RunLogs,
+                 evaluate: Callable[[], Awaitable[dict[str, float]]],
                  on_step: Callable[[int, dict], None]) -> None:
         self.ctx = ctx
         self.logs = logs
-        self.evaluate_now = evaluate  # the held-out greedy accuracy on the current engine
+        self.evaluate_now = evaluate  # the held-out metrics (eval/...) on the current engine
         self.on_step = on_step
         self.samples = SampleLog(ctx.cfg, ctx.tokenizer, logs.samples, logs.writer, ctx.say)
         self.hooks: tuple[Callable[[StepResult], Awaitable[None]], ...] = (
@@ -688,7 +721,7 @@ class AfterStep:
     async def evaluate(self, result: StepResult) -> None:
         cfg, step = self.ctx.cfg, result.step
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            result.metrics["eval/accuracy"] = await self.evaluate_now()
+            result.metrics.update(await self.evaluate_now())
 
     async def write_metrics(self, result: StepResult) -> None:
         with _disk("metrics.jsonl"):

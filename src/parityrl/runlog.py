@@ -191,7 +191,8 @@ class MetricsWriter:
 
 
 # The step metric that counts later failures of a kind (default: rollouts/rejected_<kind>).
-COUNTERS = {"template_mismatch": "rollouts/template_mismatch"}
+COUNTERS = {"template_mismatch": "rollouts/template_mismatch",
+            "no_signal_cap": "rl/groups_dropped_no_signal"}
 
 
 class ErrorLog:

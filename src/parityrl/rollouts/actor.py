@@ -18,6 +18,7 @@ environment that raises or hangs rejects its group like a reward function does.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from parityrl.engine.interface import Engine
+from parityrl.rollouts.dynamic_sampling import DynamicSamplingConfig, has_signal
 from parityrl.rollouts.episode import EnvProtocolError, EpisodeLimits, run_episode
 from parityrl.rollouts.ledger import Ledger
 from parityrl.rollouts.stream import RolloutStream
@@ -107,7 +109,8 @@ class Actor:
                  restart_engine: Callable[[], Awaitable[Engine]] | None = None,
                  on_error: Callable[[str, BaseException], None] = lambda kind, e: None,
                  env: Environment | None = None, env_config: EnvConfig | None = None,
-                 learned: LearnedRewards | None = None, task_weight: float = 1.0) -> None:
+                 learned: LearnedRewards | None = None, task_weight: float = 1.0,
+                 dynamic: DynamicSamplingConfig | None = None) -> None:
         self.engine = engine
         self.task = task
         self.learned = learned  # reward models, a judge: scored after the task's reward
@@ -126,6 +129,8 @@ class Actor:
         self.engine_busy_seconds = 0.0  # wall time with at least one group in flight
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
+        self.dynamic = dynamic or DynamicSamplingConfig()
+        self.no_signal = 0  # groups dropped by dynamic sampling (all rewards equal)
         self.restarts: list[float] = []  # monotonic times of engine restarts
         # Seconds from noticing an engine's death to the first rollout of its replacement.
         self.recoveries: list[float] = []
@@ -333,6 +338,8 @@ class Actor:
         return {**{f"rollouts/rejected_{kind}": float(self.rejected[kind])
                    for kind in REJECTION_KINDS},
                 "rollouts/rejected_frac": sum(self.rejected.values()) / done if done else 0.0,
+                **({"rollouts/dropped_no_signal": float(self.no_signal)}
+                   if self.dynamic.enabled else {}),
                 **({"rollouts/template_mismatch": float(self.template_mismatches)}
                    if self.env is not None else {}),
                 **(self.learned.metrics() if self.learned is not None else {}),
@@ -341,7 +348,30 @@ class Actor:
 
     # -- batches ----------------------------------------------------------------------------------
     async def generate_batch(self, num_groups: int) -> list[Group]:
-        """Sync mode: the next `num_groups` problems, generated together (minus the rejected)."""
+        """Sync mode: the next `num_groups` problems, generated together (minus the rejected).
+        With dynamic sampling the groups without signal are dropped and more problems drawn, up
+        to the cap (`DynamicSamplingConfig`)."""
+        groups: list[Group] = []
+        drawn, cap, said = 0, math.ceil(self.dynamic.max_draws * num_groups), False
+        while len(groups) < num_groups:
+            if drawn >= cap:
+                if self.dynamic.at_cap == "train_fewer" and groups:
+                    break
+                if not said:  # at_cap=wait, or nothing with signal yet: drawing on
+                    said = True
+                    self.on_error("no_signal_cap", RuntimeError(
+                        f"{drawn} groups drawn for a step of {num_groups}, {len(groups)} with "
+                        f"signal (actor.dynamic_sampling.max_draws="
+                        f"{self.dynamic.max_draws:g}); drawing on"))
+            wanted = num_groups - len(groups)
+            groups += await self._draw(wanted)
+            drawn += wanted
+            if not self.dynamic.enabled:
+                break
+        return groups
+
+    async def _draw(self, num_groups: int) -> list[Group]:
+        """The next `num_groups` problems generated together: the accepted groups with signal."""
         indices = [self.ledger.take() for _ in range(num_groups)]
         outcomes = await asyncio.gather(*[self.generate_group(i) for i in indices],
                                         return_exceptions=True)
@@ -351,10 +381,18 @@ class Actor:
                 self._rejected(index, outcome)
             elif isinstance(outcome, BaseException):
                 raise outcome
-            else:
-                self.accepted += 1
+            elif self._keeps(index, outcome):
                 groups.append(outcome)
         return groups
+
+    def _keeps(self, index: int, group: Group) -> bool:
+        """Accepted; False when dynamic sampling drops it (its problem marked done)."""
+        self.accepted += 1
+        if self.dynamic.enabled and not has_signal(group):
+            self.no_signal += 1
+            self.ledger.mark(index, "no_signal")
+            return False
+        return True
 
     async def run(self, stream: RolloutStream, budget: asyncio.Semaphore) -> None:
         """Async mode: generate forever; each group holds one `budget` slot until trained on (a
@@ -394,8 +432,11 @@ class Actor:
             budget.release()
             self._rejected(index, e)
             return
-        self.accepted += 1
-        await stream.put(group)
+        if self._keeps(index, group):
+            await stream.put(group)
+        else:
+            budget.release()
+            stream.drop()
 
     # -- engine busy time -------------------------------------------------------------------------
     def _enter(self) -> None:

@@ -1,5 +1,9 @@
 """Held-out evaluation: greedy accuracy on the task's eval problems, on the engine (training runs)
-or on the trainer's model (the warm start, the TRL side-by-side, where no engine runs)."""
+or on the trainer's model (the warm start, the TRL side-by-side, where no engine runs); and, on
+the engine, pass@k and mean@n from n sampled completions per problem.
+
+Like the greedy accuracy, the sampled evaluation asks the engine directly: its completions never
+reach the actor, the rollout stream, the ledger or the parity probe."""
 
 from __future__ import annotations
 
@@ -36,6 +40,53 @@ async def greedy_accuracy(engine, task: Task, tokenizer, problems: list[Problem]
 
     scores = await asyncio.gather(*[solve(p) for p in problems])
     return sum(scores) / max(len(scores), 1)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k of a problem with `c` correct among `n` samples (Chen et al. 2021):
+    1 - C(n-c, k) / C(n, k), the chance that k of the n drawn without replacement hold a correct
+    one; computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), without the large binomials."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    miss = 1.0
+    for i in range(n - c + 1, n + 1):
+        miss *= 1.0 - k / i
+    return 1.0 - miss
+
+
+async def sampled_pass_at_k(engine, task: Task, tokenizer, problems: list[Problem],
+                            sampling: SamplingConfig, ks: list[int], n: int, seed: int = 0,
+                            env: Environment | None = None,
+                            limits: EpisodeLimits | None = None) -> dict[str, float]:
+    """`eval/pass@{k}` for each k (the mean over `problems` of `pass_at_k`) and `eval/mean@{n}`
+    (the fraction of all samples with reward 1), from `n` completions per problem sampled with
+    `sampling` (with `env`: n episodes). Problem i's samples get seeds seed + i*n … seed + i*n +
+    n-1 (one request of n: vLLM gives the j-th seed + j), the same at every evaluation."""
+    async def solve(i: int, problem: Problem) -> list[float]:
+        first = seed + i * n
+        if env is not None:
+            generate = engine_turns(engine)
+
+            async def respond(messages, last_turn: bool) -> EnvReply:
+                return await asyncio.to_thread(env.respond, problem, messages, last_turn)
+
+            episodes = await asyncio.gather(*[
+                run_episode(generate, respond, tokenizer, env.start(problem), sampling, limits,
+                            seed=first + j) for j in range(n)])
+            return [float(e.reward >= 1.0) for e in episodes]
+        rollouts = await engine.generate(encode_problem(tokenizer, problem), sampling, n=n,
+                                         seed=first)
+        texts = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
+        return [float(task.reward(problem, t) >= 1.0) for t in texts]
+
+    scores = await asyncio.gather(*[solve(i, p) for i, p in enumerate(problems)])
+    count = max(len(scores), 1)
+    metrics = {f"eval/pass@{k}": sum(pass_at_k(n, int(sum(s)), k) for s in scores) / count
+               for k in sorted(set(ks))}
+    metrics[f"eval/mean@{n}"] = sum(map(sum, scores)) / max(n * len(scores), 1)
+    return metrics
 
 
 def model_greedy_accuracy(model, tokenizer, task: Task, problems: list[Problem],

@@ -1,17 +1,18 @@
 """Which training problems are done, so that each index is accounted for exactly once.
 
-A problem index is *done* when its group was trained on, rejected (see actor.py) or dropped as too
-stale. In async mode groups finish out of order, so the data position saved in a checkpoint is a
-watermark (every index below it is done) plus the done indices above it; a resumed run starts at
-the watermark and skips those. Engine restarts re-generate the same indices; they never take new
-ones. The per-step outcomes go to problems.jsonl in the run directory.
+A problem index is *done* when its group was trained on, rejected (see actor.py), dropped as too
+stale, or dropped for having no signal (dynamic sampling). In async mode groups finish out of
+order, so the data position saved in a checkpoint is a watermark (every index below it is done)
+plus the done indices above it; a resumed run starts at the watermark and skips those. Engine
+restarts re-generate the same indices; they never take new ones. The per-step outcomes go to
+problems.jsonl in the run directory.
 """
 
 from __future__ import annotations
 
 from parityrl.core.rollout import Group
 
-OUTCOMES = ("trained", "rejected", "dropped")
+OUTCOMES = ("trained", "rejected", "dropped", "no_signal")
 
 
 class Ledger:

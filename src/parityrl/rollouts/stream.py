@@ -15,6 +15,10 @@ from parityrl.core.rollout import Group
 class RolloutStream(Protocol):
     async def put(self, group: Group) -> None: ...
 
+    def drop(self) -> None:
+        """A finished group that will never be put (dynamic sampling dropped it)."""
+        ...
+
     async def get(self, num_groups: int) -> list[Group]: ...
 
     def peek(self) -> list[Group]:
@@ -23,20 +27,35 @@ class RolloutStream(Protocol):
 
 
 class InProcessStream:
-    """An asyncio queue of groups, for actors and trainer sharing one event loop."""
+    """Groups in arrival order, for actors and trainer sharing one event loop.
 
-    def __init__(self) -> None:
-        self._queue: asyncio.Queue[Group] = asyncio.Queue()
-        self._waiting: list[Group] = []  # mirror of the queue's content, for peek()
+    `stop_waiting_after`: once this many groups were dropped since the last `get` returned, a
+    `get` holding at least one group returns it without waiting for the rest (dynamic sampling
+    at its cap, train_fewer); None: a `get` waits for all it asked for.
+    """
+
+    def __init__(self, stop_waiting_after: int | None = None) -> None:
+        self._waiting: list[Group] = []
+        self._arrived = asyncio.Event()  # a put or a drop since the getter last looked
+        self.stop_waiting_after = stop_waiting_after
+        self.dropped = 0  # since the last get returned
 
     async def put(self, group: Group) -> None:
         self._waiting.append(group)
-        await self._queue.put(group)
+        self._arrived.set()
+
+    def drop(self) -> None:
+        self.dropped += 1
+        self._arrived.set()
 
     async def get(self, num_groups: int) -> list[Group]:
-        groups = [await self._queue.get() for _ in range(num_groups)]
-        taken = {id(g) for g in groups}
-        self._waiting = [g for g in self._waiting if id(g) not in taken]
+        cap = self.stop_waiting_after
+        while len(self._waiting) < num_groups and not (
+                self._waiting and cap is not None and self.dropped >= cap):
+            self._arrived.clear()
+            await self._arrived.wait()
+        groups, self._waiting = self._waiting[:num_groups], self._waiting[num_groups:]
+        self.dropped = 0
         return groups
 
     def peek(self) -> list[Group]:

@@ -14,6 +14,7 @@ from parityrl.core.sampling import SamplingConfig
 from parityrl.trainer.advantages import AdvantageConfig
 from parityrl.trainer.loss_scale import LossScaleConfig
 from parityrl.trainer.objectives import CorrectionConfig, LossConfig
+from parityrl.trainer.overlong import OverlongConfig
 
 
 class Strict(BaseModel):
@@ -67,6 +68,9 @@ class TrainerConfig(Strict):
                                          "(off by default: fix parity first).")
     advantage: AdvantageConfig = Field(AdvantageConfig(), description="trainer/advantages.py: "
                                        "group-relative advantages.")
+    overlong: OverlongConfig = Field(OverlongConfig(), description="trainer/overlong.py: "
+                                     "completions cut at sampling.max_tokens (mask, or DAPO's "
+                                     "soft length penalty).")
     optim: OptimConfig = Field(OptimConfig(), description="The AdamW optimizer, gradient "
                                "accumulation and clipping.")
     skip_zero_advantage: bool = Field(

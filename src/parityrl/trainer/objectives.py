@@ -7,7 +7,7 @@ in the clip rate (on-policy and in parity, ratio = 1 exactly). A correction deco
 policy ratio is taken against the trainer's own logprobs before the update (lp.detach()), and the
 behaviour→trainer gap w = exp(lp.detach() - lp_b) is handled by the correction (truncate, mask).
 
-Losses are per-token; the caller sums them and divides by the step's token count (token mean).
+Losses are per-token; `aggregate_loss` turns them into the step's loss (token mean by default).
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 
 
 class LossConfig(BaseModel):
@@ -30,6 +33,15 @@ class LossConfig(BaseModel):
     reinforce_is_cap: float = Field(2.0, gt=0, description="reinforce: weight = min(ratio, cap).")
     kl_coef: float = Field(0.0, ge=0, description="k3 KL to a frozen reference model; 0 = off.")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus; 0 = off.")
+    aggregation: Aggregation = Field(
+        "token-mean", description="How per-token losses become the step's loss: token-mean (sum "
+                                  "/ the step's tokens), seq-mean-token-mean (each sequence's "
+                                  "mean, then the mean over sequences: GRPO's original), "
+                                  "seq-mean-token-sum (each sequence's sum / aggregation_length, "
+                                  "then the mean over sequences: Dr. GRPO). docs/recipes.md.")
+    aggregation_length: int | None = Field(
+        None, ge=1, description="seq-mean-token-sum's constant divisor; None = "
+                                "sampling.max_tokens (resolved in the run's config).")
 
 
 class CorrectionConfig(BaseModel):
@@ -128,6 +140,30 @@ def policy_loss(
         out.masked = ~keep
         out.loss = per_token * keep.to(per_token.dtype)
     return out
+
+
+def aggregate_loss(per_token: torch.Tensor, seq_ids: torch.Tensor, seq_lengths: torch.Tensor,
+                   how: Aggregation, *, total_tokens: int, num_seqs: int,
+                   length: int | None) -> torch.Tensor:
+    """This micro-batch's share of the step's loss. `seq_ids`: each token's row in the micro-batch;
+    `seq_lengths`: each row's sampled tokens; `total_tokens`, `num_seqs`: the whole step's
+    (micro-batch shares add up to the step's loss).
+
+    A token of a sequence of n tokens weighs 1/total_tokens (token-mean: every token alike, so
+    long sequences weigh more in the step), 1/(num_seqs·n) (seq-mean-token-mean: every sequence
+    alike, so a token of a long one weighs less, a bias towards long wrong answers), or
+    1/(num_seqs·length) (seq-mean-token-sum: every token alike again, and the step's scale does
+    not depend on how long its completions were).
+    """
+    if how == "token-mean":
+        return per_token.sum() / total_tokens
+    if how == "seq-mean-token-mean":
+        return (per_token / seq_lengths.to(per_token.dtype)[seq_ids]).sum() / num_seqs
+    if how == "seq-mean-token-sum":
+        if length is None:
+            raise ValueError("seq-mean-token-sum needs its constant length")
+        return per_token.sum() / (num_seqs * length)
+    raise ValueError(how)  # pragma: no cover - pydantic restricts the values
 
 
 def kl_k3(lp: torch.Tensor, lp_ref: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,8 @@ from parityrl.trainer.layout import checkpoint_state_dict
 from parityrl.trainer.logprobs import token_logprobs
 from parityrl.trainer.lora import adapter_state_dict, lora_settings
 from parityrl.trainer.loss_scale import DynamicLossScale
-from parityrl.trainer.objectives import kl_k3, policy_loss
+from parityrl.trainer.objectives import aggregate_loss, kl_k3, policy_loss
+from parityrl.trainer.overlong import is_truncated, length_penalty
 from parityrl.trainer.routing import ROUTING_COMPARED, RouteCounts
 
 
@@ -142,13 +143,28 @@ class Trainer:
     def _assign_advantages(self, groups: list[Group]) -> list[Rollout]:
         rollouts = []
         for group in groups:
-            rewards = torch.tensor([r.reward for r in group], dtype=torch.float64)
+            rewards = torch.tensor([r.reward + self._length_penalty(r) for r in group],
+                                   dtype=torch.float64)
             for r, a in zip(group, group_advantages(rewards, self.cfg.trainer.advantage)):
                 r.advantage = float(a)
                 rollouts.append(r)
         return rollouts
 
-    def _microbatch_loss(self, chunk: list[Rollout], total_tokens: int, stats: StepTokens):
+    def _length_penalty(self, rollout: Rollout) -> float:
+        """trainer.overlong.mode=shape: the completion's soft length penalty (kept in its meta)."""
+        overlong = self.cfg.trainer.overlong
+        if overlong.mode != "shape":
+            return 0.0
+        penalty = length_penalty(rollout.num_tokens, self.cfg.sampling.max_tokens, overlong)
+        rollout.meta["overlong_penalty"] = penalty
+        return penalty
+
+    def _in_loss(self, rollout: Rollout) -> bool:
+        """trainer.overlong.mode=mask leaves the completions cut at max_tokens out of the loss."""
+        return self.cfg.trainer.overlong.mode != "mask" or not is_truncated(rollout)
+
+    def _microbatch_loss(self, chunk: list[Rollout], total_tokens: int, num_seqs: int,
+                         stats: StepTokens):
         tcfg = self.cfg.trainer
         device = next(self.model.parameters()).device
         batch = collate(chunk, self.pad_id).to(device)
@@ -193,7 +209,11 @@ class Trainer:
         scale = self.dist.world_size if self.split_batch else 1  # undoes FSDP's average
         if self.loss_scale is not None:
             scale = scale * self.loss_scale.scale
-        (loss.sum() * scale / total_tokens).backward()
+        lengths = torch.tensor([r.num_tokens for r in chunk], device=device)
+        step_loss = aggregate_loss(loss, rows, lengths, tcfg.loss.aggregation,
+                                   total_tokens=total_tokens, num_seqs=num_seqs,
+                                   length=tcfg.loss.aggregation_length)
+        (step_loss * scale).backward()
         # Flattened in the order of `out.logprobs[mask]`: row by row, sampled tokens in order.
         pure = torch.tensor([p for r in chunk for p in r.parity_mask(self.version)],
                             device=device)[keep]
@@ -282,18 +302,21 @@ class Trainer:
         The per-token statistics are gathered back in batch order, so every rank's metrics are
         the whole batch's."""
         rollouts = self._assign_advantages(groups)
-        # The token mean's denominator counts every sampled token, learned from or not.
-        total_tokens = max(sum(r.num_tokens for r in rollouts), 1)
+        # The loss's denominators count every sampled token (and sequence) learned from or not,
+        # but those overlong masking leaves out.
+        counted = [r for r in rollouts if self._in_loss(r)]
+        total_tokens = max(sum(r.num_tokens for r in counted), 1)
+        num_seqs = max(len(counted), 1)
         state = StepState(rollouts, StepTokens(), self.version)
         budget = self.cfg.trainer.optim.tokens_per_microbatch
-        learned = state.learned = self._rollouts_to_learn(rollouts)
+        learned = state.learned = self._rollouts_to_learn(counted)
         shares = data_parallel_shares(learned, self.dist) if self.split_batch else [learned]
         per_rank = [[c for c in microbatches(share, budget) if sum(r.num_tokens for r in c)]
                     for share in shares]
         mine = per_rank[self.dist.rank if self.split_batch else 0]
         state.local_rollouts = sum(len(c) for c in mine)
         for chunk in mine:
-            self._microbatch_loss(chunk, total_tokens, state.tokens)
+            self._microbatch_loss(chunk, total_tokens, num_seqs, state.tokens)
         if self.split_batch:
             # Every rank joins every FSDP collective: as many backward passes as the busiest rank.
             for _ in range(max(map(len, per_rank)) - len(mine)):
@@ -412,6 +435,9 @@ class Trainer:
             "rl/samples": float(len(rollouts)),
             "rl/tokens_sampled": float(sum(r.num_tokens for r in rollouts)),
             "rl/zero_advantage_frac": sum(r.advantage == 0.0 for r in rollouts) / len(rollouts),
+            "rl/truncated_frac": sum(map(is_truncated, rollouts)) / len(rollouts),
+            **({"rl/overlong_penalty_mean": sum(r.meta["overlong_penalty"] for r in rollouts)
+                / len(rollouts)} if "overlong_penalty" in rollouts[0].meta else {}),
             "lag/mixed_version_frac": sum(r.min_version != r.max_version for r in rollouts)
             / len(rollouts),
         }
