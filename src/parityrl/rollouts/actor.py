@@ -364,6 +364,8 @@ class Actor:
                         f"signal (actor.dynamic_sampling.max_draws="
                         f"{self.dynamic.max_draws:g}); drawing on"))
             wanted = num_groups - len(groups)
+            if drawn < cap:  # a round never draws past the cap
+                wanted = min(wanted, cap - drawn)
             groups += await self._draw(wanted)
             drawn += wanted
             if not self.dynamic.enabled:
