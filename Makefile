@@ -11,9 +11,10 @@ demo: setup
 	.venv/bin/parityrl demo
 
 # Two workers, a file each at a time (pytest-xdist): an engine start keeps one core busy
-# importing vLLM while the other waits; files share engines within their worker.
+# importing vLLM while the other waits; files share engines within their worker. The files go
+# out longest first (tests/conftest.py LONGEST_FIRST), not in xdist's order by test count.
 test: setup
-	.venv/bin/python -m pytest -n 2 --dist loadfile
+	.venv/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 test-quick: setup
 	.venv/bin/python -m pytest -m "not slow"

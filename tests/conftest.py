@@ -100,9 +100,16 @@ def engine_tests_are_marked_slow(request):
                     "that need none)")
 
 
-# The longest files first: under xdist (`--dist loadfile`, make test) the worker that takes one of
-# them early leaves the short files to balance the end (durations in docs/tests.md).
-LONGEST_FIRST = ("test_real_model.py", "test_reliability.py", "test_ray.py")
+# The files in order of their measured time, longest first (docs/tests.md): under xdist
+# (`--dist loadfile --no-loadscope-reorder`, make test) each worker takes the next file when it
+# runs low, so the short files fill the end and the two workers finish together. (xdist's
+# default reorders files by their number of tests, which left test_ray.py, 6 tests and 6 min,
+# to the end of one worker while the other idled 3 min.) Files not named run after, in order.
+LONGEST_FIRST = ("test_ray.py", "test_reliability.py", "test_real_model.py", "test_multiturn.py",
+                 "test_cli.py", "test_doctor_parity.py", "test_bitwise.py",
+                 "test_doctor_sampler.py", "test_rewards.py", "test_lora.py", "test_story.py",
+                 "test_tasks.py", "test_weight_sync.py", "test_demo.py", "test_moe.py",
+                 "test_compare.py", "test_hardware.py", "test_distributed.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
