@@ -55,3 +55,27 @@ def test_an_async_run_with_dynamic_sampling_trains_only_on_groups_with_signal(tm
     assert all(i < state["data_position"] or i in saved_done for i in done)
     written = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert written["trainer"]["loss"]["aggregation_length"] == 6  # resolved: max_tokens
+
+
+@pytest.mark.slow
+def test_a_sync_run_with_dynamic_sampling_stops_drawing_at_its_cap(tmp_path):
+    """Sync mode, max_draws 1.5: a step of 8 groups draws at most 12 problems, and with most
+    groups all wrong it trains on the fewer groups with signal it found (train_fewer)."""
+    from parityrl.pipeline import run_training
+
+    cfg = build_config({
+        "name": "dapo-sync", "seed": 0, "max_steps": 1, "mode": "sync",
+        "model": str(resolve_model("builtin:arithmetic-warm")),
+        "sampling": {"temperature": 1.0, "max_tokens": 6}, "task": DEMO_TASK,
+        "actor": {"group_size": 2, "prompts_per_step": 8,
+                  "dynamic_sampling": {"enabled": True, "max_draws": 1.5}},
+        "engine": {"max_model_len": 64, "kv_cache_gib": 0.1},
+        "tensorboard": False, "samples_every": 0,
+    })
+    run_training(cfg, tmp_path / "run", on_message=lambda m: None)
+    (row,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    trained = row["rl/samples"] / 2
+    assert row["rl/zero_advantage_frac"] == 0.0 and 1 <= trained < 8
+    assert trained + row["rl/groups_dropped_no_signal"] <= 12
+    (problems,) = read_metrics(tmp_path / "run" / "problems.jsonl")
+    assert len(problems["trained"]) + len(problems["no_signal"]) <= 12
