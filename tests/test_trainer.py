@@ -5,6 +5,7 @@ compare --ref, samples, plots."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 
 import pytest
@@ -256,6 +257,24 @@ def test_log_panels_say_when_they_raise_zeros_to_the_floor(tmp_path):
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(
         f'{{"step": {s}, "mismatch/kl_k3": 0.0, "rl/reward_mean": 0.5}}\n' for s in (1, 2)))
+    (png,) = plot_run(run)
+    assert png.stat().st_size > 10_000
+
+
+def test_pass_at_k_curves_are_drawn_beside_the_greedy_accuracy_in_order_of_k(tmp_path):
+    from parityrl.plots import pass_at_k_series, plot_run
+
+    rows = [{"step": 0, "eval/accuracy": 0.3, "eval/pass@1": 0.1, "eval/pass@16": 0.5,
+             "eval/pass@4": 0.3}, {"step": 1, "rl/reward_mean": 0.2},
+            {"step": 2, "eval/accuracy": 0.4, "eval/pass@1": 0.2, "eval/pass@16": 0.6,
+             "eval/pass@4": 0.4}]
+    series = pass_at_k_series(rows)
+    assert list(series) == ["pass@1", "pass@4", "pass@16"]
+    assert series["pass@4"] == [(0, 0.3), (2, 0.4)]
+    assert pass_at_k_series(rows[1:2]) == {}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (png,) = plot_run(run)
     assert png.stat().st_size > 10_000
 

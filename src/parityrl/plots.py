@@ -40,6 +40,23 @@ def _verified_beside(ax, rows: list[dict], title: str) -> str:
     return "training reward (blue, learned) and the verified reward (green, measures only)"
 
 
+def pass_at_k_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """The run's eval/pass@k curves (eval_pass_k), by k: drawn beside the greedy accuracy."""
+    keys = {k for r in rows for k in r if k.startswith("eval/pass@")}
+    return {key.split("/", 1)[1]: [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            for key in sorted(keys, key=lambda k: int(k.rsplit("@", 1)[1]))}
+
+
+def _pass_at_k_beside(ax, rows: list[dict], title: str) -> str:
+    series = pass_at_k_series(rows)
+    if not series:
+        return title
+    for label, points in series.items():
+        ax.plot(*zip(*points), marker=".", linewidth=1, linestyle="--", label=label)
+    ax.legend(fontsize=7)
+    return "held-out accuracy: greedy (solid), pass@k (dashed)"
+
+
 def plot_run(run_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -64,6 +81,8 @@ def plot_run(run_dir: Path) -> list[Path]:
         ax.set_yscale(scale)
         if key == "rl/reward_mean":
             title = _verified_beside(ax, rows, title)
+        if key == "eval/accuracy":
+            title = _pass_at_k_beside(ax, rows, title)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
