@@ -222,6 +222,16 @@ def test_samples_are_logged_and_a_reward_stuck_at_zero_is_announced_once(tmp_pat
     warnings = [m for m in messages if "reward has been 0" in m]
     assert len(warnings) == 1 and "'12+7='" in warnings[0] and "samples.jsonl" in warnings[0]
     assert list((tmp_path / "tb").iterdir())  # the samples also went to TensorBoard's text tab
+    # With learned rewards the warning names the sources and the judge's answer.
+    for r in (r for g in batch for r in g):
+        r.meta.update(verified_reward=1.0, learned_rewards={"judge": 0.0}, judge_answer="No")
+    judged = SampleLog(cfg, load_tokenizer(tiny_model), JsonlLog(tmp_path / "s2.jsonl"),
+                       MetricsWriter(tmp_path, tensorboard=False), messages.append)
+    for step in range(1, 6):
+        judged(step, batch, {"rl/reward_mean": 0.0})
+    (warning,) = [m for m in messages if "reward has been 0" in m][1:]
+    assert "judge 0" in warning and "verified reward 1" in warning
+    assert "the judge answered 'No'" in warning
 
 
 def test_bfloat16_training_accumulates_updates_in_float32_masters(tiny_model):

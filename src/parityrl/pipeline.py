@@ -779,10 +779,23 @@ class SampleLog:
                                   if metrics.get("rl/reward_mean") == 0 else -10**9)
         if self.zero_reward_steps == ZERO_REWARD_WARN_STEPS:
             (row,) = sample_rows(groups, self.tokenizer, 1)
-            self.say(
-                f"the reward has been 0 for the first {ZERO_REWARD_WARN_STEPS} steps: does the "
-                f"model understand the prompt format? A sample: {row['prompt']!r} → "
-                f"{row['completion']!r} (answer {row['answer']!r}); more in samples.jsonl")
+            self.say(f"the reward has been 0 for the first {ZERO_REWARD_WARN_STEPS} steps: "
+                     f"{zero_reward_question(row)} A sample: {row['prompt']!r} → "
+                     f"{row['completion']!r} (answer {row['answer']!r}"
+                     + (f", the judge answered {row['judge_answer']!r}"
+                        if row.get("judge_answer") is not None else "")
+                     + "); more in samples.jsonl")
+
+
+def zero_reward_question(row: dict) -> str:
+    """What to check first: the prompt format, or (learned rewards) which source gives the 0."""
+    learned = row.get("learned_rewards")
+    if not learned:
+        return "does the model understand the prompt format?"
+    sources = ", ".join(f"{name} {value:g}" for name, value in learned.items())
+    return (f"it is the learned rewards' ({sources}; the task's verified reward "
+            f"{row.get('verified_reward', 0.0):g}, weighted by rewards.task_weight): does the "
+            "judge or reward model read the answer as the task does?")
 
 
 def sample_rows(groups: list[Group], tokenizer, count: int) -> list[dict]:
