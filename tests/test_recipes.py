@@ -14,6 +14,19 @@ from parityrl.models.warm_start import DEMO_TASK
 from parityrl.runlog import read_metrics
 
 
+def warm_model_run(mode: str, max_steps: int, max_draws: float, **sections):
+    """A short run of the warm-started demo model at T = 1 in groups of two, dynamic sampling on
+    (most of its groups are all wrong)."""
+    return build_config({
+        "name": f"dapo-{mode}", "seed": 0, "max_steps": max_steps, "mode": mode,
+        "model": str(resolve_model("builtin:arithmetic-warm")),
+        "sampling": {"temperature": 1.0, "max_tokens": 6}, "task": DEMO_TASK,
+        "actor": {"group_size": 2, "prompts_per_step": 8,
+                  "dynamic_sampling": {"enabled": True, "max_draws": max_draws}},
+        "engine": {"max_model_len": 64, "kv_cache_gib": 0.1},
+        "tensorboard": False, "samples_every": 0, **sections})
+
+
 @pytest.mark.slow
 def test_an_async_run_with_dynamic_sampling_trains_only_on_groups_with_signal(tmp_path):
     """The warm-started demo model (40 % right greedy, far less at temperature 1) in pipeline
@@ -24,17 +37,10 @@ def test_an_async_run_with_dynamic_sampling_trains_only_on_groups_with_signal(tm
     Dr. GRPO's aggregation are on in the same run."""
     from parityrl.pipeline import run_training
 
-    cfg = build_config({
-        "name": "dapo", "seed": 0, "max_steps": 2, "mode": "async",
-        "model": str(resolve_model("builtin:arithmetic-warm")),
-        "sampling": {"temperature": 1.0, "max_tokens": 6}, "task": DEMO_TASK,
-        "actor": {"group_size": 2, "prompts_per_step": 8,
-                  "dynamic_sampling": {"enabled": True, "max_draws": 4.0}},
+    cfg = warm_model_run("async", max_steps=2, max_draws=4.0, **{
         "trainer": {"loss": {"aggregation": "seq-mean-token-sum", "clip_high": 0.28},
                     "overlong": {"mode": "shape", "window": 2}},
-        "engine": {"max_model_len": 64, "kv_cache_gib": 0.1},
-        "checkpoint": {"every": 2}, "tensorboard": False, "samples_every": 0,
-    })
+        "checkpoint": {"every": 2}})
     run_dir = tmp_path / "run"
     run_training(cfg, run_dir, on_message=lambda m: None)
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] > 0]
@@ -63,15 +69,7 @@ def test_a_sync_run_with_dynamic_sampling_stops_drawing_at_its_cap(tmp_path):
     groups all wrong it trains on the fewer groups with signal it found (train_fewer)."""
     from parityrl.pipeline import run_training
 
-    cfg = build_config({
-        "name": "dapo-sync", "seed": 0, "max_steps": 1, "mode": "sync",
-        "model": str(resolve_model("builtin:arithmetic-warm")),
-        "sampling": {"temperature": 1.0, "max_tokens": 6}, "task": DEMO_TASK,
-        "actor": {"group_size": 2, "prompts_per_step": 8,
-                  "dynamic_sampling": {"enabled": True, "max_draws": 1.5}},
-        "engine": {"max_model_len": 64, "kv_cache_gib": 0.1},
-        "tensorboard": False, "samples_every": 0,
-    })
+    cfg = warm_model_run("sync", max_steps=1, max_draws=1.5)
     run_training(cfg, tmp_path / "run", on_message=lambda m: None)
     (row,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
     trained = row["rl/samples"] / 2

@@ -28,18 +28,30 @@ async def greedy_accuracy(engine, task: Task, tokenizer, problems: list[Problem]
 
     async def solve(problem: Problem) -> float:
         if env is not None:
-            async def respond(messages, last_turn: bool) -> EnvReply:
-                return await asyncio.to_thread(env.respond, problem, messages, last_turn)
-
-            episode = await run_episode(generate, respond, tokenizer, env.start(problem),
-                                        sampling, limits, seed=0)
-            return float(episode.reward >= 1.0)
+            return await _episode_solved(generate, env, problem, tokenizer, sampling, limits, 0)
         rollout = await generate(encode_problem(tokenizer, problem), sampling, None)
-        text = tokenizer.decode(rollout.completion_ids, skip_special_tokens=True)
-        return float(task.reward(problem, text) >= 1.0)
+        return _solved(task, tokenizer, problem, rollout)
 
     scores = await asyncio.gather(*[solve(p) for p in problems])
     return sum(scores) / max(len(scores), 1)
+
+
+def _solved(task: Task, tokenizer, problem: Problem, rollout) -> float:
+    """1.0 when a single-turn completion gets reward 1, else 0.0."""
+    text = tokenizer.decode(rollout.completion_ids, skip_special_tokens=True)
+    return float(task.reward(problem, text) >= 1.0)
+
+
+async def _episode_solved(generate, env: Environment, problem: Problem, tokenizer,
+                          sampling: SamplingConfig, limits: EpisodeLimits | None,
+                          seed: int) -> float:
+    """1.0 when an episode of `problem` with `env` ends with reward 1, else 0.0."""
+    async def respond(messages, last_turn: bool) -> EnvReply:
+        return await asyncio.to_thread(env.respond, problem, messages, last_turn)
+
+    episode = await run_episode(generate, respond, tokenizer, env.start(problem), sampling,
+                                limits, seed=seed)
+    return float(episode.reward >= 1.0)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -64,22 +76,17 @@ async def sampled_pass_at_k(engine, task: Task, tokenizer, problems: list[Proble
     (the fraction of all samples with reward 1), from `n` completions per problem sampled with
     `sampling` (with `env`: n episodes). Problem i's samples get seeds seed + i*n … seed + i*n +
     n-1 (one request of n: vLLM gives the j-th seed + j), the same at every evaluation."""
+    generate = engine_turns(engine)
+
     async def solve(i: int, problem: Problem) -> list[float]:
         first = seed + i * n
         if env is not None:
-            generate = engine_turns(engine)
-
-            async def respond(messages, last_turn: bool) -> EnvReply:
-                return await asyncio.to_thread(env.respond, problem, messages, last_turn)
-
-            episodes = await asyncio.gather(*[
-                run_episode(generate, respond, tokenizer, env.start(problem), sampling, limits,
-                            seed=first + j) for j in range(n)])
-            return [float(e.reward >= 1.0) for e in episodes]
+            return list(await asyncio.gather(*[
+                _episode_solved(generate, env, problem, tokenizer, sampling, limits, first + j)
+                for j in range(n)]))
         rollouts = await engine.generate(encode_problem(tokenizer, problem), sampling, n=n,
                                          seed=first)
-        texts = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
-        return [float(task.reward(problem, t) >= 1.0) for t in texts]
+        return [_solved(task, tokenizer, problem, r) for r in rollouts]
 
     scores = await asyncio.gather(*[solve(i, p) for i, p in enumerate(problems)])
     count = max(len(scores), 1)
