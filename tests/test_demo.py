@@ -12,7 +12,7 @@ from parityrl.runlog import read_metrics
 pytestmark = pytest.mark.slow
 
 
-def test_demo_summary_agrees_with_the_run_it_summarises(tmp_path):
+def test_demo_summary_agrees_with_the_run_it_summarises(tmp_path, capsys):
     from parityrl.demo import run_demo
 
     out = tmp_path / "demo"
@@ -31,6 +31,10 @@ def test_demo_summary_agrees_with_the_run_it_summarises(tmp_path):
         passes = [row[f"eval/pass@{k}"] for k in (1, 2, 4)]
         assert all(0.0 <= p <= 1.0 for p in passes) and passes == sorted(passes), row
         assert row["eval/mean@4"] == pytest.approx(passes[0])  # pass@1 = c/n, averaged
+    # The progress line of the last evaluating step shows pass@k, in order of k.
+    last = [r for r in rows if "eval/accuracy" in r][-1]
+    line = next(x for x in capsys.readouterr().out.splitlines() if "RL step 3/3 [" in x)
+    assert line.endswith("".join(f"  pass@{k} {last[f'eval/pass@{k}']:.3f}" for k in (1, 2, 4)))
     assert (summary["accuracy_before_rl"], summary["accuracy_after_rl"]) == (evals[0], evals[-1])
     assert summary["improvement_points"] == pytest.approx(100 * (evals[-1] - evals[0]))
     trained = [r for r in rows if "rl/reward_mean" in r]

@@ -1,4 +1,5 @@
-"""A live progress line for training: step, reward, clip rate, mismatch and lag."""
+"""A live progress line for training: step, reward, clip rate, mismatch and lag (and the held-out
+accuracy and pass@k on the steps that evaluate)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ def _stats(metrics: dict) -> str:
              f"lag {_fmt(metrics, 'lag/mean', '.2f')}")
     if "eval/accuracy" in metrics:
         stats += f"  eval {metrics['eval/accuracy']:.3f}"
-    return stats
+    passes = sorted((int(key.rsplit("@", 1)[1]), value) for key, value in metrics.items()
+                    if key.startswith("eval/pass@"))  # in order of k, not of the key's text
+    return stats + "".join(f"  pass@{k} {value:.3f}" for k, value in passes)
 
 
 @contextmanager
