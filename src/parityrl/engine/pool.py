@@ -42,7 +42,7 @@ class EnginePool:
         self._transport = transport  # the group's (gloo); None: each engine updates itself
         self._start_one = start_one  # starts a replacement for a dead engine
         self._in_flight = [0] * len(engines)
-        self.served = [0] * len(engines)  # groups each engine was given
+        self.served = [0] * len(engines)  # requests each engine was given (evaluation's too)
         self._several = several  # report per-engine counts and how many engines
 
     @property
