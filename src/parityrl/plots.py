@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from parityrl.progress import pass_at_k_keys
 from parityrl.runlog import read_metrics
 
 LOG_FLOOR = 1e-12  # log panels draw smaller values (exact zeros included) at this value
@@ -42,9 +43,9 @@ def _verified_beside(ax, rows: list[dict], title: str) -> str:
 
 def pass_at_k_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """The run's eval/pass@k curves (eval_pass_k), by k: drawn beside the greedy accuracy."""
-    keys = {k for r in rows for k in r if k.startswith("eval/pass@")}
+    keys = pass_at_k_keys({k for r in rows for k in r})
     return {key.split("/", 1)[1]: [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            for key in sorted(keys, key=lambda k: int(k.rsplit("@", 1)[1]))}
+            for key in keys}
 
 
 def _pass_at_k_beside(ax, rows: list[dict], title: str) -> str:

@@ -18,9 +18,15 @@ def _stats(metrics: dict) -> str:
              f"lag {_fmt(metrics, 'lag/mean', '.2f')}")
     if "eval/accuracy" in metrics:
         stats += f"  eval {metrics['eval/accuracy']:.3f}"
-    passes = sorted((int(key.rsplit("@", 1)[1]), value) for key, value in metrics.items()
-                    if key.startswith("eval/pass@"))  # in order of k, not of the key's text
-    return stats + "".join(f"  pass@{k} {value:.3f}" for k, value in passes)
+    return stats + "".join(f"  {key.split('/', 1)[1]} {metrics[key]:.3f}"
+                           for key in pass_at_k_keys(metrics))
+
+
+def pass_at_k_keys(keys) -> list[str]:
+    """The eval/pass@k metric names among `keys`, in order of k (pass@16 after pass@4, not
+    before it as in the names' text order)."""
+    return sorted((key for key in keys if key.startswith("eval/pass@")),
+                  key=lambda key: int(key.rsplit("@", 1)[1]))
 
 
 @contextmanager
